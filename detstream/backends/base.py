@@ -1,0 +1,77 @@
+"""The compute-backend interface: reserve nodes, start a distributor on each, report, release.
+
+Local processes, a Superfacility API batch job and Slurm all fit it: ``reserve`` submits and
+returns at once with a job id, ``wait_running`` waits for the allocation, ``release`` cancels.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from typing import Optional
+
+from pydantic import BaseModel, Field
+
+
+class JobState(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+class Reservation(BaseModel):
+    """What a backend holds for a session; stored as JSON at sessions/<sid>/job."""
+
+    backend: str
+    job_id: str
+    nodes: int
+    node_names: list[str] = Field(default_factory=list)
+    state: JobState = JobState.PENDING
+    detail: Optional[str] = None
+
+
+class ReservationError(RuntimeError):
+    """Nodes could not be had (refused, outage, timed out); the session may fall back."""
+
+
+class DistributorLaunch(BaseModel):
+    """How each node starts its distributor: ``detstream distributor`` with these arguments."""
+
+    session_id: str
+    etcd_endpoint: str
+    etcd_prefix: str
+
+    def argv(self, node_index: Optional[int] = None) -> list[str]:
+        args = ["distributor", "--session", self.session_id, "--etcd", self.etcd_endpoint,
+                "--prefix", self.etcd_prefix]
+        if node_index is not None:
+            args += ["--node-index", str(node_index)]
+        return args
+
+
+class ComputeBackend(abc.ABC):
+    """Reserve ``nodes`` compute nodes and run one distributor on each."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def reserve(self, nodes: int, launch: DistributorLaunch) -> Reservation:
+        """Submit the reservation and return at once (state PENDING or RUNNING)."""
+
+    @abc.abstractmethod
+    def wait_running(self, reservation: Reservation, timeout_s: float) -> Reservation:
+        """Block until the job runs; raise ReservationError on timeout or failure (after cancelling)."""
+
+    @abc.abstractmethod
+    def poll(self, reservation: Reservation) -> Reservation:
+        """Current state of the reservation."""
+
+    @abc.abstractmethod
+    def release(self, reservation: Reservation) -> Reservation:
+        """Cancel or stop everything the reservation holds; safe to call twice."""
