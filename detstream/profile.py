@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import cached_property
 
 import numpy as np
@@ -46,7 +47,9 @@ class DetectorProfile(BaseModel):
 
     @cached_property
     def np_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype).newbyteorder("<")
+        """Pixel dtype, little endian, spelled natively on little-endian hosts (stempy insists)."""
+        dt = np.dtype(self.dtype)
+        return dt if sys.byteorder == "little" else dt.newbyteorder("<")
 
     @property
     def sector_nbytes(self) -> int:

@@ -35,6 +35,18 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> _U64(31))
 
 
+def simulated_dark_reference(profile: DetectorProfile, seed: int = 0,
+                             level: float = 20.0, spread: float = 1.5) -> np.ndarray:
+    """The simulator's per-pixel dark offset map for ``seed``, without rendering any frame.
+
+    Whole ADU: subtracting it is exact in integer or float arithmetic, so no implementation's
+    rounding or truncation rule changes a count.
+    """
+    rng = np.random.default_rng([seed, 0])
+    dark = level + spread * rng.standard_normal(profile.frame_shape)
+    return np.clip(np.rint(dark), 0, None).astype(np.float32)
+
+
 class Simulator:
     """A seeded scan of ``scan_width x scan_height`` frames for ``profile``; a FrameSource.
 
@@ -77,11 +89,7 @@ class Simulator:
         self.disk_radius = min(profile.frame_rows, profile.frame_cols) / 8.0
 
         rows, cols = profile.frame_shape
-        dark_rng = np.random.default_rng([seed, 0])
-        dark = self.DARK_LEVEL + self.DARK_SPREAD * dark_rng.standard_normal((rows, cols))
-        # Whole ADU: subtracting it is exact in integer or float arithmetic, so no
-        # implementation's rounding or truncation rule changes a count.
-        self._dark = np.clip(np.rint(dark), 0, None).astype(np.float32)
+        self._dark = simulated_dark_reference(profile, seed, self.DARK_LEVEL, self.DARK_SPREAD)
         self._dark.setflags(write=False)
 
         self._pool = np.empty((pool_size, rows, cols), dtype=pixel_dtype(profile))
