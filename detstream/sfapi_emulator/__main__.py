@@ -1,0 +1,47 @@
+"""``python -m detstream.sfapi_emulator --port P --client-id ID --public-key FILE``: serve the emulator."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from .app import API_PREFIX, TOKEN_PATH, create_app
+from .state import EmulatorState
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m detstream.sfapi_emulator",
+                                     description="Superfacility API emulator on loopback (offline runs).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8008)
+    parser.add_argument("--client-id", required=True, help="the SFAPI client id to accept")
+    parser.add_argument("--public-key", required=True, type=Path, help="PEM public key of that client")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where job scripts and outputs go (default: a new temp dir)")
+    parser.add_argument("--token-lifetime", type=float, default=600.0, help="access token lifetime, s")
+    parser.add_argument("--kill-grace", type=float, default=2.0, help="SIGTERM->SIGKILL grace, s")
+    parser.add_argument("--no-perlmutter-checks", action="store_true",
+                        help="accept scripts without -C cpu|gpu and with unknown QOS")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+
+    state = EmulatorState(args.workdir, token_lifetime=args.token_lifetime, kill_grace=args.kill_grace,
+                          check_perlmutter_options=not args.no_perlmutter_checks)
+    state.register_client(args.client_id, args.public_key.read_text())
+    app = create_app(state)
+    base = f"http://{args.host}:{args.port}"
+    app.state.token_url = base + TOKEN_PATH
+    print(f"SFAPI emulator: api_base_url={base}{API_PREFIX} token_url={base}{TOKEN_PATH} "
+          f"workdir={state.workdir}", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        state.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
