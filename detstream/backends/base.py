@@ -34,6 +34,8 @@ class Reservation(BaseModel):
     node_names: list[str] = Field(default_factory=list)
     state: JobState = JobState.PENDING
     detail: Optional[str] = None
+    pids: list[int] = Field(default_factory=list, description="Local process groups, if any.")
+    host: Optional[str] = None
 
 
 class ReservationError(RuntimeError):

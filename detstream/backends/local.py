@@ -1,0 +1,86 @@
+"""Local backend: the "nodes" are distributor processes on this machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from ..processes import ManagedProcess, detstream_argv
+from .base import ComputeBackend, DistributorLaunch, JobState, Reservation, ReservationError
+
+
+class LocalBackend(ComputeBackend):
+    """Starts one ``detstream distributor`` process per node, in its own process group."""
+
+    name = "local"
+
+    def __init__(self, log_dir: Path, env: dict | None = None):
+        self.log_dir = Path(log_dir)
+        self.env = env
+        self._jobs: dict[str, list[ManagedProcess]] = {}
+
+    def reserve(self, nodes: int, launch: DistributorLaunch) -> Reservation:
+        if nodes < 1:
+            raise ReservationError(f"cannot reserve {nodes} nodes")
+        procs = []
+        for i in range(nodes):
+            procs.append(ManagedProcess(
+                detstream_argv(*launch.argv(node_index=i)),
+                self.log_dir / f"distributor-{i}.log", env=self.env, name=f"distributor-{i}",
+            ).start())
+        job_id = f"local-{os.getpid()}-{procs[0].pid}"
+        self._jobs[job_id] = procs
+        return Reservation(backend=self.name, job_id=job_id, nodes=nodes,
+                           node_names=[f"{socket.gethostname()}/{i}" for i in range(nodes)],
+                           pids=[p.pid for p in procs], host=socket.gethostname(),
+                           state=JobState.RUNNING)
+
+    def wait_running(self, reservation: Reservation, timeout_s: float) -> Reservation:
+        return self.poll(reservation)
+
+    def poll(self, reservation: Reservation) -> Reservation:
+        procs = self._jobs.get(reservation.job_id, [])
+        codes = [p.poll() for p in procs]
+        if reservation.state is JobState.CANCELLED:
+            return reservation
+        if any(c is None for c in codes):
+            state = JobState.RUNNING
+        elif all(c == 0 for c in codes):
+            state = JobState.COMPLETED
+        else:
+            state = JobState.FAILED
+        return reservation.model_copy(update={"state": state})
+
+    def wait_finished(self, reservation: Reservation, timeout_s: float) -> Reservation:
+        """Wait for every distributor to exit by itself (the normal end of a session)."""
+        deadline = time.monotonic() + timeout_s
+        for p in self._jobs.get(reservation.job_id, []):
+            p.wait(max(0.0, deadline - time.monotonic()))
+        return self.poll(reservation)
+
+    def release(self, reservation: Reservation) -> Reservation:
+        procs = self._jobs.pop(reservation.job_id, [])
+        if not procs:
+            return reservation
+        codes = [p.poll() for p in procs]
+        for p in procs:
+            p.stop()
+        if any(c is None for c in codes):
+            state = JobState.CANCELLED
+        else:
+            state = JobState.COMPLETED if all(c == 0 for c in codes) else JobState.FAILED
+        return reservation.model_copy(update={"state": state})
+
+
+def kill_local_job(reservation: Reservation) -> None:
+    """Cancel a local job from its etcd record alone (for hooks in another process)."""
+    if reservation.host not in (None, socket.gethostname()):
+        return
+    for pid in reservation.pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -1,0 +1,239 @@
+"""Distributor: one per compute node. Assembles frames, has them counted, writes its part.
+
+It binds a PULL socket that the aggregator connects to, collects the sectors of each of its
+scan positions (``position % nodes == node_index``), copies a complete frame once into a
+shared-memory slot for the counting workers, and appends their sparse results to its part
+file. It finishes when every sector's END marker has arrived and every frame is counted, when
+the stream stalls, or when told to stop; frames it never completed are listed, not dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import zmq
+
+from ..config import CountingParams
+from ..profile import DetectorProfile
+from ..wire import Kind, MalformedMessage
+from .aggregator import route
+from .counting_pool import CountingPool
+from .validation import MessageValidator, RejectLog
+
+log = logging.getLogger("detstream.distributor")
+
+
+@dataclass
+class DistributorResult:
+    node_index: int
+    frames_expected: int
+    frames_received: int = 0
+    frames_counted: int = 0
+    events: int = 0
+    bytes_received: int = 0
+    missing: list[int] = field(default_factory=list)
+    partial: list[int] = field(default_factory=list)
+    rejected: dict = field(default_factory=dict)
+    end_markers: int = 0
+    finish_reason: str = ""
+    first_recv: Optional[float] = None
+    last_recv: Optional[float] = None
+    assemble_seconds: float = 0.0
+    counting_seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+    worker_peak_rss_mib: list[float] = field(default_factory=list)
+    part_path: Optional[str] = None
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["stream_seconds"] = (self.last_recv - self.first_recv) if self.first_recv and self.last_recv else 0.0
+        return d
+
+
+class Distributor:
+    """Receives this node's share of the scan and turns it into counted events."""
+
+    def __init__(self, profile: DetectorProfile, scan_width: int, scan_height: int,
+                 node_index: int, nodes: int, counting: CountingParams, workers: int = 1,
+                 part_writer=None, bind: str = "tcp://127.0.0.1:*", hwm: int = 64,
+                 max_partial_frames: int = 256, stall_timeout_s: float = 60.0,
+                 ctx: Optional[zmq.Context] = None):
+        if not 0 <= node_index < nodes:
+            raise ValueError(f"node index {node_index} outside 0..{nodes - 1}")
+        self.profile = profile
+        self.node_index = node_index
+        self.nodes = nodes
+        self.positions = scan_width * scan_height
+        self.validator = MessageValidator(profile, scan_width, scan_height)
+        self.rejects = RejectLog(log)
+        self.part_writer = part_writer
+        self.max_partial = max_partial_frames
+        self.stall_timeout_s = stall_timeout_s
+        # Workers are spawned before this process's sockets exist.
+        self.pool = CountingPool(profile, counting, workers)
+        self.ctx = ctx or zmq.Context.instance()
+        self.inbound = self.ctx.socket(zmq.PULL)
+        self.inbound.setsockopt(zmq.RCVHWM, hwm)
+        self.inbound.setsockopt(zmq.LINGER, 0)
+        self.inbound.bind(bind)
+        self.endpoint = self.inbound.getsockopt_string(zmq.LAST_ENDPOINT)
+        mine = len(range(node_index, self.positions, nodes))
+        self.result = DistributorResult(node_index=node_index, frames_expected=mine)
+        self._pending: dict[int, list] = {}      # position -> sector frames (None until arrived)
+        self._ready: deque = deque()             # positions complete, waiting for a slot
+        self._done = np.zeros(self.positions, dtype=bool)
+        self._ends: dict[int, int] = {}          # sector -> blocks the aggregator sent us
+        self._blocks_per_sector = [0] * profile.sectors
+
+    # -- receiving -------------------------------------------------------------------------
+    def _handle(self, parts) -> None:
+        try:
+            header = self.validator.check(parts)
+        except MalformedMessage as err:
+            self.rejects.reject(err)
+            return
+        now = time.time()
+        if self.result.first_recv is None:
+            self.result.first_recv = now
+        self.result.last_recv = now
+        s = header.sector
+        if header.kind is Kind.END:
+            if s in self._ends:
+                self.rejects.reject(MalformedMessage("duplicate_end", f"second END for sector {s}"))
+            else:
+                self._ends[s] = header.count
+                self.result.end_markers += 1
+            return
+        pos = header.position
+        if route(pos, self.nodes) != self.node_index:
+            self.rejects.reject(MalformedMessage(
+                "wrong_node", f"position {pos} belongs to node {route(pos, self.nodes)}"))
+            return
+        if self._done[pos]:
+            self.rejects.reject(MalformedMessage("duplicate_sector", f"sector {s} of finished position {pos}"))
+            return
+        sectors = self._pending.get(pos)
+        if sectors is None:
+            if len(self._pending) >= self.max_partial:
+                self._evict_oldest()
+            sectors = self._pending[pos] = [None] * self.profile.sectors
+        if sectors[s] is not None:
+            self.rejects.reject(MalformedMessage("duplicate_sector", f"sector {s} of position {pos} twice"))
+            return
+        sectors[s] = parts[1]
+        self._blocks_per_sector[s] += 1
+        self.result.bytes_received += self.profile.sector_nbytes
+        if all(p is not None for p in sectors):
+            del self._pending[pos]
+            self._done[pos] = True
+            self._ready.append((pos, sectors))
+            self.result.frames_received += 1
+
+    def _evict_oldest(self) -> None:
+        pos = next(iter(self._pending))
+        del self._pending[pos]
+        self.result.partial.append(pos)
+        log.warning("position %d evicted incomplete: more than %d frames partly received",
+                    pos, self.max_partial)
+
+    # -- counting --------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        rows = self.profile.sector_rows
+        while self._ready and self.pool.has_free_slot():
+            pos, sectors = self._ready.popleft()
+            t0 = time.perf_counter()
+            slot = self.pool.acquire()
+            frame = self.pool.ring[slot]
+            for s, part in enumerate(sectors):
+                frame[s * rows:(s + 1) * rows] = np.frombuffer(
+                    part.buffer, dtype=self.profile.np_dtype).reshape(self.profile.sector_shape)
+            self.result.assemble_seconds += time.perf_counter() - t0
+            self.pool.submit(slot, pos)
+
+    def _collect(self) -> None:
+        for pos, events in self.pool.collect():
+            self.result.frames_counted += 1
+            self.result.events += len(events)
+            if self.part_writer is not None:
+                self.part_writer.add(pos, events)
+
+    def _finished(self) -> bool:
+        return (len(self._ends) == self.profile.sectors and not self._ready and self.pool.idle)
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self, should_stop: Optional[Callable[[], Optional[str]]] = None,
+            on_progress: Optional[Callable[[DistributorResult], None]] = None,
+            progress_interval_s: float = 0.5) -> DistributorResult:
+        """Receive and count until finished; ``should_stop`` returns a reason to stop, or None."""
+        poller = zmq.Poller()
+        poller.register(self.pool.results, zmq.POLLIN)
+        reading = False
+        last_data = time.monotonic()
+        last_tick = 0.0
+        reason = ""
+        while not self._finished():
+            want = len(self._ready) < 4 and len(self._ends) < self.profile.sectors
+            if want and not reading:
+                poller.register(self.inbound, zmq.POLLIN)
+            elif reading and not want:
+                poller.unregister(self.inbound)
+            reading = want
+            ready = dict(poller.poll(100))
+            if self.pool.results in ready:
+                self._collect()
+            if self.inbound in ready:
+                for _ in range(256):
+                    try:
+                        parts = self.inbound.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(parts)
+                    if len(self._ready) >= 4:
+                        break
+                last_data = time.monotonic()
+            self._dispatch()
+            now = time.monotonic()
+            if now - last_tick >= progress_interval_s:
+                last_tick = now
+                if on_progress is not None:
+                    on_progress(self.result)
+                if should_stop is not None:
+                    reason = should_stop() or ""
+                    if reason:
+                        break
+            if reading and now - last_data > self.stall_timeout_s:
+                reason = f"stalled: no data for {self.stall_timeout_s:g} s"
+                log.warning(reason)
+                break
+        # Count what is already assembled or in flight before leaving.
+        deadline = time.monotonic() + 30
+        while (self._ready or not self.pool.idle) and time.monotonic() < deadline:
+            self._dispatch()
+            if self.pool.results.poll(100):
+                self._collect()
+        self.result.finish_reason = reason or "complete"
+        return self._finish()
+
+    def _finish(self) -> DistributorResult:
+        r = self.result
+        r.partial = sorted(set(r.partial) | set(self._pending))
+        mine = np.arange(self.node_index, self.positions, self.nodes)
+        r.missing = mine[~self._done[mine]].tolist()
+        r.rejected = self.rejects.as_dict()
+        r.counting_seconds = self.pool.counting_seconds
+        if self.pool.enabled and r.frames_counted != r.frames_received:
+            log.error("%d frames received but %d counted", r.frames_received, r.frames_counted)
+        return r
+
+    def close(self) -> None:
+        self.pool.close()
+        self.result.worker_peak_rss_mib = self.pool.worker_peak_rss_mib
+        self.result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        self.inbound.close()

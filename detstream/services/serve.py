@@ -1,0 +1,134 @@
+"""Service entry points: each reads its session from etcd, registers itself, runs, reports.
+
+The producer, aggregator and distributor modules only move data over ZeroMQ; this module is
+the glue between them and the session's coordination keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import socket
+from pathlib import Path
+from typing import Optional
+
+import zmq
+
+from ..config import SessionSpec
+from ..sources import source_for_spec
+from ..coordination import Coordinator, KeepAliveLease
+from .aggregator import Aggregator
+from .distributor import Distributor
+from .producer import run_producer
+
+log = logging.getLogger("detstream.serve")
+
+STOP_STATES = {"cancelled", "failed"}
+SERVICE_LEASE_TTL_S = 5
+
+
+def _report_path(spec: SessionSpec, role: str, name: str) -> Path:
+    path = spec.session_dir / "services" / f"{role}-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_report(path: Path, report: dict) -> None:
+    report = {**report, "peak_rss_mib": max(report.get("peak_rss_mib") or 0.0,
+                                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)}
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _stop_requested(coord: Coordinator, sid: str):
+    def check() -> Optional[str]:
+        state = coord.get_state(sid)
+        return f"session {state}" if state in STOP_STATES else None
+    return check
+
+
+def _info(endpoint: Optional[str], **extra) -> dict:
+    return {"endpoint": endpoint, "pid": os.getpid(), "host": socket.gethostname(), **extra}
+
+
+def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: str = "127.0.0.1",
+                      advertise_host: Optional[str] = None) -> dict:
+    """Run this node's distributor for session ``sid`` until its share of the scan is done."""
+    from ..output import PartWriter
+
+    spec = SessionSpec.model_validate(coord.get_spec(sid))
+    if not 0 <= node_index < spec.nodes:
+        raise ValueError(f"node index {node_index} outside 0..{spec.nodes - 1} for session {sid}")
+    name = f"node-{node_index}"
+    part_path = spec.session_dir / "parts" / f"{name}.h5"
+    part_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = PartWriter(part_path, spec.profile.frame_shape) if spec.counting.enabled else None
+    dist = Distributor(spec.profile, spec.scan_width, spec.scan_height, node_index, spec.nodes,
+                       spec.counting, workers=spec.workers_per_node, part_writer=writer,
+                       bind=f"tcp://{bind_host}:*", hwm=spec.send_hwm,
+                       stall_timeout_s=spec.stall_timeout_s)
+    endpoint = dist.endpoint
+    if advertise_host:
+        endpoint = endpoint.replace(bind_host, advertise_host, 1)
+    try:
+        with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
+            coord.register_service(sid, "distributor", name, _info(endpoint, node_index=node_index), lease)
+            result = dist.run(
+                should_stop=_stop_requested(coord, sid),
+                on_progress=lambda r: coord.set_received(sid, spec.scan_number, name, r.frames_received))
+            dist.close()
+            if writer is not None:
+                writer.close(extra={"node_index": node_index})
+                result.part_path = str(part_path)
+            report = result.as_dict()
+            coord.set_received(sid, spec.scan_number, name, result.frames_received)
+            _write_report(_report_path(spec, "distributor", name), report)
+            log.info("node %d done (%s): %d/%d frames, %d events", node_index, result.finish_reason,
+                     result.frames_received, result.frames_expected, result.events)
+            return report
+    finally:
+        dist.close()
+
+
+def serve_aggregator(coord: Coordinator, sid: str, bind_host: str = "127.0.0.1",
+                     advertise_host: Optional[str] = None) -> dict:
+    """Wait for every node's distributor, then route the producers' sectors to them."""
+    spec = SessionSpec.model_validate(coord.get_spec(sid))
+    nodes = coord.wait_for_services(sid, "distributor", spec.nodes, spec.register_timeout_s)
+    ordered = sorted(nodes.values(), key=lambda info: info["node_index"])
+    agg = Aggregator(spec.profile, spec.scan_width, spec.scan_height,
+                     [info["endpoint"] for info in ordered], bind=f"tcp://{bind_host}:*",
+                     hwm=spec.send_hwm)
+    endpoint = agg.endpoint
+    if advertise_host:
+        endpoint = endpoint.replace(bind_host, advertise_host, 1)
+    try:
+        with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
+            coord.register_service(sid, "aggregator", "0", _info(endpoint), lease)
+            stats = agg.run(should_stop=_stop_requested(coord, sid), stall_timeout_s=spec.stall_timeout_s)
+            report = stats.as_dict()
+            _write_report(_report_path(spec, "aggregator", "0"), report)
+            return report
+    finally:
+        agg.close()
+
+
+def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
+    """Stream one sector of the session's scan to the aggregator."""
+    spec = SessionSpec.model_validate(coord.get_spec(sid))
+    if not 0 <= sector < spec.profile.sectors:
+        raise ValueError(f"sector {sector} outside 0..{spec.profile.sectors - 1}")
+    source = source_for_spec(spec)
+    agg = coord.wait_for_services(sid, "aggregator", 1, spec.register_timeout_s)
+    endpoint = next(iter(agg.values()))["endpoint"]
+    name = f"sector-{sector}"
+    with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
+        coord.register_service(sid, "producer", name, _info(None, sector=sector, target=endpoint), lease)
+        stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm, ctx=zmq.Context.instance(),
+                             should_stop=lambda: _stop_requested(coord, sid)() is not None)
+        report = stats.as_dict()
+        _write_report(_report_path(spec, "producer", name), report)
+        return report

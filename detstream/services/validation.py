@@ -1,0 +1,64 @@
+"""Checks a message against the session's geometry, and counts what was rejected and why."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from ..profile import DetectorProfile
+from ..wire import Header, Kind, MalformedMessage
+
+
+class MessageValidator:
+    """Turns ``[header, payload]`` frames into a Header, or raises MalformedMessage with a reason."""
+
+    def __init__(self, profile: DetectorProfile, scan_width: int, scan_height: int):
+        self.profile = profile
+        self.scan_width = scan_width
+        self.scan_height = scan_height
+        self.positions = scan_width * scan_height
+
+    def check(self, parts) -> Header:
+        if len(parts) != 2:
+            raise MalformedMessage("wrong_part_count", f"{len(parts)} parts, expected 2 (header, payload)")
+        header = Header.unpack(parts[0].buffer if hasattr(parts[0], "buffer") else parts[0])
+        if header.sector >= self.profile.sectors:
+            raise MalformedMessage(
+                "sector_out_of_range", f"sector {header.sector}, detector has {self.profile.sectors}")
+        if (header.scan_width, header.scan_height) != (self.scan_width, self.scan_height):
+            raise MalformedMessage(
+                "frame_outside_scan",
+                f"header scan {header.scan_width}x{header.scan_height}, session scan "
+                f"{self.scan_width}x{self.scan_height}")
+        size = len(parts[1].buffer) if hasattr(parts[1], "buffer") else len(parts[1])
+        if header.kind is Kind.END:
+            if size:
+                raise MalformedMessage("payload_size", f"end-of-scan marker with a {size}-byte payload")
+            return header
+        if header.x >= self.scan_width or header.y >= self.scan_height:
+            raise MalformedMessage(
+                "frame_outside_scan",
+                f"position ({header.x}, {header.y}) outside scan {self.scan_width}x{self.scan_height}")
+        if size != self.profile.sector_nbytes:
+            raise MalformedMessage(
+                "payload_size", f"payload {size} bytes, profile {self.profile.name} sector is "
+                f"{self.profile.sector_nbytes}")
+        return header
+
+
+class RejectLog:
+    """Counts rejected messages per reason and logs each reason once, with its first example."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger = logger
+        self.counts: Counter[str] = Counter()
+
+    def reject(self, err: MalformedMessage) -> None:
+        first = err.reason not in self.counts
+        self.counts[err.reason] += 1
+        if first:
+            self.logger.warning("rejected message (%s): %s; further ones are counted, not logged",
+                                err.reason, err.detail)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts)
