@@ -40,7 +40,8 @@ class SessionSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     session_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
-    detector: str = Field(default="4dcamera", description="Detector profile name.")
+    detector_profile: DetectorProfile = Field(default_factory=lambda: get_profile("4dcamera"),
+                                              description="Detector geometry; its name is the lock's detector.")
     scan_width: int = Field(default=32, gt=0, le=65535)
     scan_height: int = Field(default=32, gt=0, le=65535)
     scan_number: int = Field(default=1, ge=0)
@@ -55,12 +56,6 @@ class SessionSpec(BaseModel):
     register_timeout_s: float = Field(default=60.0, gt=0, description="Wait for services to register.")
     stall_timeout_s: float = Field(default=60.0, gt=0, description="No progress for this long ends the scan.")
     send_hwm: int = Field(default=64, gt=0, description="ZeroMQ high-water mark, in messages.")
-
-    @field_validator("detector")
-    @classmethod
-    def _known_detector(cls, v: str) -> str:
-        get_profile(v)
-        return v
 
     @field_validator("etcd_prefix")
     @classmethod
@@ -77,7 +72,11 @@ class SessionSpec(BaseModel):
 
     @property
     def profile(self) -> DetectorProfile:
-        return get_profile(self.detector)
+        return self.detector_profile
+
+    @property
+    def detector(self) -> str:
+        return self.detector_profile.name
 
     @property
     def frames_expected(self) -> int:

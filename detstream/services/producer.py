@@ -47,7 +47,8 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
     ``tee``, if given, receives ``write(meta, block)`` for every block (the file path's writer).
     ``should_stop`` is checked between blocks; when it returns True the END marker still goes out.
     """
-    ctx = ctx or zmq.Context.instance()
+    own_ctx = ctx is None
+    ctx = ctx or zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
@@ -73,7 +74,11 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                                              source.scan_height, stats.frames_sent), b""])
         stats.last_send = time.time()
     finally:
-        sock.close()  # LINGER lets queued blocks drain before the socket goes
+        sock.close()
+        if own_ctx:
+            # Blocks until queued blocks are delivered (LINGER): zero-copy payloads point into
+            # the source's memory, which must outlive them.
+            ctx.term()
     if on_progress is not None:
         on_progress(stats.frames_sent)
     return stats

@@ -14,8 +14,6 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-import zmq
-
 from ..config import SessionSpec
 from ..sources import source_for_spec
 from ..coordination import Coordinator, KeepAliveLease
@@ -127,7 +125,7 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
     name = f"sector-{sector}"
     with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
         coord.register_service(sid, "producer", name, _info(None, sector=sector, target=endpoint), lease)
-        stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm, ctx=zmq.Context.instance(),
+        stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm,
                              should_stop=lambda: _stop_requested(coord, sid)() is not None)
         report = stats.as_dict()
         _write_report(_report_path(spec, "producer", name), report)

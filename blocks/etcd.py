@@ -1,0 +1,38 @@
+"""EtcdCoordinator block: where a session's coordination keys live, and how to log in."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+
+class EtcdCoordinator(Block):
+    """Connection to the etcd cluster that holds detstream's session keys."""
+
+    _block_type_name = "detstream etcd Coordinator"
+    _block_type_slug = "detstream-etcd-coordinator"
+    _description = "etcd endpoints, key prefix and credentials for detstream streaming sessions."
+    _documentation_url = "https://etcd.io/docs/v3.5/dev-guide/api_grpc_gateway/"
+
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description="etcd client URLs, e.g. https://etcd.example.org:2379. Empty: start a private etcd.")
+    prefix: str = Field(default="/detstream", description="Key prefix for every detstream key.")
+    username: Optional[str] = Field(default=None, description="etcd user, if auth is enabled.")
+    password: Optional[SecretStr] = Field(default=None, description="etcd password.")
+    ca_file: Optional[str] = Field(default=None, description="CA bundle for https endpoints.")
+    timeout_s: float = Field(default=10.0, description="Per-request timeout.")
+
+    def get_coordinator(self, endpoint: Optional[str] = None):
+        """A detstream Coordinator for the first endpoint (or ``endpoint``)."""
+        from detstream.coordination import Coordinator
+
+        ep = endpoint or (self.endpoints[0] if self.endpoints else None)
+        if ep is None:
+            raise ValueError("EtcdCoordinator has no endpoints; leave it out to use a private etcd")
+        return Coordinator(
+            ep, prefix=self.prefix, username=self.username,
+            password=self.password.get_secret_value() if self.password else None,
+            ca_file=self.ca_file, timeout=self.timeout_s)

@@ -1,0 +1,34 @@
+"""State hooks that release whatever a session holds when its flow run fails, crashes or is cancelled."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("detstream.flows")
+
+# flow run id -> StreamingSession, for hooks running in the flow's own process.
+ACTIVE_SESSIONS: dict = {}
+
+
+def release_on_failure(flow, flow_run, state) -> None:
+    """Close the session in this process; otherwise release it from what etcd records."""
+    reason = f"flow run {state.type.value.lower()}: {state.message or ''}".strip()
+    final = "cancelled" if state.is_cancelled() or state.is_cancelling() else "failed"
+    session = ACTIVE_SESSIONS.pop(str(flow_run.id), None)
+    if session is not None:
+        session.close(final, reason)
+        return
+    params = flow_run.parameters or {}
+    etcd_url = params.get("etcd_url")
+    sid = params.get("session_id")
+    if not etcd_url or not sid:
+        return  # a private etcd died with the run; its services stop when their leases fail
+    from detstream.backends.local import kill_local_job
+    from detstream.coordination import Coordinator
+    from detstream.session import release_session
+
+    try:
+        coord = Coordinator(etcd_url, prefix=params.get("etcd_prefix") or "/detstream")
+        release_session(coord, sid, final, reason, backends={"local": kill_local_job})
+    except Exception:  # a hook must not mask the run's own failure
+        log.exception("could not release session %s", sid)
