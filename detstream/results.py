@@ -67,6 +67,7 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         "frames_expected": spec.frames_expected,
         "frames_received": received,
         "frames_missing": len(missing),
+        "complete": not missing,
         "missing_positions": missing,
         "partial_positions": partial,
         "events": events_total,

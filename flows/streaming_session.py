@@ -43,8 +43,8 @@ def make_backend(name: str, session_dir):
 @flow(name="streaming-session", on_failure=[release_on_failure], on_crashed=[release_on_failure],
       on_cancellation=[release_on_failure], log_prints=True)
 def streaming_session(
-    scan_width: Annotated[int, Field(gt=0, le=65535, description="Scan width (positions).")] = 32,
-    scan_height: Annotated[int, Field(gt=0, le=65535, description="Scan height (positions).")] = 32,
+    scan_width: Annotated[Optional[int], Field(gt=0, le=65535, description="Scan width (positions); replay: from the files if empty.")] = 32,
+    scan_height: Annotated[Optional[int], Field(gt=0, le=65535, description="Scan height (positions); replay: from the files if empty.")] = 32,
     detector: Annotated[str, Field(description="Detector profile: built-in name or a saved DetectorProfile block.")] = "4dcamera",
     nodes: Annotated[int, Field(gt=0, description="Compute nodes (one distributor each).")] = 2,
     workers_per_node: Annotated[int, Field(gt=0, description="Counting processes per node.")] = 1,
@@ -87,6 +87,12 @@ def streaming_session(
             start_services(session)
             stream_scan(session)
             summary = collect_results(session)
+            if summary["frames_received"] == 0:
+                raise SessionError(f"no frame of the {spec.frames_expected} expected arrived",
+                                   fallback_reason="no frames arrived")
+            if not summary["complete"]:
+                logger.warning("session %s: %d frames missing, listed in %s", spec.session_id,
+                               summary["frames_missing"], summary["outputs"]["summary"])
             release_nodes(session, "completed", result=summary)
             logger.info("session %s completed: %d/%d frames, %d events -> %s", spec.session_id,
                         summary["frames_received"], summary["frames_expected"], summary["events"],

@@ -15,7 +15,7 @@ import resource
 import struct
 import tempfile
 import time
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from typing import Optional
 
 import numpy as np
@@ -62,9 +62,6 @@ def _worker_main(shm_name: str, slots: int, profile_json: str, counting_json: st
     profile = DetectorProfile.model_validate_json(profile_json)
     counting = CountingParams.model_validate_json(counting_json)
     shm = shared_memory.SharedMemory(name=shm_name)
-    # Attaching registers the segment with the resource tracker (Python < 3.13), which would
-    # unlink it when this worker exits; the distributor owns it.
-    resource_tracker.unregister(shm._name, "shared_memory")
     ring = np.ndarray((slots, *profile.frame_shape), dtype=profile.np_dtype, buffer=shm.buf)
     counter = build_counter(profile, counting)
     ctx = zmq.Context()
@@ -144,6 +141,9 @@ class CountingPool:
                 p.start()
                 self._procs.append(p)
             self._await_ready(start_timeout_s)
+        # Every process that needs the segment has it mapped: remove its name now, so nothing
+        # is left in /dev/shm even if this process is killed.
+        self.shm.unlink()
 
     def _await_ready(self, timeout_s: float) -> None:
         ready = 0
@@ -219,7 +219,6 @@ class CountingPool:
         if self.shm is not None:
             del self.ring
             self.shm.close()
-            self.shm.unlink()
             self.shm = None
         for name in ("tasks", "results"):
             try:

@@ -125,6 +125,8 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
     name = f"sector-{sector}"
     with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
         coord.register_service(sid, "producer", name, _info(None, sector=sector, target=endpoint), lease)
+        # Start together: a sector that starts late leaves every node holding partial frames.
+        coord.wait_for_services(sid, "producer", spec.profile.sectors, spec.register_timeout_s)
         stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm,
                              should_stop=lambda: _stop_requested(coord, sid)() is not None)
         report = stats.as_dict()
