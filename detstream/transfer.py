@@ -1,0 +1,574 @@
+"""Moving recorded files to the compute site's storage: the transfer stage of the file workflow.
+
+The baseline that streaming replaces writes each sector to raw v5 files, moves the files to
+the compute site, then counts them in a batch job. ``Transfer`` is that move as an interface;
+``LocalCopyTransfer`` is the single-machine implementation (copy, fsync, drop from the page
+cache, read back from storage, verify). rsync over ssh and Globus are later implementations
+of the same interface: they take the same file list and destination and return the same
+``TransferReport``, so the flow does not change when the transport does.
+
+Every copy is written under a temporary name in the destination directory and appears under
+its final name only once verified, so a file under its final name is always whole. A source
+is removed (``remove_source``) only after its copy is verified and in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_mod
+import hashlib
+import logging
+import mmap
+import os
+import secrets
+import stat
+import time
+from abc import ABC, abstractmethod
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+log = logging.getLogger("detstream.transfer")
+
+__all__ = [
+    "FileTransfer",
+    "LocalCopyTransfer",
+    "RetriedFile",
+    "Transfer",
+    "TransferError",
+    "TransferProgress",
+    "TransferReport",
+    "cached_pages",
+    "evict",
+    "storage_read_bytes",
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+class TransferError(Exception):
+    """A transfer that did not complete; the message names the file or directory and why.
+
+    ``path`` is the file or directory at fault, ``attempts`` how many copies were tried (0 when
+    the transfer was refused before copying), ``reasons`` why each failed attempt failed and
+    ``report`` the files that were moved before the failure.
+    """
+
+    def __init__(self, message: str, path: Optional[PathLike] = None, attempts: int = 0,
+                 reasons: Sequence[str] = ()):
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+        self.attempts = attempts
+        self.reasons = list(reasons)
+        self.report: Optional["TransferReport"] = None  # what completed before the failure
+
+
+@dataclass(frozen=True)
+class TransferProgress:
+    """Where a transfer is, passed to ``on_progress`` after every chunk and every file.
+
+    ``bytes_done`` counts whole files done plus the current attempt's bytes, so it goes back
+    when a file is retried.
+    """
+
+    file: str
+    attempt: int
+    file_bytes_done: int
+    file_bytes: int
+    files_done: int
+    files_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+@dataclass
+class FileTransfer:
+    """One file moved: its size, the checksum both ends agreed on, attempts and time taken."""
+
+    name: str
+    source: str
+    destination: str
+    bytes: int
+    checksum: str  # "<algorithm>:<hex digest>"
+    attempts: int
+    seconds: float
+    source_removed: bool = False
+
+
+@dataclass
+class RetriedFile:
+    """One failed attempt that was retried, and why it failed."""
+
+    name: str
+    attempt: int
+    reason: str
+
+
+@dataclass
+class TransferReport:
+    """What a transfer did: per file, totals, and every retried attempt with its reason."""
+
+    method: str
+    dest_dir: str
+    algorithm: str
+    files: list[FileTransfer] = field(default_factory=list)
+    retried: list[RetriedFile] = field(default_factory=list)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    # Bytes this process read from storage (not the page cache) during the transfer, from
+    # /proc/self/io; None where the kernel does not say. Proves the read-back hit storage.
+    storage_read_bytes: Optional[int] = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
+
+    @property
+    def total_files(self) -> int:
+        return len(self.files)
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, self.finished_at - self.started_at)
+
+    @property
+    def throughput_bytes_s(self) -> float:
+        return self.total_bytes / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """JSON-able form, totals included."""
+        d = asdict(self)
+        d.update(total_bytes=self.total_bytes, total_files=self.total_files,
+                 seconds=self.seconds, throughput_bytes_s=self.throughput_bytes_s)
+        return d
+
+
+ProgressCallback = Callable[[TransferProgress], None]
+
+
+class Transfer(ABC):
+    """Moves files into a directory at another site and proves they arrived intact.
+
+    Implementations: ``LocalCopyTransfer`` (same machine, another directory); rsync over ssh
+    and Globus are later implementations of this same interface.
+    """
+
+    method: str = "abstract"
+
+    @abstractmethod
+    def transfer(self, files: Sequence[PathLike], dest_dir: PathLike, remove_source: bool = False,
+                 on_progress: Optional[ProgressCallback] = None, *,
+                 overwrite: bool = False) -> TransferReport:
+        """Copy ``files`` into ``dest_dir`` (same base names), verify each copy, and return a
+        report; with ``remove_source`` a source is deleted once its copy is verified.
+
+        Raises TransferError naming the file or directory at fault. A destination that
+        already exists is refused unless ``overwrite``.
+        """
+
+
+# --------------------------------------------------------------------------------------------
+# Page cache and storage probes
+# --------------------------------------------------------------------------------------------
+
+
+def evict(fd: int) -> None:
+    """Drop a file's clean pages from the page cache, so the next read comes from storage.
+
+    Dirty pages are not dropped: fsync first.
+    """
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def storage_read_bytes() -> Optional[int]:
+    """Bytes this process has caused to be read from storage (``read_bytes`` in /proc/self/io),
+    or None where the kernel does not report it. Page-cache hits do not count."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"read_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+_libc = None
+
+
+def cached_pages(path: PathLike) -> tuple[int, int]:
+    """(pages of ``path`` in the page cache, pages in the file), from mincore(2).
+
+    Lets a test or benchmark check that a file was evicted, i.e. that the next stage will read
+    it from storage.
+    """
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        _libc.mincore.restype = ctypes.c_int
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return 0, 0
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    try:
+        pages = -(-size // mmap.PAGESIZE)
+        vec = ctypes.create_string_buffer(pages)
+        view = np.frombuffer(mm, dtype=np.uint8)  # only to learn the mapping's address
+        try:
+            if _libc.mincore(ctypes.c_void_p(view.ctypes.data), size, vec) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mincore on {path}: {os.strerror(err)}")
+        finally:
+            del view
+        resident = int(np.count_nonzero(np.frombuffer(vec.raw, dtype=np.uint8) & 1))
+        return resident, pages
+    finally:
+        mm.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Local copy
+# --------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    with suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+class _VerifyFailed(Exception):
+    """A copy whose size or checksum did not match its source (retried)."""
+
+
+class LocalCopyTransfer(Transfer):
+    """Copy files into another directory on this machine, verified against storage.
+
+    Each file is read in ``chunk_bytes`` chunks and hashed as it is read; the copy is written
+    to a temporary name, fsynced, evicted from the page cache and read back from storage to
+    be hashed again; only a copy whose size and checksum match is renamed into place. A copy
+    that fails its check is deleted and tried again, ``retries`` more times at most (so at
+    most ``1 + retries`` attempts). With ``evict`` the source's pages are dropped after it is
+    read too, so the next stage (the count) reads storage, not memory; ``evict`` implies
+    ``fsync`` (the kernel will not drop dirty pages). Without ``evict`` the read-back
+    verifies the page cache, not the storage.
+
+    ``fault(path, attempt)`` is a test hook, called once the copy at ``path`` (its temporary
+    name in ``dest_dir``) is written and fsynced and before it is verified, with the 1-based
+    attempt number; it may corrupt the copy to show that verification catches it.
+    """
+
+    method = "local-copy"
+
+    def __init__(self, retries: int = 3, chunk_bytes: int = 8 << 20, evict: bool = True,
+                 fsync: bool = True, algorithm: str = "blake2b",
+                 fault: Optional[Callable[[Path, int], None]] = None):
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+        if algorithm not in hashlib.algorithms_available:
+            raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+        self.retries = retries
+        self.chunk_bytes = chunk_bytes
+        self.evict = evict
+        self.fsync = fsync or evict
+        self.algorithm = algorithm
+        self.fault = fault
+
+    def __repr__(self) -> str:
+        return (f"LocalCopyTransfer(retries={self.retries}, chunk_bytes={self.chunk_bytes}, "
+                f"evict={self.evict}, fsync={self.fsync}, algorithm={self.algorithm!r})")
+
+    # -- checks before anything is copied ----------------------------------------------------
+
+    def _check_sources(self, files: Sequence[PathLike]) -> list[tuple[Path, int]]:
+        sources: list[tuple[Path, int]] = []
+        by_name: dict[str, Path] = {}
+        for f in files:
+            src = Path(f)
+            try:
+                st = os.stat(src)
+            except OSError as e:
+                raise TransferError(f"source {src} cannot be read: {_why(e)}", src) from e
+            if not stat.S_ISREG(st.st_mode):
+                raise TransferError(f"source {src} is not a regular file", src)
+            if src.name in by_name:
+                raise TransferError(f"two sources have the name {src.name!r}: {by_name[src.name]} "
+                                    f"and {src}; they would overwrite each other", src)
+            by_name[src.name] = src
+            sources.append((src, st.st_size))
+        return sources
+
+    def _prepare_dest(self, dest_dir: Path, sources: list[tuple[Path, int]],
+                      overwrite: bool) -> None:
+        try:
+            dest_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TransferError(f"target directory {dest_dir} cannot be created: {_why(e)}",
+                                dest_dir) from e
+        if not dest_dir.is_dir():
+            raise TransferError(f"target directory {dest_dir} is not a directory", dest_dir)
+        for src, _ in sources:
+            dest = dest_dir / src.name
+            if not (dest.exists() or dest.is_symlink()):
+                continue
+            with suppress(OSError):
+                if os.path.samefile(src, dest):
+                    raise TransferError(f"{dest} is the source file itself; choose another "
+                                        f"target directory", dest)
+            if not overwrite:
+                raise TransferError(f"{dest} already exists; pass overwrite=True to replace it",
+                                    dest)
+        need = sum(size for _, size in sources)
+        try:
+            vfs = os.statvfs(dest_dir)
+        except OSError:
+            return
+        free = (vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail) * vfs.f_frsize
+        if need > free:
+            raise TransferError(f"target directory {dest_dir} has {free} bytes free, the files "
+                                f"need {need}", dest_dir)
+
+    # -- one attempt -------------------------------------------------------------------------
+
+    def _new_hash(self):
+        return hashlib.new(self.algorithm)
+
+    def _temp_for(self, dest: Path) -> tuple[Path, int]:
+        for _ in range(100):
+            tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.partial")
+            try:
+                return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise TransferError(f"cannot create {dest} (temporary {tmp.name}): {_why(e)}",
+                                    dest) from e
+        raise TransferError(f"no free temporary name next to {dest}", dest)
+
+    def _copy_once(self, src: Path, dest: Path, tmp: Path, out_fd: int,
+                   progress: Callable[[int], None]) -> tuple[int, str]:
+        """Copy src into out_fd (closed here), hashing what is read; returns (bytes, digest)."""
+        h = self._new_hash()
+        buf = bytearray(self.chunk_bytes)
+        mv = memoryview(buf)
+        done = 0
+        try:
+            try:
+                fin = open(src, "rb", buffering=0)
+            except OSError as e:
+                raise TransferError(f"source {src} cannot be read: {_why(e)}", src) from e
+            with fin:
+                with suppress(OSError):
+                    os.posix_fadvise(fin.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                while True:
+                    try:
+                        n = fin.readinto(mv)
+                    except OSError as e:
+                        raise TransferError(f"reading {src} at byte {done} failed: {_why(e)}",
+                                            src) from e
+                    if not n:
+                        break
+                    h.update(mv[:n])
+                    self._write_all(out_fd, mv[:n], dest)
+                    done += n
+                    progress(done)
+                if self.evict:  # clean pages: the source is only read
+                    with suppress(OSError):
+                        evict(fin.fileno())
+            try:
+                if self.fsync:
+                    os.fsync(out_fd)
+                if self.evict:
+                    evict(out_fd)
+            except OSError as e:
+                raise TransferError(f"writing {dest} failed at fsync: {_why(e)}", dest) from e
+        finally:
+            os.close(out_fd)
+        return done, h.hexdigest()
+
+    @staticmethod
+    def _write_all(fd: int, data: memoryview, dest: Path) -> None:
+        while data:
+            try:
+                n = os.write(fd, data)
+            except OSError as e:
+                raise TransferError(f"writing {dest} failed: {_why(e)}", dest) from e
+            data = data[n:]
+
+    def _read_back(self, tmp: Path, dest: Path) -> tuple[int, str]:
+        """Hash the copy as stored: flush anything written since, evict, then read it back."""
+        h = self._new_hash()
+        buf = bytearray(self.chunk_bytes)
+        mv = memoryview(buf)
+        size = 0
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError as e:
+            raise TransferError(f"reading back {dest} (temporary {tmp.name}) failed: {_why(e)}",
+                                dest) from e
+        try:
+            if self.fsync:
+                os.fsync(fd)  # flushes changes made through any descriptor, e.g. by a fault hook
+            if self.evict:
+                evict(fd)
+            with suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            while True:
+                n = os.readv(fd, [mv])
+                if not n:
+                    break
+                h.update(mv[:n])
+                size += n
+            if self.evict:
+                evict(fd)  # leave nothing cached for the next stage
+        except OSError as e:
+            raise TransferError(f"reading back {dest} (temporary {tmp.name}) failed: {_why(e)}",
+                                dest) from e
+        finally:
+            os.close(fd)
+        return size, h.hexdigest()
+
+    def _place(self, tmp: Path, dest: Path, overwrite: bool) -> None:
+        """Rename the verified copy to its final name; without overwrite never clobber."""
+        try:
+            if overwrite:
+                os.replace(tmp, dest)
+            else:
+                try:
+                    os.link(tmp, dest)  # fails if dest appeared meanwhile; os.replace would not
+                except FileExistsError:
+                    raise
+                except OSError:  # no hard links on this filesystem: check, then rename
+                    if dest.exists():
+                        raise FileExistsError(errno_mod.EEXIST, str(dest)) from None
+                    os.replace(tmp, dest)
+                else:
+                    os.unlink(tmp)
+        except FileExistsError as e:
+            raise TransferError(f"{dest} already exists; pass overwrite=True to replace it",
+                                dest) from e
+        except OSError as e:
+            raise TransferError(f"renaming the verified copy into {dest} failed: {_why(e)}",
+                                dest) from e
+        if self.fsync:
+            _fsync_dir(dest.parent)
+
+    # -- the transfer ------------------------------------------------------------------------
+
+    def transfer(self, files: Sequence[PathLike], dest_dir: PathLike, remove_source: bool = False,
+                 on_progress: Optional[ProgressCallback] = None, *,
+                 overwrite: bool = False) -> TransferReport:
+        """Copy and verify each file into ``dest_dir``, in order; see the class docstring.
+
+        Everything that can be checked is checked before the first byte moves: sources exist
+        and are regular files with distinct names, ``dest_dir`` can be created, no destination
+        exists (unless ``overwrite``) and the files fit in the free space.
+        """
+        dest_dir = Path(dest_dir)
+        report = TransferReport(method=self.method, dest_dir=str(dest_dir),
+                                algorithm=self.algorithm, started_at=time.time())
+        io0 = storage_read_bytes()
+        try:
+            sources = self._check_sources(files)
+            self._prepare_dest(dest_dir, sources, overwrite)
+            bytes_total = sum(size for _, size in sources)
+            bytes_before = 0
+            for index, (src, size) in enumerate(sources):
+                done = self._transfer_one(src, size, dest_dir / src.name, overwrite,
+                                          remove_source, report, on_progress, index,
+                                          len(sources), bytes_before, bytes_total)
+                report.files.append(done)
+                bytes_before += done.bytes
+                if on_progress is not None:
+                    on_progress(TransferProgress(src.name, done.attempts, done.bytes, done.bytes,
+                                                 index + 1, len(sources), bytes_before,
+                                                 max(bytes_total, bytes_before)))
+        except TransferError as e:
+            report.finished_at = time.time()
+            e.report = report
+            raise
+        report.finished_at = time.time()
+        io1 = storage_read_bytes()
+        report.storage_read_bytes = None if io0 is None or io1 is None else io1 - io0
+        log.info("transferred %d files, %d bytes to %s in %.2f s (%d retried attempts)",
+                 report.total_files, report.total_bytes, dest_dir, report.seconds,
+                 len(report.retried))
+        return report
+
+    def _transfer_one(self, src: Path, size: int, dest: Path, overwrite: bool,
+                      remove_source: bool, report: TransferReport,
+                      on_progress: Optional[ProgressCallback], index: int, n_files: int,
+                      bytes_before: int, bytes_total: int) -> FileTransfer:
+        t0 = time.perf_counter()
+        attempts = 1 + self.retries
+        reasons: list[str] = []
+        for attempt in range(1, attempts + 1):
+            def progress(n: int, attempt: int = attempt) -> None:
+                if on_progress is not None:
+                    on_progress(TransferProgress(src.name, attempt, n, size, index, n_files,
+                                                 bytes_before + n, bytes_total))
+
+            tmp, out_fd = self._temp_for(dest)
+            try:
+                nbytes, src_digest = self._copy_once(src, dest, tmp, out_fd, progress)
+                if self.fault is not None:
+                    self.fault(tmp, attempt)
+                got_bytes, got_digest = self._read_back(tmp, dest)
+                if got_bytes != nbytes:
+                    raise _VerifyFailed(f"size mismatch: read {nbytes} bytes from the source, "
+                                        f"the copy holds {got_bytes}")
+                if got_digest != src_digest:
+                    raise _VerifyFailed(f"checksum mismatch: source {self.algorithm}:{src_digest}, "
+                                        f"copy {self.algorithm}:{got_digest}")
+                try:
+                    after = os.stat(src).st_size
+                except OSError as e:
+                    raise TransferError(f"source {src} vanished during the copy: {_why(e)}",
+                                        src, attempt) from e
+                if after != nbytes:
+                    raise _VerifyFailed(f"source changed during the copy: {nbytes} bytes read, "
+                                        f"now {after} bytes")
+                self._place(tmp, dest, overwrite)
+            except _VerifyFailed as e:
+                with suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                reasons.append(str(e))
+                report.retried.append(RetriedFile(src.name, attempt, str(e)))
+                log.warning("%s: attempt %d of %d failed verification: %s", src.name, attempt,
+                            attempts, e)
+                continue
+            except BaseException:
+                with suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            removed = False
+            if remove_source:
+                try:
+                    os.unlink(src)
+                except OSError as e:
+                    raise TransferError(f"{src} was copied and verified to {dest}, but removing "
+                                        f"the source failed: {_why(e)}", src, attempt) from e
+                if self.fsync:
+                    _fsync_dir(src.parent)
+                removed = True
+            return FileTransfer(src.name, str(src), str(dest), nbytes,
+                                f"{self.algorithm}:{src_digest}", attempt,
+                                time.perf_counter() - t0, removed)
+        # Every attempt failed verification: the source stays where it is.
+        raise TransferError(
+            f"{src}: copy to {dest} failed verification on all {attempts} attempts "
+            f"(last: {reasons[-1]}); the source was kept", src, attempts, reasons)
