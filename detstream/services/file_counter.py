@@ -147,9 +147,9 @@ def count_files(spec: SessionSpec, data_dir: Union[str, Path], node_index: int, 
     Events go to a part file at ``part_path`` (with counting disabled, frames are read and
     assembled only, and no part is written). ``should_stop`` returns a reason to stop early,
     or None; positions not read by then are listed in ``missing``. Files lacking positions
-    are refused up front by ReplaySource (naming the file and the first missing position). ``workers`` defaults to
-    ``spec.workers_per_node``. ``evict_files`` drops the files' pages before and after, so
-    the reads come from storage, as they would on a compute node.
+    are refused up front by ReplaySource (naming the file and the first missing position).
+    ``workers`` defaults to ``spec.workers_per_node``. ``evict_files`` drops the files' pages
+    before and after, so the reads come from storage, as they would on a compute node.
     """
     from ..output import PartWriter
 
