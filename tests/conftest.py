@@ -1,0 +1,59 @@
+"""Shared pytest fixtures: one private etcd for the whole test session, a Coordinator per test."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Callable, Optional, TypeVar
+
+import pytest
+
+# No telemetry: this machine has no internet, and Prefect reads these at import time.
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+
+from detstream.coordination import Coordinator  # noqa: E402
+from detstream.etcd_server import EmbeddedEtcd  # noqa: E402
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], Optional[T]], timeout_s: float = 10.0, interval_s: float = 0.05, what: str = "condition"
+) -> T:
+    """Call `predicate` on a short interval until it returns something truthy; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(name="wait_until")
+def wait_until_fixture() -> Callable[..., object]:
+    """The `wait_until(predicate, timeout_s=10, interval_s=0.05, what=...)` helper, as a fixture."""
+    return wait_until
+
+
+@pytest.fixture(scope="session")
+def etcd_server():
+    """One EmbeddedEtcd for the whole test session; stopped (data dir removed) at the end, also on failure."""
+    with EmbeddedEtcd(unsafe_no_fsync=True) as etcd:
+        yield etcd
+
+
+@pytest.fixture
+def etcd_prefix() -> str:
+    """A key prefix unique to this test, so tests never see each other's keys."""
+    return f"/detstream-test/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def coordinator(etcd_server, etcd_prefix):
+    """A Coordinator on the session etcd, under this test's unique prefix."""
+    with Coordinator(etcd_server.endpoint, prefix=etcd_prefix) as coord:
+        yield coord
