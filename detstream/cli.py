@@ -93,6 +93,30 @@ def distributor(session: str = _session_opt, etcd: str = _etcd_opt, prefix: str 
                                      advertise_host))
 
 
+@app.command()
+def acquire(session: str = _session_opt, etcd: str = _etcd_opt, prefix: str = _prefix_opt,
+            sector: int = typer.Option(..., help="Sector (receiver module) to record."),
+            directory: Path = typer.Option(..., help="Folder for the raw v5 file.")):
+    """File-transfer path: write one sector of the scan to a raw v5 file (fsync'd, evicted)."""
+    from .services.serve import serve_acquire
+
+    _serve(f"acquire-{sector}", lambda: serve_acquire(_coordinator(etcd, prefix), session, sector, directory))
+
+
+@app.command("count-files")
+def count_files(session: str = _session_opt, etcd: str = _etcd_opt, prefix: str = _prefix_opt,
+                node_index: Optional[int] = typer.Option(
+                    None, help="This node's index; default $SLURM_PROCID (srun), else 0."),
+                data_dir: Optional[Path] = typer.Option(None, help="Raw files; default <session>/transferred.")):
+    """File-transfer path: count this node's share of the scan from the transferred raw files."""
+    from .services.file_counter import serve_file_counter
+
+    if node_index is None:
+        node_index = int(os.environ.get("SLURM_PROCID", os.environ.get("SLURM_NODEID", "0")))
+    _serve(f"count-files-{node_index}",
+           lambda: serve_file_counter(_coordinator(etcd, prefix), session, node_index, data_dir))
+
+
 def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")

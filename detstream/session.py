@@ -88,6 +88,8 @@ class Progress:
 class StreamingSession:
     """Holds what one session owns (lock lease, reservation, local services) and releases it."""
 
+    workflow = "streaming"
+
     def __init__(self, spec: SessionSpec, coordinator: Coordinator, backend: ComputeBackend,
                  etcd_endpoint: str):
         self.spec = spec
@@ -173,9 +175,10 @@ class StreamingSession:
 
     def stream(self, on_progress: Optional[Callable[[Progress], None]] = None,
                cancelled: Optional[Callable[[], bool]] = None, poll_s: float = 0.5,
-               finish_timeout_s: float = 120.0) -> Progress:
+               finish_timeout_s: float = 120.0, set_state: bool = True) -> Progress:
         """Watch the scan until every distributor has reported; raise on stall or failure."""
-        self.coord.set_state(self.sid, "streaming")
+        if set_state:
+            self.coord.set_state(self.sid, "streaming")
         t0 = time.time()
         last_count, last_change = -1, time.monotonic()
         reports = self.spec.session_dir / "services"
@@ -190,12 +193,15 @@ class StreamingSession:
                 raise SessionCancelled("cancelled by the user")
             done = expected <= {p.name for p in reports.glob("distributor-*.json")}
             if done:
+                if set_state and not draining:  # every node saw every END: producers are done
+                    self.coord.set_state(self.sid, "draining")
+                    self.timings["acquire_s"] = time.time() - t0
                 break
             failed = [p for p in self.local if p.poll() not in (None, 0)]
             if failed:
                 names = ", ".join(f"{p.name} (exit {p.poll()}): {p.log_tail(3)}" for p in failed)
                 raise SessionError(f"service failed: {names}", fallback_reason=f"service failed: {names}")
-            if not draining and all(p.poll() == 0 for p in self.local):
+            if set_state and not draining and all(p.poll() == 0 for p in self.local):
                 draining = True
                 self.coord.set_state(self.sid, "draining")
                 self.timings["acquire_s"] = time.time() - t0

@@ -5,110 +5,79 @@ from __future__ import annotations
 from typing import Annotated, Literal, Optional
 
 from prefect import flow, get_run_logger
-from prefect.context import FlowRunContext
 from pydantic import Field
 
-from detstream.backends.local import LocalBackend
-from detstream.profile import PROFILES, get_profile
-from detstream.session import StreamingSession, SessionError, coordination, make_spec
-from detstream.tasks.nodes import open_session, release_nodes, reserve_nodes
+from detstream.session import StreamingSession
+from detstream.tasks.nodes import open_session, reserve_nodes
 from detstream.tasks.results import collect_results
 from detstream.tasks.services import start_services
 from detstream.tasks.stream import stream_scan
 
-from ._hooks import ACTIVE_SESSIONS, release_on_failure
+from . import _params as P
+from ._hooks import release_on_failure
+from ._run import run_session
 
-Backend = Literal["local"]
-
-
-def resolve_profile(detector: str):
-    """A built-in profile by name, else a saved DetectorProfile block of that name."""
-    if detector in PROFILES:
-        return get_profile(detector)
-    from detstream.blocks import DetectorProfile
-
-    try:
-        return DetectorProfile.load(detector).to_profile()
-    except ValueError:
-        get_profile(detector)  # raises with the list of built-in names
-        raise
-
-
-def make_backend(name: str, session_dir):
-    if name == "local":
-        return LocalBackend(log_dir=session_dir / "logs")
-    raise ValueError(f"unknown backend {name!r}; known: local")
+Fallback = Annotated[Literal["file-transfer", "none"], Field(
+    description="If reservation fails, no node registers, or the stream stalls: run the file-transfer workflow on the same scan.")]
 
 
 @flow(name="streaming-session", on_failure=[release_on_failure], on_crashed=[release_on_failure],
       on_cancellation=[release_on_failure], log_prints=True)
 def streaming_session(
-    scan_width: Annotated[Optional[int], Field(gt=0, le=65535, description="Scan width (positions); replay: from the files if empty.")] = 32,
-    scan_height: Annotated[Optional[int], Field(gt=0, le=65535, description="Scan height (positions); replay: from the files if empty.")] = 32,
-    detector: Annotated[str, Field(description="Detector profile: built-in name or a saved DetectorProfile block.")] = "4dcamera",
-    nodes: Annotated[int, Field(gt=0, description="Compute nodes (one distributor each).")] = 2,
-    workers_per_node: Annotated[int, Field(gt=0, description="Counting processes per node.")] = 1,
-    source: Annotated[Literal["simulated", "replay"], Field(description="Where frames come from.")] = "simulated",
-    replay_dir: Annotated[Optional[str], Field(description="Folder of raw v5 files, for source=replay.")] = None,
-    seed: Annotated[int, Field(description="Simulator seed.")] = 0,
-    output_dir: Annotated[str, Field(description="Each session writes into output_dir/<session id>.")] = "runs",
-    counting: Annotated[bool, Field(description="Count electrons (off: stream and assemble only).")] = True,
-    background_threshold: Annotated[float, Field(description="Background threshold (ADU after dark).")] = 12.0,
-    xray_threshold: Annotated[float, Field(description="X-ray threshold (ADU).")] = 2000.0,
-    dark_reference: Annotated[Optional[str], Field(description=".npy dark reference; simulator's own if empty.")] = None,
-    gain: Annotated[Optional[str], Field(description=".npy gain map.")] = None,
-    backend: Annotated[Backend, Field(description="Where the nodes come from.")] = "local",
-    etcd_url: Annotated[Optional[str], Field(description="etcd endpoint; empty starts a private etcd.")] = None,
-    etcd_prefix: Annotated[str, Field(description="etcd key prefix.")] = "/detstream",
-    reserve_timeout_s: Annotated[float, Field(gt=0, description="Wait this long for the nodes.")] = 300.0,
-    register_timeout_s: Annotated[float, Field(gt=0, description="Wait this long for services to register.")] = 60.0,
-    stall_timeout_s: Annotated[float, Field(gt=0, description="No new frame for this long ends the scan.")] = 30.0,
-    session_id: Annotated[Optional[str], Field(description="Session id (generated if empty).")] = None,
+    scan_width: P.ScanSide = 32,
+    scan_height: P.ScanSide = 32,
+    detector: P.Detector = "4dcamera",
+    nodes: P.Nodes = 2,
+    workers_per_node: P.Workers = 1,
+    source: P.Source = "simulated",
+    replay_dir: P.ReplayDir = None,
+    seed: P.Seed = 0,
+    output_dir: P.OutputDir = "runs",
+    counting: P.Counting = True,
+    background_threshold: P.Background = 12.0,
+    xray_threshold: P.Xray = 2000.0,
+    dark_reference: P.NpyPath = None,
+    gain: P.NpyPath = None,
+    backend: P.BackendName = "local",
+    fallback: Fallback = "none",
+    fallback_backend: Annotated[Literal["local", "sfapi"], Field(description="Backend for the fallback's count job.")] = "local",
+    sfapi_credentials: Annotated[Optional[str], Field(description="SfapiCredentials block name (backend=sfapi).")] = None,
+    nersc_compute: Annotated[Optional[str], Field(description="NerscCompute block name (backend=sfapi).")] = None,
+    etcd_url: P.EtcdUrl = None,
+    etcd_prefix: P.EtcdPrefix = "/detstream",
+    reserve_timeout_s: P.Seconds = 300.0,
+    register_timeout_s: P.Seconds = 60.0,
+    stall_timeout_s: P.Seconds = 30.0,
+    session_id: P.SessionId = None,
 ) -> dict:
     """Stream one scan from the detector into the nodes' memory, count it, write the counted HDF5."""
-    logger = get_run_logger()
-    spec = make_spec(
-        scan_width=scan_width, scan_height=scan_height, profile=resolve_profile(detector),
-        source=source, replay_dir=replay_dir, output_dir=output_dir, session_id=session_id,
-        counting={"enabled": counting, "background_threshold": background_threshold,
-                  "xray_threshold": xray_threshold, "dark_reference": dark_reference, "gain": gain},
-        seed=seed, nodes=nodes, workers_per_node=workers_per_node, etcd_prefix=etcd_prefix,
-        register_timeout_s=register_timeout_s, stall_timeout_s=stall_timeout_s)
-    logger.info("session %s: %dx%d scan, %d nodes, output %s", spec.session_id, spec.scan_width,
-                spec.scan_height, spec.nodes, spec.session_dir)
-    run_ctx = FlowRunContext.get()
-    run_key = str(run_ctx.flow_run.id) if run_ctx and run_ctx.flow_run else spec.session_id
-    with coordination(etcd_url, spec.etcd_prefix) as (endpoint, coord):
-        session = StreamingSession(spec, coord, make_backend(backend, spec.session_dir), endpoint)
-        ACTIVE_SESSIONS[run_key] = session
-        try:
-            open_session(session)
-            reserve_nodes(session, reserve_timeout_s)
-            start_services(session)
-            stream_scan(session)
-            summary = collect_results(session)
-            if summary["frames_received"] == 0:
-                raise SessionError(f"no frame of the {spec.frames_expected} expected arrived",
-                                   fallback_reason="no frames arrived")
-            if not summary["complete"]:
-                logger.warning("session %s: %d frames missing, listed in %s", spec.session_id,
-                               summary["frames_missing"], summary["outputs"]["summary"])
-            release_nodes(session, "completed", result=summary)
-            logger.info("session %s completed: %d/%d frames, %d events -> %s", spec.session_id,
-                        summary["frames_received"], summary["frames_expected"], summary["events"],
-                        summary["outputs"]["hdf5"])
-            return summary
-        except SessionError as err:
-            session.close("failed", str(err))
-            raise
-        except BaseException as err:
-            session.close("cancelled" if _is_cancel(err) else "failed", f"{type(err).__name__}: {err}")
-            raise
-        finally:
-            ACTIVE_SESSIONS.pop(run_key, None)
+    params = dict(locals())
+    spec = P.spec_from(params)
+    get_run_logger().info("session %s: %dx%d scan, %d nodes on %s, output %s", spec.session_id,
+                          spec.scan_width, spec.scan_height, spec.nodes, backend, spec.session_dir)
 
+    def make(endpoint, coord):
+        return StreamingSession(spec, coord, P.make_backend(backend, spec.session_dir, sfapi_credentials,
+                                                            nersc_compute), endpoint)
 
-def _is_cancel(err: BaseException) -> bool:
-    from detstream.session import SessionCancelled
+    def steps(session):
+        open_session(session)
+        reserve_nodes(session, reserve_timeout_s)
+        start_services(session)
+        stream_scan(session)
+        return collect_results(session)
 
-    return isinstance(err, (SessionCancelled, KeyboardInterrupt))
+    def fall_back(session, err, endpoint):
+        from .file_transfer_session import file_transfer_session
+
+        reason = err.fallback_reason
+        session.coord.set_state(session.sid, "failed", f"falling back to file-transfer: {reason}")
+        get_run_logger().warning("session %s: %s; falling back to the file-transfer workflow",
+                                 session.sid, reason)
+        ft = {k: v for k, v in params.items()
+              if k not in ("fallback", "fallback_backend", "backend", "session_id", "etcd_url")}
+        return file_transfer_session(**ft, backend=fallback_backend, etcd_url=endpoint,
+                                     session_id=f"{session.sid}-ft", fallback_reason=reason,
+                                     fell_back_from=session.sid)
+
+    return run_session(make, spec, etcd_url, steps, fall_back if fallback == "file-transfer" else None)

@@ -19,7 +19,7 @@ def open_session(session: StreamingSession) -> None:
 
 @task(name="reserve-nodes", cache_policy=NO_CACHE)
 def reserve_nodes(session: StreamingSession, timeout_s: float) -> Reservation:
-    """Reserve the session's nodes; each starts a distributor that registers in etcd."""
+    """Reserve the session's nodes; each starts its node service, which registers in etcd."""
     return session.reserve(timeout_s)
 
 

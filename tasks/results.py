@@ -42,11 +42,11 @@ def publish_summary(summary: dict) -> None:
 
 
 @task(name="collect-results", cache_policy=NO_CACHE)
-def collect_results(session: StreamingSession, overwrite: bool = False) -> dict:
+def collect_results(session: StreamingSession, overwrite: bool = False, extra: dict | None = None) -> dict:
     """Merge the nodes' parts into the HDF5, write the image and summary, publish them."""
-    summary = results.collect(session.spec, "streaming", session.timings, overwrite=overwrite,
+    summary = results.collect(session.spec, session.workflow, session.timings, overwrite=overwrite,
                               extra={"backend": session.backend.name,
                                      "job": session.reservation.model_dump(mode="json")
-                                     if session.reservation else None})
+                                     if session.reservation else None, **(extra or {})})
     publish_summary(summary)
     return summary

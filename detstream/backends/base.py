@@ -36,6 +36,10 @@ class Reservation(BaseModel):
     detail: Optional[str] = None
     pids: list[int] = Field(default_factory=list, description="Local process groups, if any.")
     host: Optional[str] = None
+    submitted_at: Optional[float] = Field(default=None, description="Unix time the job was submitted.")
+    started_at: Optional[float] = Field(default=None, description="Unix time the job was first seen running.")
+    queue_wait_s: Optional[float] = Field(default=None, description="Seconds from submission to running.")
+    scheduler_state: Optional[str] = Field(default=None, description="The scheduler's own state name, e.g. Slurm's.")
 
 
 class ReservationError(RuntimeError):
@@ -43,14 +47,18 @@ class ReservationError(RuntimeError):
 
 
 class DistributorLaunch(BaseModel):
-    """How each node starts its distributor: ``detstream distributor`` with these arguments."""
+    """How each node starts its service: ``detstream <command>`` with these arguments.
+
+    ``command`` is ``distributor`` for streaming and ``count-files`` for the file-transfer path.
+    """
 
     session_id: str
     etcd_endpoint: str
     etcd_prefix: str
+    command: str = "distributor"
 
     def argv(self, node_index: Optional[int] = None) -> list[str]:
-        args = ["distributor", "--session", self.session_id, "--etcd", self.etcd_endpoint,
+        args = [self.command, "--session", self.session_id, "--etcd", self.etcd_endpoint,
                 "--prefix", self.etcd_prefix]
         if node_index is not None:
             args += ["--node-index", str(node_index)]

@@ -132,3 +132,38 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
         report = stats.as_dict()
         _write_report(_report_path(spec, "producer", name), report)
         return report
+
+
+def serve_acquire(coord: Coordinator, sid: str, sector: int, directory: Path) -> dict:
+    """File-transfer path, acquire stage: write one sector as a raw v5 file, fsync'd and evicted."""
+    from ..sources.rawv5 import SectorFileWriter
+
+    spec = SessionSpec.model_validate(coord.get_spec(sid))
+    if not 0 <= sector < spec.profile.sectors:
+        raise ValueError(f"sector {sector} outside 0..{spec.profile.sectors - 1}")
+    source = source_for_spec(spec)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"sector-{sector}"
+    stats = {"sector": sector, "frames_sent": 0, "bytes_sent": 0, "first_send": None, "last_send": None}
+    with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
+        coord.register_service(sid, "producer", name, _info(None, sector=sector, target=str(directory)), lease)
+        stop = _stop_requested(coord, sid)
+        writer = SectorFileWriter(spec.profile, directory, source.scan_number, sector, fsync=True, evict=True)
+        try:
+            import time
+
+            stats["first_send"] = time.time()
+            for i, (meta, block) in enumerate(source.iter_sector(sector)):
+                if i % 256 == 0 and stop():
+                    raise RuntimeError(f"acquisition of sector {sector} stopped: session ended")
+                writer.write(meta, block)
+                stats["frames_sent"] += 1
+                stats["bytes_sent"] += spec.profile.sector_nbytes
+        finally:
+            path = writer.close()
+        stats["last_send"] = time.time()
+        stats["seconds"] = stats["last_send"] - stats["first_send"]
+        stats["path"] = str(path)
+        _write_report(_report_path(spec, "producer", name), stats)
+        return stats
