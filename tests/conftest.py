@@ -57,3 +57,36 @@ def coordinator(etcd_server, etcd_prefix):
     """A Coordinator on the session etcd, under this test's unique prefix."""
     with Coordinator(etcd_server.endpoint, prefix=etcd_prefix) as coord:
         yield coord
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's own test server (temporary SQLite database) for every flow run in the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def detstream_children():
+    """This test process's descendants that run detstream services (not etcd, not Prefect's server)."""
+    import psutil
+
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "-m detstream" in " ".join(child.cmdline()) and "etcd" not in child.name():
+                out.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture
+def no_stray_services():
+    """Every service process a session starts is gone when the session returns (killed if not)."""
+    yield
+    left = detstream_children()
+    for p in left:
+        p.kill()
+    assert not left, f"processes left running: {[p.cmdline() for p in left]}"
