@@ -2,5 +2,6 @@
 
 from .detector import DetectorProfile
 from .etcd import EtcdCoordinator
+from .sfapi import NerscCompute, SfapiCredentials
 
-__all__ = ["DetectorProfile", "EtcdCoordinator"]
+__all__ = ["DetectorProfile", "EtcdCoordinator", "NerscCompute", "SfapiCredentials"]
