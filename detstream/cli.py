@@ -137,20 +137,32 @@ def run(
     dark_reference: Optional[Path] = typer.Option(None, help=".npy dark reference."),
     gain: Optional[Path] = typer.Option(None, help=".npy gain map."),
     no_counting: bool = typer.Option(False, "--no-counting", help="Stream and assemble only."),
+    workflow: str = typer.Option("streaming", help="streaming, or file-transfer (the classic path)."),
+    fallback: str = typer.Option("none", help="file-transfer: fall back to it if streaming cannot run."),
+    backend: str = typer.Option("local", help="local, or sfapi (NERSC Superfacility API)."),
+    sfapi_url: Optional[str] = typer.Option(None, help="Superfacility API base URL (e.g. a local emulator)."),
+    sfapi_key_file: Optional[Path] = typer.Option(None, help="sfapi_client key file (client id, then PEM; mode 600)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary here."),
 ):
-    """Run a streaming session (private etcd, local nodes, simulated camera by default)."""
+    """Run a session (private etcd, local nodes, simulated camera by default)."""
     from rich.console import Console
 
     console = Console(stderr=True)
     w, h = _parse_scan(scan) if replay is None else (None, None)
     _prefect_defaults()
+    if workflow not in ("streaming", "file-transfer"):
+        raise typer.BadParameter(f"workflow {workflow!r}: choose streaming or file-transfer")
     from .progress import console_progress
-    from .flows import streaming_session
+    from .flows import file_transfer_session, streaming_session
 
+    extra = {"fallback": fallback} if workflow == "streaming" else {}
+    if backend == "sfapi":
+        extra.update(_sfapi_params(sfapi_url, sfapi_key_file))
+    flow_fn = streaming_session if workflow == "streaming" else file_transfer_session
     try:
         with console_progress(console):
-            summary = streaming_session(
+            summary = flow_fn(
+                **extra, backend=backend,
                 scan_width=w, scan_height=h, detector=detector, nodes=nodes,
                 workers_per_node=workers_per_node, source="replay" if replay else "simulated",
                 replay_dir=str(replay) if replay else None, seed=seed, output_dir=str(output),
@@ -183,3 +195,86 @@ def _print_summary(console, summary: dict) -> None:
     for k, v in summary.get("outputs", {}).items():
         table.add_row(k, str(v))
     console.print(table)
+
+
+def _sfapi_params(sfapi_url: Optional[str], key_file: Optional[Path]) -> dict:
+    """The flow's ``sfapi`` options: saved blocks (DETSTREAM_SFAPI_*_BLOCK) or a key file and URL.
+
+    An API on this machine (an emulator) runs the job's nodes here too, so they start with this
+    interpreter and listen on loopback.
+    """
+    from urllib.parse import urlsplit
+
+    opts: dict = {"credentials_block": os.environ.get("DETSTREAM_SFAPI_CREDENTIALS_BLOCK"),
+                  "compute_block": os.environ.get("DETSTREAM_NERSC_COMPUTE_BLOCK"),
+                  "key_file": str(key_file) if key_file else None, "api_url": sfapi_url}
+    if sfapi_url and urlsplit(sfapi_url).hostname in ("127.0.0.1", "localhost", "::1"):
+        opts["job"] = {"command": [sys.executable, "-m", "detstream"], "bind_host": "127.0.0.1",
+                       "advertise_host": "127.0.0.1"}
+    return {"sfapi": opts}
+
+
+@app.command("render-job")
+def render_job(
+    session: str = typer.Option("SESSION_ID", help="Session id the job serves."),
+    etcd: str = typer.Option("http://etcd.example.org:2379", help="etcd endpoint the nodes use."),
+    prefix: str = _prefix_opt,
+    nodes: int = typer.Option(2, min=1, help="Nodes."),
+    service: str = typer.Option("distributor", help="distributor, or count-files."),
+    account: Optional[str] = typer.Option(None, help="NERSC project (-A)."),
+    qos: Optional[str] = typer.Option(None, help="QOS (default realtime)."),
+    constraint: Optional[str] = typer.Option(None, help="cpu or gpu (default cpu)."),
+    walltime_minutes: Optional[int] = typer.Option(None, help="Walltime (default 30, at most 120)."),
+    reservation: Optional[str] = typer.Option(None, help="Slurm reservation."),
+    conda_env: Optional[str] = typer.Option(None, help="conda environment with detstream."),
+    image: Optional[str] = typer.Option(None, help="Container image with detstream."),
+    env: list[str] = typer.Option([], help="NAME=VALUE for the job's environment (repeatable)."),
+):
+    """Show the batch script a session would submit through the Superfacility API (no submission)."""
+    from .backends.jobscript import render_for_cli
+
+    try:
+        typer.echo(render_for_cli(session_id=session, etcd_endpoint=etcd, etcd_prefix=prefix, nodes=nodes,
+                                  service=service, env=env, account=account, qos=qos, constraint=constraint,
+                                  walltime_minutes=walltime_minutes, reservation=reservation,
+                                  conda_env=conda_env, image=image), nl=False)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def compare(
+    scan: str = typer.Option("64x64", help="Scan size WIDTHxHEIGHT."),
+    repeat: int = typer.Option(3, min=1, help="Runs of each workflow, alternating."),
+    nodes: int = typer.Option(2, min=1, help="Compute nodes."),
+    output: Path = typer.Option(Path("runs/compare"), help="Output folder."),
+    etcd: Optional[str] = typer.Option(None, help="Use this etcd instead of a private one."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the comparison report here."),
+):
+    """Run streaming and file transfer on the same scan, alternating, and compare them."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    w, h = _parse_scan(scan)
+    _prefect_defaults()
+    from .flows import compare_workflows
+
+    try:
+        report = compare_workflows(scan_width=w, scan_height=h, repeat=repeat, nodes=nodes,
+                                   output_dir=str(output), etcd_url=etcd,
+                                   json_path=str(json_out) if json_out else None)
+    except Exception as err:
+        console.print(f"[bold red]comparison failed:[/] {err}")
+        raise typer.Exit(1)
+    from rich.table import Table
+
+    table = Table(title=f"streaming vs file transfer, {scan}, {repeat} runs each")
+    for col in ("workflow", "median s", "min s", "max s", "stdev s"):
+        table.add_column(col)
+    for wf, data in report["workflows"].items():
+        st = data["time_to_result_s"]
+        table.add_row(wf, *(f"{st[k]:.2f}" for k in ("median", "min", "max", "stdev")))
+    console.print(table)
+    if report.get("speedup_median"):
+        console.print(f"streaming {report['speedup_median']:.1f}x faster; identical events: {report['identical_events']}")

@@ -89,6 +89,7 @@ class StreamingSession:
     """Holds what one session owns (lock lease, reservation, local services) and releases it."""
 
     workflow = "streaming"
+    job_poll_s = 2.0  # how often stream() asks the backend about the job
 
     def __init__(self, spec: SessionSpec, coordinator: Coordinator, backend: ComputeBackend,
                  etcd_endpoint: str):
@@ -184,6 +185,7 @@ class StreamingSession:
         reports = self.spec.session_dir / "services"
         expected = {f"distributor-node-{i}.json" for i in range(self.spec.nodes)}
         draining = False
+        last_job_poll = 0.0
         while True:
             prog = self.progress()
             report_progress(prog)
@@ -205,8 +207,13 @@ class StreamingSession:
                 draining = True
                 self.coord.set_state(self.sid, "draining")
                 self.timings["acquire_s"] = time.time() - t0
-            if self.reservation is not None:
-                job = self.backend.poll(self.reservation)
+            if self.reservation is not None and time.monotonic() - last_job_poll >= self.job_poll_s:
+                last_job_poll = time.monotonic()
+                try:
+                    job = self.backend.poll(self.reservation)
+                except ReservationError as err:  # state unknown for now (e.g. API hiccup), not failed
+                    log.warning("could not poll job %s: %s", self.reservation.job_id, err)
+                    job = self.reservation
                 if job.state.finished and not done:
                     time.sleep(poll_s)  # a last report may be landing as the job ends
                     if not expected <= {p.name for p in reports.glob("distributor-*.json")}:

@@ -27,8 +27,16 @@ def release_on_failure(flow, flow_run, state) -> None:
     from detstream.coordination import Coordinator
     from detstream.session import release_session
 
+    backends = {"local": kill_local_job}
+    if params.get("backend") == "sfapi":
+        from .sfapi_backend import cancel_from_parameters
+
+        try:
+            backends["sfapi"] = cancel_from_parameters(params)
+        except Exception:
+            log.exception("cannot build the SFAPI client to cancel session %s's job", sid)
     try:
         coord = Coordinator(etcd_url, prefix=params.get("etcd_prefix") or "/detstream")
-        release_session(coord, sid, final, reason, backends={"local": kill_local_job})
+        release_session(coord, sid, final, reason, backends=backends)
     except Exception:  # a hook must not mask the run's own failure
         log.exception("could not release session %s", sid)

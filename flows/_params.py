@@ -10,6 +10,8 @@ from detstream.backends.local import LocalBackend
 from detstream.profile import PROFILES, get_profile
 from detstream.session import make_spec
 
+from .sfapi_backend import SfapiOptions
+
 ScanSide = Annotated[Optional[int], Field(gt=0, le=65535, description="Scan positions along this axis; replay: read from the files if empty.")]
 Detector = Annotated[str, Field(description="Detector profile: a built-in name (4dcamera, testcam) or a saved DetectorProfile block.")]
 Nodes = Annotated[int, Field(gt=0, description="Compute nodes (one distributor each).")]
@@ -26,6 +28,7 @@ BackendName = Annotated[Literal["local", "sfapi"], Field(description="Where the 
 EtcdUrl = Annotated[Optional[str], Field(description="etcd endpoint; empty starts a private etcd for the session.")]
 EtcdPrefix = Annotated[str, Field(description="etcd key prefix.")]
 Seconds = Annotated[float, Field(gt=0, description="Seconds.")]
+Sfapi = Annotated[Optional[SfapiOptions], Field(description="Superfacility API options, for backend=sfapi: saved blocks, or a key file and URL.")]
 SessionId = Annotated[Optional[str], Field(description="Session id (generated if empty).")]
 
 
@@ -56,12 +59,14 @@ def spec_from(p: dict):
         stall_timeout_s=p["stall_timeout_s"])
 
 
-def make_backend(name: str, session_dir, sfapi_block: Optional[str] = None, compute_block: Optional[str] = None):
+def make_backend(name: str, session_dir, sfapi=None):
     """The compute backend a flow asked for."""
     if name == "local":
         return LocalBackend(log_dir=session_dir / "logs")
     if name == "sfapi":
+        from prefect import get_run_logger
+
         from .sfapi_backend import sfapi_backend
 
-        return sfapi_backend(sfapi_block, compute_block)
+        return sfapi_backend(sfapi, logger=get_run_logger())
     raise ValueError(f"unknown backend {name!r}; known: local, sfapi")

@@ -35,8 +35,7 @@ def file_transfer_session(
     dark_reference: P.NpyPath = None,
     gain: P.NpyPath = None,
     backend: P.BackendName = "local",
-    sfapi_credentials: Annotated[Optional[str], Field(description="SfapiCredentials block name (backend=sfapi).")] = None,
-    nersc_compute: Annotated[Optional[str], Field(description="NerscCompute block name (backend=sfapi).")] = None,
+    sfapi: P.Sfapi = None,
     etcd_url: P.EtcdUrl = None,
     etcd_prefix: P.EtcdPrefix = "/detstream",
     reserve_timeout_s: P.Seconds = 300.0,
@@ -55,8 +54,7 @@ def file_transfer_session(
                 spec.scan_height, spec.nodes, f" (fallback: {fallback_reason})" if fallback_reason else "")
 
     def make(endpoint, coord):
-        return FileTransferSession(spec, coord, P.make_backend(backend, spec.session_dir, sfapi_credentials,
-                                                               nersc_compute),
+        return FileTransferSession(spec, coord, P.make_backend(backend, spec.session_dir, sfapi),
                                    endpoint, remove_source=not keep_raw_files)
 
     def steps(session):

@@ -41,8 +41,7 @@ def streaming_session(
     backend: P.BackendName = "local",
     fallback: Fallback = "none",
     fallback_backend: Annotated[Literal["local", "sfapi"], Field(description="Backend for the fallback's count job.")] = "local",
-    sfapi_credentials: Annotated[Optional[str], Field(description="SfapiCredentials block name (backend=sfapi).")] = None,
-    nersc_compute: Annotated[Optional[str], Field(description="NerscCompute block name (backend=sfapi).")] = None,
+    sfapi: P.Sfapi = None,
     etcd_url: P.EtcdUrl = None,
     etcd_prefix: P.EtcdPrefix = "/detstream",
     reserve_timeout_s: P.Seconds = 300.0,
@@ -57,8 +56,7 @@ def streaming_session(
                           spec.scan_width, spec.scan_height, spec.nodes, backend, spec.session_dir)
 
     def make(endpoint, coord):
-        return StreamingSession(spec, coord, P.make_backend(backend, spec.session_dir, sfapi_credentials,
-                                                            nersc_compute), endpoint)
+        return StreamingSession(spec, coord, P.make_backend(backend, spec.session_dir, sfapi), endpoint)
 
     def steps(session):
         open_session(session)

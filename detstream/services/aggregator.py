@@ -75,7 +75,11 @@ class Aggregator:
     def run(self, should_stop: Optional[Callable[[], bool]] = None, poll_ms: int = 200,
             on_progress: Optional[Callable[[AggregatorStats], None]] = None,
             stall_timeout_s: Optional[float] = None) -> AggregatorStats:
-        """Route until every sector has sent its END marker, the stream stalls, or ``should_stop``."""
+        """Route until every sector has sent its END marker, the stream stalls, or ``should_stop``.
+
+        The stall clock starts with the first message: waiting for producers to start is the
+        session's business (it fails the session, and ``should_stop`` then ends this loop).
+        """
         poller = zmq.Poller()
         poller.register(self.inbound, zmq.POLLIN)
         last_progress = last_data = time.monotonic()
@@ -85,7 +89,9 @@ class Aggregator:
                     log.warning("stop requested; %d of %d sectors ended", len(self.ended),
                                 self.profile.sectors)
                     break
-                if stall_timeout_s is not None and time.monotonic() - last_data > stall_timeout_s:
+                # Only a stream that has started can stall; before that the flow watches startup.
+                if (stall_timeout_s is not None and self.stats.first_recv is not None
+                        and time.monotonic() - last_data > stall_timeout_s):
                     log.warning("stalled: no message for %g s; %d of %d sectors ended",
                                 stall_timeout_s, len(self.ended), self.profile.sectors)
                     break

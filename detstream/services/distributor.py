@@ -208,7 +208,8 @@ class Distributor:
                     reason = should_stop() or ""
                     if reason:
                         break
-            if reading and now - last_data > self.stall_timeout_s:
+            # The stall clock runs once data has started; before that the session watches startup.
+            if reading and self.result.first_recv is not None and now - last_data > self.stall_timeout_s:
                 reason = f"stalled: no data for {self.stall_timeout_s:g} s"
                 log.warning(reason)
                 break
