@@ -5,9 +5,11 @@ Service commands import no Prefect; ``run`` (and the other flow commands) load t
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -45,6 +47,8 @@ def _coordinator(etcd: str, prefix: str):
 
 def _serve(role: str, fn) -> None:
     _service_logging(role)
+    # A service stopped from outside leaves every thread's stack in its log: why it was still there.
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     try:
         fn()
     except Exception as err:
@@ -278,3 +282,108 @@ def compare(
     console.print(table)
     if report.get("speedup_median"):
         console.print(f"streaming {report['speedup_median']:.1f}x faster; identical events: {report['identical_events']}")
+
+
+# --- detstream deploy: Prefect deployments from deployments/prefect.yaml -----------------------
+
+def _deployments_file(path: Optional[Path]) -> Path:
+    """The prefect.yaml to deploy: as given, else ./deployments/, else the source tree's."""
+    candidates = [path] if path else [Path("deployments/prefect.yaml"),
+                                      Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"]
+    for p in candidates:
+        if p.is_file():
+            return p
+    raise typer.BadParameter(f"no deployments file at {', '.join(map(str, candidates))}; pass --file")
+
+
+def _load_deployments(path: Path, output: Path) -> dict:
+    """prefect.yaml with its {{ $ENV }} placeholders filled, as `prefect deploy` fills them."""
+    import yaml
+    from prefect.utilities.templating import apply_values
+
+    os.environ["DETSTREAM_OUTPUT_DIR"] = str(output.expanduser().resolve())
+    config = apply_values(yaml.safe_load(path.read_text()), os.environ, remove_notset=False)
+    left = [d["name"] for d in config["deployments"] if "{{" in json.dumps(d)]
+    if left:
+        raise typer.BadParameter(f"{path}: unfilled placeholders in deployments {left}")
+    return config
+
+
+def _ensure_pool_and_queues(pool: str, queues: set[str]) -> None:
+    """A process work pool named ``pool``, and in it each queue with a concurrency limit of 1."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            existing = client.read_work_pool(pool)
+            if existing.type != "process":
+                raise typer.BadParameter(f"work pool {pool!r} is of type {existing.type!r}, not process")
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        for name in sorted(queues):
+            try:
+                queue = client.read_work_queue_by_name(name, work_pool_name=pool)
+                if queue.concurrency_limit != 1:
+                    client.update_work_queue(queue.id, concurrency_limit=1)
+            except ObjectNotFound:
+                client.create_work_queue(name, work_pool_name=pool, concurrency_limit=1,
+                                         description="One session of this detector at a time.")
+
+
+@app.command()
+def deploy(
+    file: Optional[Path] = typer.Option(None, "--file", help="Deployments file (default deployments/prefect.yaml)."),
+    output: Path = typer.Option(Path("runs"), help="Where the deployed sessions write (made absolute)."),
+    pool: Optional[str] = typer.Option(None, help="Work pool (default: the file's); created as a process pool."),
+):
+    """Register the flows' Prefect deployments (work pool and per-detector queue created if missing).
+
+    The Prefect API is PREFECT_API_URL's. Each entrypoint is a module path in the installed
+    detstream package, so a process worker in an environment with detstream runs them as is.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    _prefect_defaults()
+    path = _deployments_file(file)
+    config = _load_deployments(path, output)
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
+    from prefect.utilities.importtools import import_object
+
+    from .flows import _params
+
+    specs = config["deployments"]
+    pool_of = {id(d): pool or d["work_pool"]["name"] for d in specs}
+    for name in set(pool_of.values()):
+        _ensure_pool_and_queues(name, {d["work_pool"]["work_queue_name"] for d in specs
+                                       if pool_of[id(d)] == name and d["work_pool"].get("work_queue_name")})
+    table = Table(title=f"deployments from {path}")
+    for col in ("deployment", "work queue", "schedule"):
+        table.add_column(col, overflow="fold")
+    for d in specs:
+        fl = import_object(d["entrypoint"])
+        limit = d.get("concurrency_limit")
+        dep = fl.to_deployment(
+            name=d["name"], description=d.get("description"), tags=d.get("tags"),
+            parameters=d.get("parameters") or {}, version=d.get("version"),
+            work_pool_name=pool_of[id(d)], work_queue_name=d["work_pool"].get("work_queue_name"),
+            job_variables=d["work_pool"].get("job_variables") or {},
+            schedules=[Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
+                       for s in d.get("schedules") or []],
+            concurrency_limit=ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit,
+            entrypoint_type=EntrypointType.MODULE_PATH)
+        dep.entrypoint = d["entrypoint"]
+        # Prefect's schema loses the descriptions given in a flow signature; this one has them all.
+        dep._parameter_openapi_schema = _params.parameter_schema(fl)
+        dep.apply(work_pool_name=pool_of[id(d)])
+        table.add_row(f"{fl.name}/{d['name']}", d["work_pool"].get("work_queue_name") or "default",
+                      ", ".join(f"{s['cron']} {s.get('timezone') or 'UTC'}" for s in d.get("schedules") or []) or "-")
+    console.print(table)
+    pools = " ".join(f"--pool {p}" for p in sorted(set(pool_of.values())))
+    console.print(f"outputs go to {os.environ['DETSTREAM_OUTPUT_DIR']}", soft_wrap=True)
+    console.print(f"start a worker where detstream is installed: prefect worker start {pools}", soft_wrap=True)

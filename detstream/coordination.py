@@ -733,6 +733,26 @@ class Coordinator:
             )
         return found
 
+    # ----------------------------------------------------------------- barriers
+    def arrive(self, sid: str, barrier: str, name: str) -> None:
+        """Mark ``name`` as arrived at a session barrier (not leased: it outlives a fast arriver)."""
+        key = self.session_key(sid, "barriers", _component(barrier, "barrier"), _component(name, "name"))
+        self._put(key, b"1")
+
+    def wait_barrier(self, sid: str, barrier: str, count: int, timeout_s: float) -> list[str]:
+        """Block until ``count`` names have arrived at the barrier; TimeoutError names who has."""
+        prefix = self.session_key(sid, "barriers", _component(barrier, "barrier")) + "/"
+
+        def enough(current: dict[str, bytes]) -> Optional[list[str]]:
+            return sorted(k[len(prefix):] for k in current) if len(current) >= count else None
+
+        found, current = self._wait_prefix(prefix, enough, timeout_s)
+        if found is None:
+            names = sorted(k[len(prefix):] for k in current)
+            raise TimeoutError(f"only {len(current)} of {count} arrived at barrier {barrier!r} of session "
+                               f"{sid} within {timeout_s:g} s (arrived: {', '.join(names) or 'none'})")
+        return found
+
     # ----------------------------------------------------------------- scan counts
     def set_expected(self, sid: str, scan: int, n: int) -> None:
         """Frames expected for a scan."""

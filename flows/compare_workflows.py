@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -35,6 +36,7 @@ def compare_workflows(
     etcd_url: P.EtcdUrl = None,
     etcd_prefix: P.EtcdPrefix = "/detstream",
     json_path: Annotated[Optional[str], Field(description="Also write the report here.")] = None,
+    keep_raw_files: Annotated[bool, Field(description="Keep the file path's raw files after each run (they are the size of the scan).")] = False,
 ) -> dict:
     """Time to counted result, throughput and stages of streaming vs file transfer, same scan."""
     logger = get_run_logger()
@@ -52,6 +54,9 @@ def compare_workflows(
                 logger.info("run %d %s: %.2f s to counted result", i, summary["workflow"],
                             summary["time_to_result_s"])
                 runs.append(summary)
+                if not keep_raw_files:
+                    shutil.rmtree(Path(output_dir).resolve() / summary["session_id"] / "transferred",
+                                  ignore_errors=True)
     report = compare.summarize(runs)
     first = {r["workflow"]: r["outputs"]["hdf5"] for r in reversed(runs)}
     identical, why = compare.same_events(first["streaming"], first["file-transfer"])

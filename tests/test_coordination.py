@@ -440,3 +440,26 @@ def test_embedded_etcd_does_not_outlive_its_parent(how, wait_until):
             import shutil
 
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_a_barrier_holds_until_everyone_arrived_even_if_some_left(coordinator):
+    """Arrivals are not leased, so a fast participant that has already gone still counts."""
+    import threading
+
+    from detstream.coordination import KeepAliveLease
+
+    results = []
+    t = threading.Thread(target=lambda: results.append(coordinator.wait_barrier("s1", "producers", 3, 10)),
+                         daemon=True)
+    t.start()
+    coordinator.arrive("s1", "producers", "a")
+    coordinator.arrive("s1", "producers", "b")
+    with KeepAliveLease(coordinator, ttl=2) as lease:
+        coordinator.register_service("s1", "producer", "c", {"pid": 1}, lease)
+    coordinator.arrive("s1", "producers", "c")
+    t.join(15)
+    assert results == [["a", "b", "c"]]
+    with pytest.raises(TimeoutError, match="only 3 of 4 arrived at barrier 'producers'.*a, b, c"):
+        coordinator.wait_barrier("s1", "producers", 4, 0.3)
+    coordinator.cleanup_session("s1")
+    assert not any(k.startswith("barriers/") for k in coordinator.session_keys("s1"))

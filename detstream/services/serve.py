@@ -126,7 +126,11 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
     with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
         coord.register_service(sid, "producer", name, _info(None, sector=sector, target=endpoint), lease)
         # Start together: a sector that starts late leaves every node holding partial frames.
-        coord.wait_for_services(sid, "producer", spec.profile.sectors, spec.register_timeout_s)
+        # Not the leased service keys: a fast sector may finish (and its key go) before a slow
+        # one looks. cleanup_session removes the barrier with the session.
+        coord.arrive(sid, "producers", name)
+        coord.wait_barrier(sid, "producers", spec.profile.sectors, spec.register_timeout_s)
+        log.info("sector %d: streaming %d frames to %s", sector, source.frames, endpoint)
         stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm,
                              should_stop=lambda: _stop_requested(coord, sid)() is not None)
         report = stats.as_dict()
