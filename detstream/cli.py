@@ -122,8 +122,10 @@ def count_files(session: str = _session_opt, etcd: str = _etcd_opt, prefix: str 
 
 
 def _prefect_defaults() -> None:
+    """No telemetry (sites are often offline); a patient wait for Prefect's temporary server."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 @app.command()

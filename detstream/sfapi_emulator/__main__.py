@@ -1,4 +1,4 @@
-"""``python -m detstream.sfapi_emulator --port P --client-id ID --public-key FILE``: serve the emulator."""
+"""``python -m detstream.sfapi_emulator --port P (--new-client KEY_FILE | --client-id ID --public-key FILE)``."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ def main(argv=None) -> int:
                                      description="Superfacility API emulator on loopback (offline runs).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8008)
-    parser.add_argument("--client-id", required=True, help="the SFAPI client id to accept")
-    parser.add_argument("--public-key", required=True, type=Path, help="PEM public key of that client")
+    parser.add_argument("--client-id", help="the SFAPI client id to accept")
+    parser.add_argument("--public-key", type=Path, help="PEM public key of that client")
+    parser.add_argument("--new-client", type=Path, metavar="KEY_FILE",
+                        help="make a client: write its key file (mode 600) here, accept it")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where job scripts and outputs go (default: a new temp dir)")
     parser.add_argument("--token-lifetime", type=float, default=600.0, help="access token lifetime, s")
@@ -27,10 +29,21 @@ def main(argv=None) -> int:
                         help="accept scripts without -C cpu|gpu and with unknown QOS")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    if args.new_client:
+        from .keys import generate_client_credentials
+
+        creds = generate_client_credentials()
+        creds.write_key_file(args.new_client)
+        args.client_id, public_pem = creds.client_id, creds.public_key_pem
+        print(f"new client {creds.client_id}: key file {args.new_client}", flush=True)
+    elif args.client_id and args.public_key:
+        public_pem = args.public_key.read_text()
+    else:
+        parser.error("give --client-id and --public-key, or --new-client KEY_FILE")
 
     state = EmulatorState(args.workdir, token_lifetime=args.token_lifetime, kill_grace=args.kill_grace,
                           check_perlmutter_options=not args.no_perlmutter_checks)
-    state.register_client(args.client_id, args.public_key.read_text())
+    state.register_client(args.client_id, public_pem)
     app = create_app(state)
     base = f"http://{args.host}:{args.port}"
     app.state.token_url = base + TOKEN_PATH
