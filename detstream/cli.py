@@ -148,6 +148,8 @@ def run(
     backend: str = typer.Option("local", help="local, or sfapi (NERSC Superfacility API)."),
     sfapi_url: Optional[str] = typer.Option(None, help="Superfacility API base URL (e.g. a local emulator)."),
     sfapi_key_file: Optional[Path] = typer.Option(None, help="sfapi_client key file (client id, then PEM; mode 600)."),
+    session_id: Optional[str] = typer.Option(None, help="Session id (default: generated)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output of this session id."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary here."),
 ):
     """Run a session (private etcd, local nodes, simulated camera by default)."""
@@ -168,7 +170,7 @@ def run(
     try:
         with console_progress(console):
             summary = flow_fn(
-                **extra, backend=backend,
+                **extra, backend=backend, session_id=session_id, overwrite=overwrite,
                 scan_width=w, scan_height=h, detector=detector, nodes=nodes,
                 workers_per_node=workers_per_node, source="replay" if replay else "simulated",
                 replay_dir=str(replay) if replay else None, seed=seed, output_dir=str(output),

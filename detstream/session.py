@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -92,11 +93,12 @@ class StreamingSession:
     job_poll_s = 2.0  # how often stream() asks the backend about the job
 
     def __init__(self, spec: SessionSpec, coordinator: Coordinator, backend: ComputeBackend,
-                 etcd_endpoint: str):
+                 etcd_endpoint: str, overwrite: bool = False):
         self.spec = spec
         self.coord = coordinator
         self.backend = backend
         self.etcd_endpoint = etcd_endpoint
+        self.overwrite = overwrite
         self.sid = spec.session_id
         self.lock_lease: Optional[KeepAliveLease] = None
         self.reservation: Optional[Reservation] = None
@@ -110,7 +112,10 @@ class StreamingSession:
     def open(self) -> None:
         """Validate, take the detector lock, record the spec; fails at once if the detector is busy."""
         validate_spec(self.spec)
-        self.spec = with_simulator_dark(self.spec)
+        out = self.spec.session_dir
+        if out.exists() and any(out.iterdir()) and not self.overwrite:
+            raise FileExistsError(f"session {self.sid} already has output in {out}; pass overwrite=True "
+                                  "(--overwrite) to replace it")
         self.lock_lease = KeepAliveLease(self.coord, ttl=LOCK_LEASE_TTL_S).__enter__()
         try:
             self.coord.lock_detector(self.spec.detector, self.sid, self.lock_lease)
@@ -119,6 +124,9 @@ class StreamingSession:
             self.lock_lease = None
             self.closed = True
             raise
+        if self.overwrite:
+            shutil.rmtree(out, ignore_errors=True)
+        self.spec = with_simulator_dark(self.spec)
         self.coord.put_spec(self.sid, json.loads(self.spec.model_dump_json()))
         self.coord.set_state(self.sid, "requested")
         self.coord.set_expected(self.sid, self.spec.scan_number, self.spec.frames_expected)

@@ -42,6 +42,7 @@ def file_transfer_session(
     register_timeout_s: P.Seconds = 60.0,
     stall_timeout_s: P.Seconds = 30.0,
     session_id: P.SessionId = None,
+    overwrite: P.Overwrite = False,
     keep_raw_files: Annotated[bool, Field(description="Keep the acquired files after a verified transfer.")] = False,
     fallback_reason: Annotated[Optional[str], Field(description="Set when a streaming session fell back to this flow.")] = None,
     fell_back_from: Annotated[Optional[str], Field(description="The streaming session that fell back.")] = None,
@@ -55,7 +56,7 @@ def file_transfer_session(
 
     def make(endpoint, coord):
         return FileTransferSession(spec, coord, P.make_backend(backend, spec.session_dir, sfapi),
-                                   endpoint, remove_source=not keep_raw_files)
+                                   endpoint, remove_source=not keep_raw_files, overwrite=overwrite)
 
     def steps(session):
         open_session(session)

@@ -48,6 +48,7 @@ def streaming_session(
     register_timeout_s: P.Seconds = 60.0,
     stall_timeout_s: P.Seconds = 30.0,
     session_id: P.SessionId = None,
+    overwrite: P.Overwrite = False,
 ) -> dict:
     """Stream one scan from the detector into the nodes' memory, count it, write the counted HDF5."""
     params = dict(locals())
@@ -56,7 +57,8 @@ def streaming_session(
                           spec.scan_width, spec.scan_height, spec.nodes, backend, spec.session_dir)
 
     def make(endpoint, coord):
-        return StreamingSession(spec, coord, P.make_backend(backend, spec.session_dir, sfapi), endpoint)
+        return StreamingSession(spec, coord, P.make_backend(backend, spec.session_dir, sfapi), endpoint,
+                                overwrite=overwrite)
 
     def steps(session):
         open_session(session)

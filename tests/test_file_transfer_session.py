@@ -86,3 +86,17 @@ def test_without_fallback_a_registration_timeout_fails_clearly(tmp_path, etcd_se
     with pytest.raises(Exception, match="distributors did not register"):
         streaming_session(**_params(tmp_path, etcd_server, scan_width=4, scan_height=4,
                                     register_timeout_s=0.001))
+
+
+def test_an_existing_output_is_not_overwritten_without_overwrite(tmp_path, etcd_server):
+    from detstream.flows import streaming_session
+
+    params = _params(tmp_path, etcd_server, scan_width=4, scan_height=3, session_id="again" + uuid.uuid4().hex[:6])
+    first = streaming_session(**params)
+    h5 = first["outputs"]["hdf5"]
+    before = open(h5, "rb").read()
+    with pytest.raises(FileExistsError, match=r"already has output in .*overwrite"):
+        streaming_session(**params)
+    assert open(h5, "rb").read() == before
+    again = streaming_session(**params, overwrite=True)
+    assert again["frames_received"] == 12 and again["outputs"]["hdf5"] == h5
