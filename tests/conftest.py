@@ -90,3 +90,35 @@ def no_stray_services():
     for p in left:
         p.kill()
     assert not left, f"processes left running: {[p.cmdline() for p in left]}"
+
+
+# --- a real Prefect server with detstream's deployments (tests/prefect_server.py) ---------------
+
+@pytest.fixture(scope="session")
+def prefect_deployments(tmp_path_factory):
+    """A real `prefect server start` (own PREFECT_HOME and SQLite database, telemetry off) with
+    detstream's deployments registered by `detstream deploy`; stopped at the end, also on failure.
+    ``.output`` is where the deployments write; ``.deploy_output`` what `detstream deploy` printed."""
+    from prefect_server import PrefectServer
+
+    base = tmp_path_factory.mktemp("prefect-deployments")
+    with PrefectServer(base / "server") as server:
+        server.output = base / "deployed-runs"
+        server.deploy_output = server.deploy(server.output)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def deployment_runs(prefect_deployments, tmp_path_factory):
+    """The streaming-session deployment (8x8 scan, output in tmp) and the nightly health check
+    (8x8), triggered together through the API and run by a process worker, stopped afterwards.
+    ``{"streaming": flow run, "nightly": flow run, "history": {...}, "output": Path}``."""
+    from prefect_server import NIGHTLY, STREAMING, run_deployments
+
+    out = tmp_path_factory.mktemp("triggered")
+    runs = run_deployments(prefect_deployments, {
+        "streaming": (STREAMING, {"scan_width": 8, "scan_height": 8, "output_dir": str(out)}),
+        "nightly": (NIGHTLY, {"scan_width": 8, "scan_height": 8}),
+    })
+    runs["output"] = out
+    return runs

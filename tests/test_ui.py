@@ -1,0 +1,170 @@
+"""The Prefect UI in a real browser: the streaming-session deployment's run form and a finished
+run's artifacts, on the server of tests/prefect_server.py. Headless Chromium (Debian's
+`chromium`) driven by Playwright; screenshots go to tests/artifacts/ui/."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from prefect_server import STREAMING
+
+pytestmark = pytest.mark.timeout(900)
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = Path(__file__).resolve().parent / "artifacts" / "ui"
+ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage"]
+# What a page shows when it failed (Prefect's own error texts); the page must show none.
+ERRORS = ["Something went wrong", "Can't connect to Server API", "Page not found", "Not Found",
+          "Oops", "Failed to", "Unable to"]
+FORM_PARAMETERS = ["scan_width", "scan_height", "detector", "nodes", "workers_per_node", "source",
+                   "output_dir", "backend", "fallback", "etcd_url", "stall_timeout_s"]
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """A fresh headless Chromium profile; every request off this machine is blocked and
+    recorded (telemetry must be off: the test fails if the UI tried to reach out)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent (Debian's chromium package; .ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    outside: list[str] = []
+    page_errors: list[str] = []
+
+    def route(r):
+        host = urlsplit(r.request.url).hostname
+        if host in ("127.0.0.1", "localhost"):
+            return r.continue_()
+        outside.append(r.request.url)
+        return r.abort()
+
+    with sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
+            args=ARGS, viewport={"width": 1400, "height": 1000})
+        try:
+            ctx.route("**/*", route)
+            page = ctx.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            yield page
+        finally:
+            ctx.close()
+    assert not page_errors, f"uncaught errors in the page: {page_errors}"
+    assert not outside, f"the UI tried to reach outside this machine: {sorted(set(outside))}"
+
+
+def _no_error_shown(page, what: str) -> str:
+    text = page.inner_text("body")
+    shown = [e for e in ERRORS if e.lower() in text.lower()]
+    assert not shown, f"{what} shows an error: {shown}\n{text[:2000]}"
+    return text
+
+
+def _shot(page, name: str, height: int | None = None) -> Path:
+    if height:
+        page.set_viewport_size({"width": 1400, "height": height})
+    page.wait_for_load_state("networkidle")
+    path = SHOTS / name
+    page.screenshot(path=str(path))
+    print(f"screenshot: {path}")
+    return path
+
+
+def _prop(page, name: str):
+    """The form field of parameter ``name`` (its label reads "name (Optional)")."""
+    return page.locator(".schema-form-property").filter(
+        has=page.locator(".schema-form-property__label", has_text=re.compile(rf"^{name} \(")))
+
+
+def test_run_form_lists_the_parameters_and_submits(prefect_deployments, deployment_runs, browser):
+    server, page = prefect_deployments, browser
+    with server.settings():
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(STREAMING)
+    page.goto(f"{server.url}/deployments/deployment/{dep.id}/run")
+    page.get_by_text("Parameters", exact=True).wait_for()
+    for name in FORM_PARAMETERS:
+        _prop(page, name).first.wait_for()
+    _shot(page, "deployment-run-form.png", height=3600)
+    text = _no_error_shown(page, "the run form")
+    missing = [n for n in FORM_PARAMETERS if not re.search(rf"^{n} \(", text, re.M)]
+    assert not missing, f"the form lacks {missing}"
+    for words in ("built-in profile", "saved DetectorProfile block", "Compute nodes (one distributor each).",
+                  "Where the nodes come from"):
+        assert words in text, f"the form lacks {words!r}"
+
+    # The form works: a 4x4 scan on the small test camera, picked from the detector's list.
+    for side in ("scan_width", "scan_height"):
+        _prop(page, side).locator("input[type=number]").fill("4")
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    detector = _prop(page, "detector")
+    detector.locator("button.p-select-button__control").focus()
+    page.keyboard.press(" ")  # opens the list (a synthetic click opens and closes it at once)
+    options = page.locator(".p-select-option[role=option]")
+    options.filter(has_text="testcam").first.wait_for()
+    assert {"4dcamera", "testcam"} <= {o.strip() for o in options.all_inner_texts()}
+    _shot(page, "deployment-run-form-detector-choices.png")
+    options.filter(has_text="testcam").first.click()
+    assert detector.locator(".p-select-button__value").inner_text().strip() == "testcam"
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_url(re.compile(rf".*/deployments/deployment/{dep.id}(\?.*)?$"))  # back to the deployment
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect_server import wait_for
+
+    def submitted():
+        with server.settings(), get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+        return [r for r in runs if r.parameters.get("scan_width") == 4]
+
+    run = wait_for(submitted, 30, "the flow run submitted from the form")[0]
+    with server.settings(), get_client(sync_client=True) as client:
+        client.delete_flow_run(run.id)  # no worker runs it; it is not wanted after this test
+    assert (run.parameters["scan_width"], run.parameters["scan_height"], run.parameters["detector"]) == (4, 4, "testcam")
+    assert run.parameters["output_dir"] == dep.parameters["output_dir"]  # the deployment's defaults came along
+
+
+def test_finished_run_shows_its_artifacts(prefect_deployments, deployment_runs, browser):
+    server, page = prefect_deployments, browser
+    run = deployment_runs["streaming"]
+    assert run.state.is_completed()
+    page.goto(f"{server.url}/runs/flow-run/{run.id}")
+    page.get_by_text("Completed", exact=True).first.wait_for()
+    page.get_by_text("Artifacts", exact=True).first.click()
+    for prefix in ("summary-", "report-", "scan-progress-", "bright-field-"):
+        page.get_by_text(re.compile(rf"^{prefix}[0-9a-z-]+$")).first.wait_for()
+    _shot(page, "flow-run-artifacts.png", height=1400)
+    _no_error_shown(page, "the run's artifacts tab")
+
+    with server.settings():
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    arts = {kind: next(a for a in found if a.key.startswith(f"{kind}-")) for kind in ("bright-field", "summary")}
+    # The image, drawn by the browser (decoded, with a size), and the summary table.
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.goto(f"{server.url}/artifacts/artifact/{arts['bright-field'].id}")
+    img = page.locator("img[src^='data:image/png;base64,']").first
+    img.wait_for()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=img.element_handle())
+    assert img.evaluate("img => img.naturalWidth") >= 384
+    _shot(page, "bright-field-artifact.png")
+    _no_error_shown(page, "the bright-field artifact")
+
+    page.goto(f"{server.url}/artifacts/artifact/{arts['summary'].id}")
+    page.get_by_text("frames_received", exact=True).wait_for()
+    _shot(page, "summary-table-artifact.png")
+    _no_error_shown(page, "the summary table artifact")
