@@ -32,6 +32,22 @@ def _artifacts(server, flow_run_id) -> dict:
     return {a.key: a for a in arts}
 
 
+def test_every_parameter_of_every_flow_is_described_for_the_form():
+    """The schema `detstream deploy` registers: a description on every parameter, the detector
+    a list of built-in profiles or any block name, the scan two integers (or None for replay)."""
+    from detstream.flows import _params as P
+    from detstream.flows import compare_workflows, file_transfer_session, streaming_session
+
+    for fl in (streaming_session, file_transfer_session, compare_workflows):
+        props = P.parameter_schema(fl).properties
+        assert [k for k, v in props.items() if not v.get("description")] == [], fl.name
+        assert [m.get("title") for m in props["detector"]["anyOf"]] == ["built-in profile", "saved DetectorProfile block"]
+        assert [m["type"] for m in props["scan_width"]["anyOf"]] == ["integer", "null"]
+    # Code still passes any saved block's name, and None for a replay's scan size.
+    params = streaming_session.validate_parameters({"detector": "my-saved-camera", "scan_width": None})
+    assert params["detector"] == "my-saved-camera" and params["scan_width"] is None
+
+
 def test_deploy_registers_the_deployments(prefect_deployments):
     server = prefect_deployments
     assert "streaming-session/4dcamera" in server.deploy_output

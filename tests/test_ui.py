@@ -12,9 +12,9 @@ import pytest
 
 from prefect_server import STREAMING
 
-pytestmark = pytest.mark.timeout(900)
-
 CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = [pytest.mark.timeout(900), pytest.mark.skipif(
+    not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (Debian's chromium package; .ci/run installs it)")]
 SHOTS = Path(__file__).resolve().parent / "artifacts" / "ui"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -31,8 +31,6 @@ TIMEOUT_MS = 60_000
 def browser(tmp_path):
     """A fresh headless Chromium profile; every request off this machine is blocked and
     recorded (telemetry must be off: the test fails if the UI tried to reach out)."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent (Debian's chromium package; .ci/run installs it)")
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
