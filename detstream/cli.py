@@ -352,6 +352,12 @@ def deploy(
 
     console = Console(stderr=True)
     _prefect_defaults()
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        console.print("[bold red]no Prefect server:[/] set PREFECT_API_URL, e.g. "
+                      "http://127.0.0.1:4200/api (deployments on a temporary server would vanish)")
+        raise typer.Exit(2)
     path = _deployments_file(file)
     config = _load_deployments(path, output)
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
