@@ -413,12 +413,14 @@ def test_embedded_etcd_does_not_outlive_its_parent(how, wait_until):
         from detstream.etcd_server import EmbeddedEtcd
         etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
         print(etcd.pid, etcd.data_dir, flush=True)
+        sys.stdin.readline()  # the test has seen etcd alive
         if sys.argv[1] == "sigkill":
             threading.Event().wait()
         """
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, how], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", script, how], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True
     )
     etcd_pid = None
     data_dir = None
@@ -426,6 +428,8 @@ def test_embedded_etcd_does_not_outlive_its_parent(how, wait_until):
         pid_text, data_text = _readline(proc, 60).split(maxsplit=1)
         etcd_pid, data_dir = int(pid_text), Path(data_text)
         assert _alive(etcd_pid)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
         if how == "sigkill":
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
