@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import h5py
 import numpy as np
+from .storage import fsync_dir, fsync_file
 
 STEMPY_FORMAT_VERSION = 3
 PART_FORMAT_VERSION = 1
@@ -94,23 +95,6 @@ def _io_error(exc: BaseException, path: Path, doing: str = "writing") -> OSError
     return OSError(code, msg) if code else OSError(msg)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with suppress(OSError):  # not every filesystem lets a directory be fsynced
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _refuse(path: Path) -> FileExistsError:
     return FileExistsError(
         errno_mod.EEXIST, f"{path} already exists; pass overwrite=True to replace it"
@@ -133,12 +117,12 @@ class _AtomicFile:
     def commit(self) -> None:
         """Flush the temp file to disk and rename it into place (no-clobber unless overwrite)."""
         try:
-            _fsync_file(self.tmp)
+            fsync_file(self.tmp)
             if self.overwrite:
                 os.replace(self.tmp, self.path)
             else:
                 self._link_into_place()
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except FileExistsError:
             self.discard()
             raise _refuse(self.path) from None

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
+from .storage import fsync_dir
 
 log = logging.getLogger("detstream.transfer")
 
@@ -234,15 +235,6 @@ def cached_pages(path: PathLike) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 # Local copy
 # --------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    with suppress(OSError):  # not every filesystem lets a directory be fsynced
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _why(e: OSError) -> str:
@@ -465,7 +457,7 @@ class LocalCopyTransfer(Transfer):
             raise TransferError(f"renaming the verified copy into {dest} failed: {_why(e)}",
                                 dest) from e
         if self.fsync:
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
 
     # -- the transfer ------------------------------------------------------------------------
 
@@ -563,7 +555,7 @@ class LocalCopyTransfer(Transfer):
                     raise TransferError(f"{src} was copied and verified to {dest}, but removing "
                                         f"the source failed: {_why(e)}", src, attempt) from e
                 if self.fsync:
-                    _fsync_dir(src.parent)
+                    fsync_dir(src.parent)
                 removed = True
             return FileTransfer(src.name, str(src), str(dest), nbytes,
                                 f"{self.algorithm}:{src_digest}", attempt,

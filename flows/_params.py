@@ -10,7 +10,7 @@ union renders as a toggle labelled by each member's ``title``, so the members ca
 from __future__ import annotations
 
 import typing
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import Field, WithJsonSchema
 from pydantic.fields import FieldInfo

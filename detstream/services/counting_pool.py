@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import resource
 import struct
 import tempfile
 import time
@@ -21,6 +20,7 @@ from typing import Optional
 import numpy as np
 import zmq
 
+from ..memory import peak_rss_mib
 from ..config import CountingParams
 from ..profile import DetectorProfile
 
@@ -53,10 +53,6 @@ def build_counter(profile: DetectorProfile, counting: CountingParams):
     )
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _worker_main(shm_name: str, slots: int, profile_json: str, counting_json: str,
                  task_ep: str, result_ep: str, parent_pid: int) -> None:
     profile = DetectorProfile.model_validate_json(profile_json)
@@ -79,7 +75,7 @@ def _worker_main(shm_name: str, slots: int, profile_json: str, counting_json: st
                 continue
             msg = tasks.recv()
             if msg == _STOP:
-                results.send_multipart([b"bye", struct.pack("<d", _peak_rss_mib())])
+                results.send_multipart([b"bye", struct.pack("<d", peak_rss_mib())])
                 return
             slot, position = _TASK.unpack(msg)
             t0 = time.perf_counter()

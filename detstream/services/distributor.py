@@ -10,16 +10,15 @@ the stream stalls, or when told to stop; frames it never completed are listed, n
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import zmq
 
+from ..memory import peak_rss_mib
 from ..config import CountingParams
 from ..profile import DetectorProfile
 from ..wire import Kind, MalformedMessage
@@ -236,5 +235,5 @@ class Distributor:
     def close(self) -> None:
         self.pool.close()
         self.result.worker_peak_rss_mib = self.pool.worker_peak_rss_mib
-        self.result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        self.result.peak_rss_mib = peak_rss_mib()
         self.inbound.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
+from ..memory import peak_rss_mib
 from ..config import SessionSpec
 from ..sources.rawv5 import FILE_RE, RAW_HEADER, RAW_HEADER_SIZE, ReplayError, ReplaySource
 from ..transfer import evict, storage_read_bytes
@@ -197,7 +197,7 @@ def count_files(spec: SessionSpec, data_dir: Union[str, Path], node_index: int, 
     if spec.counting.enabled and result.frames_counted != result.frames_received:
         log.error("node %d: %d frames read but %d counted", node_index, result.frames_received,
                   result.frames_counted)
-    result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    result.peak_rss_mib = peak_rss_mib()
     result.finished_at = time.time()
     log.info("node %d counted %d/%d frames from %s (%s): %d events", node_index,
              result.frames_counted, result.frames_expected, data_dir, result.finish_reason,
@@ -275,8 +275,8 @@ def serve_file_counter(coord, sid: str, node_index: int,
     streaming node: spec from etcd, registered (leased) as role ``file-counter``, received
     counts kept up to date, report written as ``services/distributor-node-<i>.json``."""
     from ..coordination import KeepAliveLease
-    from .serve import (SERVICE_LEASE_TTL_S, _info, _report_path, _stop_requested,
-                        _write_report)
+    from .serve import (SERVICE_LEASE_TTL_S, service_info, report_path, stop_requested,
+                        write_report)
 
     spec = SessionSpec.model_validate(coord.get_spec(sid))
     if not 0 <= node_index < spec.nodes:
@@ -286,14 +286,14 @@ def serve_file_counter(coord, sid: str, node_index: int,
     part_path = spec.session_dir / "parts" / f"{name}.h5"
     with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
         coord.register_service(sid, ROLE, name,
-                               _info(None, node_index=node_index, data_dir=str(data_dir)), lease)
+                               service_info(None, node_index=node_index, data_dir=str(data_dir)), lease)
         result = count_files(
             spec, data_dir, node_index, spec.nodes, part_path,
-            should_stop=_stop_requested(coord, sid),
+            should_stop=stop_requested(coord, sid),
             on_progress=lambda r: coord.set_received(sid, spec.scan_number, name,
                                                      r.frames_received))
         coord.set_received(sid, spec.scan_number, name, result.frames_received)
         report = result.as_dict()
         # Named as a distributor's report so results.collect() reads both workflows alike.
-        _write_report(_report_path(spec, "distributor", name), report)
+        write_report(report_path(spec, "distributor", name), report)
         return report

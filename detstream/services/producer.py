@@ -41,11 +41,12 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                  ctx: Optional[zmq.Context] = None, tee=None,
                  on_progress: Optional[Callable[[int], None]] = None,
                  should_stop: Optional[Callable[[], bool]] = None,
-                 linger_s: float = 600.0) -> ProducerStats:
+                 linger_s: float = 600.0, stop_check_s: float = 0.5) -> ProducerStats:
     """Stream ``source``'s sector ``sector`` to the aggregator at ``endpoint``.
 
     ``tee``, if given, receives ``write(meta, block)`` for every block (the file path's writer).
-    ``should_stop`` is checked between blocks; when it returns True the END marker still goes out.
+    ``should_stop`` is checked between blocks, at most every ``stop_check_s``; when it returns
+    True the END marker still goes out.
     """
     own_ctx = ctx is None
     ctx = ctx or zmq.Context()
@@ -54,11 +55,14 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
     sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
     sock.connect(endpoint)
     stats = ProducerStats(sector=sector)
+    next_check = 0.0
     try:
         for seq, (meta, block) in enumerate(source.iter_sector(sector)):
-            if should_stop is not None and seq % 64 == 0 and should_stop():
-                log.warning("stop requested after %d blocks of sector %d", seq, sector)
-                break
+            if should_stop is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + stop_check_s  # an etcd read: not for every block
+                if should_stop():
+                    log.warning("stop requested after %d blocks of sector %d", seq, sector)
+                    break
             header = wire.data_header(sector, meta.scan_number, meta.frame_number, meta.scan_width,
                                       meta.scan_height, meta.x, meta.y, seq)
             if stats.first_send is None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import socket
 from pathlib import Path
 from typing import Optional
 
+from ..memory import peak_rss_mib
 from ..config import SessionSpec
 from ..sources import source_for_spec
 from ..coordination import Coordinator, KeepAliveLease
@@ -27,28 +27,28 @@ STOP_STATES = {"cancelled", "failed"}
 SERVICE_LEASE_TTL_S = 5
 
 
-def _report_path(spec: SessionSpec, role: str, name: str) -> Path:
+def report_path(spec: SessionSpec, role: str, name: str) -> Path:
     path = spec.session_dir / "services" / f"{role}-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _write_report(path: Path, report: dict) -> None:
+def write_report(path: Path, report: dict) -> None:
     report = {**report, "peak_rss_mib": max(report.get("peak_rss_mib") or 0.0,
-                                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)}
+                                            peak_rss_mib())}
     tmp = path.with_suffix(".json.partial")
     tmp.write_text(json.dumps(report, indent=2, default=str))
     os.replace(tmp, path)
 
 
-def _stop_requested(coord: Coordinator, sid: str):
+def stop_requested(coord: Coordinator, sid: str):
     def check() -> Optional[str]:
         state = coord.get_state(sid)
         return f"session {state}" if state in STOP_STATES else None
     return check
 
 
-def _info(endpoint: Optional[str], **extra) -> dict:
+def service_info(endpoint: Optional[str], **extra) -> dict:
     return {"endpoint": endpoint, "pid": os.getpid(), "host": socket.gethostname(), **extra}
 
 
@@ -73,9 +73,9 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
         endpoint = endpoint.replace(bind_host, advertise_host, 1)
     try:
         with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
-            coord.register_service(sid, "distributor", name, _info(endpoint, node_index=node_index), lease)
+            coord.register_service(sid, "distributor", name, service_info(endpoint, node_index=node_index), lease)
             result = dist.run(
-                should_stop=_stop_requested(coord, sid),
+                should_stop=stop_requested(coord, sid),
                 on_progress=lambda r: coord.set_received(sid, spec.scan_number, name, r.frames_received))
             dist.close()
             if writer is not None:
@@ -83,7 +83,7 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
                 result.part_path = str(part_path)
             report = result.as_dict()
             coord.set_received(sid, spec.scan_number, name, result.frames_received)
-            _write_report(_report_path(spec, "distributor", name), report)
+            write_report(report_path(spec, "distributor", name), report)
             log.info("node %d done (%s): %d/%d frames, %d events", node_index, result.finish_reason,
                      result.frames_received, result.frames_expected, result.events)
             return report
@@ -105,10 +105,10 @@ def serve_aggregator(coord: Coordinator, sid: str, bind_host: str = "127.0.0.1",
         endpoint = endpoint.replace(bind_host, advertise_host, 1)
     try:
         with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
-            coord.register_service(sid, "aggregator", "0", _info(endpoint), lease)
-            stats = agg.run(should_stop=_stop_requested(coord, sid), stall_timeout_s=spec.stall_timeout_s)
+            coord.register_service(sid, "aggregator", "0", service_info(endpoint), lease)
+            stats = agg.run(should_stop=stop_requested(coord, sid), stall_timeout_s=spec.stall_timeout_s)
             report = stats.as_dict()
-            _write_report(_report_path(spec, "aggregator", "0"), report)
+            write_report(report_path(spec, "aggregator", "0"), report)
             return report
     finally:
         agg.close()
@@ -124,7 +124,7 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
     endpoint = next(iter(agg.values()))["endpoint"]
     name = f"sector-{sector}"
     with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
-        coord.register_service(sid, "producer", name, _info(None, sector=sector, target=endpoint), lease)
+        coord.register_service(sid, "producer", name, service_info(None, sector=sector, target=endpoint), lease)
         # Start together: a sector that starts late leaves every node holding partial frames.
         # Not the leased service keys: a fast sector may finish (and its key go) before a slow
         # one looks. cleanup_session removes the barrier with the session.
@@ -132,9 +132,9 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
         coord.wait_barrier(sid, "producers", spec.profile.sectors, spec.register_timeout_s)
         log.info("sector %d: streaming %d frames to %s", sector, source.frames, endpoint)
         stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm,
-                             should_stop=lambda: _stop_requested(coord, sid)() is not None)
+                             should_stop=lambda: stop_requested(coord, sid)() is not None)
         report = stats.as_dict()
-        _write_report(_report_path(spec, "producer", name), report)
+        write_report(report_path(spec, "producer", name), report)
         return report
 
 
@@ -151,8 +151,8 @@ def serve_acquire(coord: Coordinator, sid: str, sector: int, directory: Path) ->
     name = f"sector-{sector}"
     stats = {"sector": sector, "frames_sent": 0, "bytes_sent": 0, "first_send": None, "last_send": None}
     with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
-        coord.register_service(sid, "producer", name, _info(None, sector=sector, target=str(directory)), lease)
-        stop = _stop_requested(coord, sid)
+        coord.register_service(sid, "producer", name, service_info(None, sector=sector, target=str(directory)), lease)
+        stop = stop_requested(coord, sid)
         writer = SectorFileWriter(spec.profile, directory, source.scan_number, sector, fsync=True, evict=True)
         try:
             import time
@@ -169,5 +169,5 @@ def serve_acquire(coord: Coordinator, sid: str, sector: int, directory: Path) ->
         stats["last_send"] = time.time()
         stats["seconds"] = stats["last_send"] - stats["first_send"]
         stats["path"] = str(path)
-        _write_report(_report_path(spec, "producer", name), stats)
+        write_report(report_path(spec, "producer", name), stats)
         return stats

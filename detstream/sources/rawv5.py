@@ -20,6 +20,7 @@ from typing import Iterator, NamedTuple, Optional, Union
 import numpy as np
 
 from ..profile import DetectorProfile
+from ..storage import fsync_dir
 
 RAW_HEADER = struct.Struct("<IIHHHH")
 RAW_HEADER_SIZE = RAW_HEADER.size  # 16
@@ -80,15 +81,6 @@ def record_size(profile: DetectorProfile) -> int:
     return RAW_HEADER_SIZE + profile.sector_nbytes
 
 
-def _sync_directory(directory: Path) -> None:
-    """fsync a directory so newly created entries survive a crash."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class SectorFileWriter:
     """Append records to one sector's raw v5 file as data arrives; ``close`` makes it durable.
 
@@ -142,7 +134,7 @@ class SectorFileWriter:
         finally:
             f.close()
         if self.fsync:
-            _sync_directory(self.path.parent)
+            fsync_dir(self.path.parent)
         return self.path
 
     def __enter__(self) -> "SectorFileWriter":
