@@ -44,6 +44,8 @@ BENCHMARKS: list[Benchmark] = [
               "end-to-end throughput, counting off, vs a raw single pyzmq hop"),
     Benchmark("memory", "bench_memory", (), ("--scans", "8x8,16x16"),
               "peak RSS per service, small vs large scan, counting on"),
+    Benchmark("compare", "bench_compare", (), ("--scans", "8x8", "--repeat", "1"),
+              "streaming vs file transfer, time to counted result (64x64 and 128x128, 3 runs each)"),
 ]
 
 
@@ -163,10 +165,26 @@ def _fmt_memory(r: dict) -> tuple[str, str]:
     return head, md
 
 
+def _fmt_compare(r: dict) -> tuple[str, str]:
+    rows = ["| scan | raw GB | streaming s, median (min-max, sd) | file transfer s, median (min-max, sd) | ratio | identical events |",
+            "|---|---|---|---|---|---|"]
+    heads = []
+    for scan, e in r["scans"].items():
+        s, f = e["streaming"]["time_to_result_s"], e["file-transfer"]["time_to_result_s"]
+        cell = lambda t: f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}, {t['stdev']:.1f})"
+        rows.append(f"| {scan} | {e['raw_gb']:.1f} | {cell(s)} | {cell(f)} | {e['speedup_median']:.1f}x | "
+                    f"{e['identical_events']} |")
+        heads.append(f"{scan} {e['speedup_median']:.1f}x")
+    md = (f"Time from the first frame produced to the counted HDF5 closed, {r['repeat']} runs of each "
+          f"workflow alternating, {r['nodes']} nodes.\n\n" + "\n".join(rows))
+    return "streaming vs file: " + ", ".join(heads), md
+
+
 FORMATTERS: dict[str, Callable[[dict], tuple[str, str]]] = {
     "counting": _fmt_counting,
     "pipeline": _fmt_pipeline,
     "memory": _fmt_memory,
+    "compare": _fmt_compare,
 }
 
 
