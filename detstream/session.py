@@ -164,18 +164,30 @@ class StreamingSession:
         """Wait for every node's distributor, then start the aggregator and the producers."""
         self.coord.set_state(self.sid, "starting")
         t0 = time.time()
-        try:
-            nodes = self.coord.wait_for_services(self.sid, "distributor", self.spec.nodes,
-                                                 self.spec.register_timeout_s)
-        except TimeoutError as err:
-            raise SessionError(f"distributors did not register: {err}",
-                               fallback_reason=f"registration: {err}") from err
+        nodes = self._await_nodes(self.spec.register_timeout_s)
         self.timings["register_s"] = time.time() - t0
         self.aggregator = self._start_local("aggregator", "0")
         self.coord.wait_for_services(self.sid, "aggregator", 1, self.spec.register_timeout_s)
         self.producers = [self._start_local("producer", str(s), "--sector", str(s))
                           for s in range(self.spec.profile.sectors)]
         return nodes
+
+    def _await_nodes(self, timeout_s: float) -> dict:
+        """Wait for every node's service to register; give up early if the job has ended."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.coord.wait_for_services(self.sid, "distributor", self.spec.nodes,
+                                                    min(2.0, max(0.0, deadline - time.monotonic())))
+            except TimeoutError as err:
+                job = self.backend.poll(self.reservation) if self.reservation is not None else None
+                if job is not None and job.state in (JobState.FAILED, JobState.COMPLETED, JobState.CANCELLED):
+                    msg = (f"distributors did not register: job {job.job_id} ended ({job.state.value}) "
+                           f"first; see {self.spec.session_dir / 'logs'}")
+                    raise SessionError(msg, fallback_reason=f"registration: {msg}") from err
+                if time.monotonic() >= deadline:
+                    raise SessionError(f"distributors did not register: {err}",
+                                       fallback_reason=f"registration: {err}") from err
 
     def progress(self) -> Progress:
         per_node = self.coord.received(self.sid, self.spec.scan_number)

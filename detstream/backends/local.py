@@ -46,7 +46,9 @@ class LocalBackend(ComputeBackend):
         codes = [p.poll() for p in procs]
         if reservation.state is JobState.CANCELLED:
             return reservation
-        if any(c is None for c in codes):
+        if any(c not in (None, 0) for c in codes):
+            state = JobState.FAILED  # one node's service died: the job is broken, as srun would say
+        elif any(c is None for c in codes):
             state = JobState.RUNNING
         elif all(c == 0 for c in codes):
             state = JobState.COMPLETED
