@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from typing import Callable, Optional, TypeVar
 
@@ -15,6 +14,7 @@ os.environ["DO_NOT_TRACK"] = "1"
 
 from detstream.coordination import Coordinator  # noqa: E402
 from detstream.etcd_server import EmbeddedEtcd  # noqa: E402
+from detstream.processes import wait_until as _wait_until  # noqa: E402
 
 T = TypeVar("T")
 
@@ -22,15 +22,11 @@ T = TypeVar("T")
 def wait_until(
     predicate: Callable[[], Optional[T]], timeout_s: float = 10.0, interval_s: float = 0.05, what: str = "condition"
 ) -> T:
-    """Call `predicate` on a short interval until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)
+    """detstream.processes.wait_until, failing the test (not erroring) at the deadline."""
+    try:
+        return _wait_until(predicate, timeout_s, interval_s, what)
+    except TimeoutError as err:
+        pytest.fail(str(err))
 
 
 @pytest.fixture(name="wait_until")

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 
 import psutil
@@ -20,6 +19,7 @@ from detstream.backends.jobscript import NerscJobSettings, render_for_cli, rende
 from detstream.backends.sfapi import (SfapiAuthError, SfapiBackend, SfapiSettings, SfapiUnavailableError,
                                       cancel_sfapi_job, expand_nodelist)
 from detstream.sfapi_emulator import EmulatorServer, generate_client_credentials
+from conftest import wait_until
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no internet here; blocks import Prefect
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -39,18 +39,6 @@ FAKE_DISTRIBUTOR = textwrap.dedent("""
     while True:
         signal.pause()
 """)
-
-
-def wait_until(predicate, timeout_s=10.0, interval_s=0.05, what="condition"):
-    """Call ``predicate`` on a short interval until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 def alive(pid: int) -> bool:
