@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import httpx
 import psutil
@@ -23,20 +22,14 @@ from sfapi_client.jobs import JobState
 from detstream.sfapi_emulator import EmulatorServer, generate_client_credentials
 from detstream.sfapi_emulator.jobs import format_duration, parse_sbatch_options, parse_time_limit
 from detstream.sfapi_emulator.srun import expand_nodelist, parse_args, plan_tasks
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def wait_for(predicate, timeout=20.0, interval=0.05, what="condition"):
-    """Poll ``predicate`` until it is truthy or the deadline passes (then fail)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    """conftest's wait_until with this module's argument names."""
+    return wait_until(predicate, timeout_s=timeout, interval_s=interval, what=what)
 
 
 def alive(pid: int) -> bool:
