@@ -185,7 +185,8 @@ class CountingPool:
             self.free.append(slot)
             self.in_flight -= 1
             self.counting_seconds += seconds
-            out.append((position, np.frombuffer(payload.buffer, dtype=np.uint32).copy()))
+            # A view: it keeps the received message alive; the part writer copies what it keeps.
+            out.append((position, np.frombuffer(payload.buffer, dtype=np.uint32)))
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the workers (collecting their peak RSS) and free the shared memory."""
