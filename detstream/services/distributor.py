@@ -73,7 +73,9 @@ class Distributor:
         self.validator = MessageValidator(profile, scan_width, scan_height)
         self.rejects = RejectLog(log)
         self.part_writer = part_writer
-        self.max_partial = max_partial_frames
+        # Producers may run up to their queues' depth (send + receive HWM, and socket buffers)
+        # apart; below a few times that, frames still being completed would be evicted.
+        self.max_partial = max(max_partial_frames, 4 * hwm)
         self.stall_timeout_s = stall_timeout_s
         # Workers are spawned before this process's sockets exist.
         self.pool = CountingPool(profile, counting, workers)
