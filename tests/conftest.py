@@ -118,3 +118,14 @@ def deployment_runs(prefect_deployments, tmp_path_factory):
     })
     runs["output"] = out
     return runs
+
+
+@pytest.fixture
+def emu(tmp_path):
+    """A Superfacility API emulator on loopback; its job processes are checked gone after the test."""
+    from detstream.sfapi_emulator import EmulatorServer
+
+    with EmulatorServer(workdir=tmp_path / "emu", kill_grace=1.0) as server:
+        yield server
+    leftovers = {j.jobid: server.app_state.runner.live_pids(j.jobid) for j in server.app_state.runner.jobs()}
+    assert not any(leftovers.values()), f"job processes survived the emulator: {leftovers}"

@@ -187,7 +187,6 @@ def test_flow_from_a_script_and_from_async_code(prefect_deployments, etcd_server
     call runs synchronously (it would block the loop), ``await asyncio.to_thread(...)`` runs the
     session while the loop goes on. (Plain calls are what the other flow tests make.)"""
     import json
-    import subprocess
     import sys
 
     from prefect_server import start, stop_tree, tail, wait_for

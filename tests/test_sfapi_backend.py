@@ -18,7 +18,7 @@ from detstream.backends.base import DistributorLaunch, JobState, Reservation, Re
 from detstream.backends.jobscript import NerscJobSettings, render_for_cli, render_job_script
 from detstream.backends.sfapi import (SfapiAuthError, SfapiBackend, SfapiSettings, SfapiUnavailableError,
                                       cancel_sfapi_job, expand_nodelist)
-from detstream.sfapi_emulator import EmulatorServer, generate_client_credentials
+from detstream.sfapi_emulator import generate_client_credentials
 from conftest import wait_until
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no internet here; blocks import Prefect
@@ -46,15 +46,6 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-@pytest.fixture
-def emu(tmp_path):
-    """An emulator whose job processes are all checked gone after the test (stopped even on failure)."""
-    with EmulatorServer(workdir=tmp_path / "emu", kill_grace=1.0) as server:
-        yield server
-    leftovers = {j.jobid: server.app_state.runner.live_pids(j.jobid) for j in server.app_state.runner.jobs()}
-    assert not any(leftovers.values()), f"job processes survived the emulator: {leftovers}"
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from sfapi_client import Client, SfApiError
 from sfapi_client.compute import Machine
 from sfapi_client.jobs import JobState
 
-from detstream.sfapi_emulator import EmulatorServer, generate_client_credentials
+from detstream.sfapi_emulator import generate_client_credentials
 from detstream.sfapi_emulator.jobs import format_duration, parse_sbatch_options, parse_time_limit
 from detstream.sfapi_emulator.srun import expand_nodelist, parse_args, plan_tasks
 from conftest import wait_until
@@ -43,15 +43,6 @@ def script(body: str, *directives: str) -> str:
     """A Perlmutter-valid batch script with extra #SBATCH directives."""
     head = ["#!/bin/bash", "#SBATCH -C cpu", "#SBATCH -q realtime", "#SBATCH -A m0001", *directives]
     return "\n".join(head) + "\n" + textwrap.dedent(body).lstrip("\n")
-
-
-@pytest.fixture
-def emu(tmp_path):
-    """An emulator whose job processes are all checked gone after the test."""
-    with EmulatorServer(workdir=tmp_path / "emu", kill_grace=1.0) as server:
-        yield server
-    leftovers = {j.jobid: server.app_state.runner.live_pids(j.jobid) for j in server.app_state.runner.jobs()}
-    assert not any(leftovers.values()), f"job processes survived the emulator: {leftovers}"
 
 
 @pytest.fixture
