@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-fast bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ run: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit tests only (no whole sessions, no browser, no faults): under a minute.
+test-fast: install
+	$(PY) -m pytest -m unit -q $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/run_all.py

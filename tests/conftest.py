@@ -18,6 +18,18 @@ from detstream.processes import wait_until as _wait_until  # noqa: E402
 
 T = TypeVar("T")
 
+KINDS = ("unit", "e2e", "ui", "chaos")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test has one kind: modules under tests/flows/ are ``e2e`` unless marked otherwise,
+    and a test with no kind marker is ``unit`` (``make test-fast`` runs only those)."""
+    for item in items:
+        if any(item.get_closest_marker(k) for k in KINDS):
+            continue
+        in_flows = "flows" in item.path.relative_to(config.rootpath / "tests").parts[:-1]
+        item.add_marker("e2e" if in_flows else "unit")
+
 
 def wait_until(
     predicate: Callable[[], Optional[T]], timeout_s: float = 10.0, interval_s: float = 0.05, what: str = "condition"

@@ -9,6 +9,7 @@ import pytest
 import stempy.io
 
 from detstream.coordination import Coordinator
+from detstream.session import SessionError
 from detstream.profile import get_profile
 from detstream.sources import Simulator
 
@@ -83,7 +84,7 @@ def test_registration_timeout_falls_back_to_file_transfer(tmp_path, etcd_server)
 def test_without_fallback_a_registration_timeout_fails_clearly(tmp_path, etcd_server):
     from detstream.flows import streaming_session
 
-    with pytest.raises(Exception, match="distributors did not register"):
+    with pytest.raises(SessionError, match="distributors did not register"):
         streaming_session(**_params(tmp_path, etcd_server, scan_width=4, scan_height=4,
                                     register_timeout_s=0.001))
 

@@ -9,6 +9,7 @@ import pytest
 import stempy.io
 
 from detstream.coordination import Coordinator
+from detstream.session import SessionCancelled, SessionError
 from detstream.sfapi_emulator import EmulatorServer, generate_client_credentials
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "no_stray_services")
@@ -72,7 +73,7 @@ def test_an_outage_refuses_clearly_and_submits_nothing(tmp_path, etcd_server, em
     from detstream.flows import streaming_session
 
     emulator.app_state.set_machine_status("perlmutter", "unavailable", notes=["scheduled maintenance"])
-    with pytest.raises(Exception, match="perlmutter is unavailable.*maintenance"):
+    with pytest.raises(SessionError, match="perlmutter is unavailable.*maintenance"):
         streaming_session(**_params(tmp_path, etcd_server, emulator))
     assert emulator.app_state.count_requests("POST", "compute/jobs") == 0
     assert _jobs(emulator) == []
@@ -97,7 +98,7 @@ def test_bad_credentials_name_the_client_id(tmp_path, etcd_server, emulator):
 
     impostor = generate_client_credentials(client_id=emulator.client_id)  # same id, unregistered key
     params = _params(tmp_path, etcd_server, emulator, sfapi=_sfapi(emulator, tmp_path, impostor))
-    with pytest.raises(Exception) as info:
+    with pytest.raises(SessionError) as info:
         streaming_session(**params)
     assert emulator.client_id in str(info.value) and "rejected" in str(info.value)
     assert _jobs(emulator) == []
@@ -121,7 +122,7 @@ def test_cancelling_the_flow_run_cancels_the_job(tmp_path, etcd_server, emulator
             asked.append(True)
     progress.LISTENERS.append(listener)
     try:
-        with pytest.raises(BaseException):
+        with pytest.raises(SessionCancelled):
             streaming_session(**params)
     finally:
         progress.LISTENERS.remove(listener)

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-stempy_io = pytest.importorskip("stempy.io")
+import stempy.io as stempy_io  # noqa: E402  (a hard test requirement: never a silent skip)
 
 from detstream.output import (  # noqa: E402
     MergeReport,

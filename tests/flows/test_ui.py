@@ -13,9 +13,9 @@ import pytest
 from prefect_server import STREAMING
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = [pytest.mark.timeout(900), pytest.mark.skipif(
+pytestmark = [pytest.mark.ui, pytest.mark.timeout(900), pytest.mark.skipif(
     not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (Debian's chromium package; .ci/run installs it)")]
-SHOTS = Path(__file__).resolve().parent / "artifacts" / "ui"
+SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "ui"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--disable-dev-shm-usage"]

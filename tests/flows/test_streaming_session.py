@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import stempy.image
 import stempy.io
+from prefect.exceptions import ParameterTypeError
 
 from detstream.coordination import Coordinator
 from detstream.profile import get_profile
-from detstream.sources import Simulator, write_scan
+from detstream.session import SessionCancelled, SessionError
+from detstream.sources import ReplayError, Simulator, write_scan
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "no_stray_services")
 
@@ -143,7 +145,7 @@ def test_a_failed_session_releases_everything(tmp_path, etcd_server):
                 killed.append(pid)
     progress.LISTENERS.append(listener)
     try:
-        with pytest.raises(Exception, match="service failed|stalled"):
+        with pytest.raises(SessionError, match="service failed|stalled"):
             _run(tmp_path, etcd_server, scan_width=64, scan_height=64, session_id=sid,
                  etcd_prefix=prefix, counting=False)
     finally:
@@ -173,7 +175,7 @@ def test_cancelling_the_flow_run_cancels_the_session(tmp_path, etcd_server):
             asked.append(run_id)
     progress.LISTENERS.append(listener)
     try:
-        with pytest.raises(BaseException):
+        with pytest.raises(SessionCancelled):
             _run(tmp_path, etcd_server, scan_width=64, scan_height=64, session_id=sid,
                  etcd_prefix=prefix, counting=False)
     finally:
@@ -196,13 +198,13 @@ def test_a_busy_detector_refuses_a_second_session_at_once(tmp_path, etcd_server)
     assert not _detstream_children()
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"scan_width": 0, "scan_height": 0}, "scan_width"),
-    ({"nodes": 0}, "nodes"),
-    ({"detector": "no-such-camera"}, "no-such-camera"),
+@pytest.mark.parametrize("params, error, message", [
+    ({"scan_width": 0, "scan_height": 0}, ParameterTypeError, "scan_width"),
+    ({"nodes": 0}, ParameterTypeError, "nodes"),
+    ({"detector": "no-such-camera"}, ValueError, "no-such-camera"),
 ])
-def test_bad_parameters_fail_before_any_process_starts(tmp_path, etcd_server, params, message):
-    with pytest.raises(Exception, match=message):
+def test_bad_parameters_fail_before_any_process_starts(tmp_path, etcd_server, params, error, message):
+    with pytest.raises(error, match=message):
         _run(tmp_path, etcd_server, **{"scan_width": 4, "scan_height": 4, **params})
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("logs"))
 
@@ -210,7 +212,7 @@ def test_bad_parameters_fail_before_any_process_starts(tmp_path, etcd_server, pa
 def test_a_dark_reference_of_the_wrong_shape_fails_before_any_process_starts(tmp_path, etcd_server):
     bad = tmp_path / "dark.npy"
     np.save(bad, np.zeros((10, 10), np.float32))
-    with pytest.raises(Exception, match=r"dark reference .*\(10, 10\).*\(576, 576\)"):
+    with pytest.raises(ValueError, match=r"dark reference .*\(10, 10\).*\(576, 576\)"):
         _run(tmp_path, etcd_server, scan_width=4, scan_height=4, dark_reference=str(bad))
     assert not any((tmp_path / "runs").rglob("logs"))
 
@@ -218,6 +220,6 @@ def test_a_dark_reference_of_the_wrong_shape_fails_before_any_process_starts(tmp
 def test_an_empty_replay_directory_fails_naming_it(tmp_path, etcd_server):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(Exception, match=str(empty)):
+    with pytest.raises(ReplayError, match=str(empty)):
         _run(tmp_path, etcd_server, source="replay", replay_dir=str(empty), scan_width=None,
              scan_height=None)

@@ -137,7 +137,8 @@ def test_write_scan_names_and_sizes(cam_sim, cam_files):
 
 
 def test_stempy_reads_written_scan(cam_sim, cam_files):
-    stempy_io = pytest.importorskip("stempy.io")
+    import stempy.io as stempy_io
+
     reader = stempy_io.reader([str(f) for f in cam_files], version=stempy_io.FileVersion.VERSION5)
     seen = []
     for block in reader:
