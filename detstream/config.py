@@ -9,6 +9,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .profile import DetectorProfile, get_profile
+from .session_dir import SessionDir
 
 DEFAULT_PREFIX = "/detstream"
 
@@ -85,3 +86,8 @@ class SessionSpec(BaseModel):
     @property
     def session_dir(self) -> Path:
         return self.output_dir / self.session_id
+
+    @property
+    def paths(self) -> SessionDir:
+        """The session folder's layout (the one owner of its file names)."""
+        return SessionDir(self.session_dir)

@@ -9,14 +9,8 @@ from typing import Optional
 
 from .config import SessionSpec
 
-COUNTS_NAME = "counted.h5"
-IMAGE_NAME = "virtual_bright_field.png"
-SUMMARY_NAME = "summary.json"
-
-
 def _load_reports(spec: SessionSpec, role: str) -> list[dict]:
-    folder = spec.session_dir / "services"
-    return [json.loads(p.read_text()) for p in sorted(folder.glob(f"{role}-*.json"))]
+    return [json.loads(p.read_text()) for p in spec.paths.reports(role)]
 
 
 def _sum_counters(dicts) -> dict:
@@ -32,7 +26,7 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
     """Merge the parts into the HDF5, draw the virtual bright field, write and return the summary."""
     from .output import merge_parts, write_png, write_summary
 
-    out_dir = spec.session_dir
+    paths = spec.paths
     nodes = _load_reports(spec, "distributor")
     producers = _load_reports(spec, "producer")
     aggregators = _load_reports(spec, "aggregator")
@@ -41,13 +35,13 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
     events_total = 0
     if spec.counting.enabled:
         parts = [Path(n["part_path"]) for n in nodes if n.get("part_path")]
-        report = merge_parts(parts, out_dir / COUNTS_NAME, spec.scan_width, spec.scan_height,
+        report = merge_parts(parts, paths.counts, spec.scan_width, spec.scan_height,
                              spec.profile.frame_shape, overwrite=overwrite)
-        outputs["hdf5"] = str(out_dir / COUNTS_NAME)
+        outputs["hdf5"] = str(paths.counts)
         events_total = report.total_events
         hdf5_closed = time.time()
-        write_png(out_dir / IMAGE_NAME, report.bright_field)
-        outputs["image"] = str(out_dir / IMAGE_NAME)
+        write_png(paths.image, report.bright_field)
+        outputs["image"] = str(paths.image)
     else:
         hdf5_closed = time.time()
     timings = dict(timings)
@@ -88,7 +82,7 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         "counting": json.loads(spec.counting.model_dump_json()),
         **(extra or {}),
     }
-    write_summary(out_dir / SUMMARY_NAME, summary)
-    summary["outputs"]["summary"] = str(out_dir / SUMMARY_NAME)
+    write_summary(paths.summary, summary)
+    summary["outputs"]["summary"] = str(paths.summary)
     return summary
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from detstream.file_session import FileTransferSession, transfer_summary
+from detstream.session import FileTransferSession, transfer_summary
 from detstream.tasks.files import acquire_files, count_from_files, transfer_files
 from detstream.tasks.nodes import open_session, reserve_nodes
 from detstream.tasks.results import collect_results

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from detstream.file_session import FileTransferSession
+from detstream.session import FileTransferSession
 
 from .stream import _cancel_check
 

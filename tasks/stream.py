@@ -9,7 +9,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
-from detstream.session import Progress, StreamingSession
+from detstream.session import ScanProgress, StreamingSession
 
 
 def _cancel_check():
@@ -44,7 +44,7 @@ def stream_scan(session: StreamingSession) -> dict:
         description=f"Frames received, session {session.sid}")
     shown = {"pct": -1}
 
-    def on_progress(p: Progress) -> None:
+    def on_progress(p: ScanProgress) -> None:
         pct = round(100.0 * p.fraction, 1)
         if pct != shown["pct"]:
             shown["pct"] = pct

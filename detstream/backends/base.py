@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, Field
 
@@ -46,19 +46,19 @@ class ReservationError(RuntimeError):
     """Nodes could not be had (refused, outage, timed out); the session may fall back."""
 
 
-class DistributorLaunch(BaseModel):
-    """How each node starts its service: ``detstream <command>`` with these arguments.
+class NodeLaunch(BaseModel):
+    """What each reserved node runs: ``detstream <service>`` for this session.
 
-    ``command`` is ``distributor`` for streaming and ``count-files`` for the file-transfer path.
+    ``service`` is ``distributor`` for streaming and ``count-files`` for the file-transfer path.
     """
 
+    service: Literal["distributor", "count-files"] = "distributor"
     session_id: str
     etcd_endpoint: str
     etcd_prefix: str
-    command: str = "distributor"
 
     def argv(self, node_index: Optional[int] = None) -> list[str]:
-        args = [self.command, "--session", self.session_id, "--etcd", self.etcd_endpoint,
+        args = [self.service, "--session", self.session_id, "--etcd", self.etcd_endpoint,
                 "--prefix", self.etcd_prefix]
         if node_index is not None:
             args += ["--node-index", str(node_index)]
@@ -66,12 +66,12 @@ class DistributorLaunch(BaseModel):
 
 
 class ComputeBackend(abc.ABC):
-    """Reserve ``nodes`` compute nodes and run one distributor on each."""
+    """Reserve ``nodes`` compute nodes and run the launch's service on each."""
 
     name: str = "abstract"
 
     @abc.abstractmethod
-    def reserve(self, nodes: int, launch: DistributorLaunch) -> Reservation:
+    def reserve(self, nodes: int, launch: NodeLaunch) -> Reservation:
         """Submit the reservation and return at once (state PENDING or RUNNING)."""
 
     @abc.abstractmethod

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .base import DistributorLaunch
+from .base import NodeLaunch
 
 #: Streaming sessions are capped at two hours (as the production gateway did).
 MAX_WALLTIME_MINUTES = 120
@@ -26,7 +26,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _JOB_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 # Node commands that listen for the aggregator, so take --bind-host / --advertise-host.
-LISTENING_COMMANDS = frozenset({"distributor"})
+LISTENING_SERVICES = frozenset({"distributor"})
 
 NODE_HOSTNAME = "$(hostname)"
 """Shown for ``advertise_host=None``: each node advertises its own host name."""
@@ -170,8 +170,8 @@ def _q(words) -> str:
     return " ".join(shlex.quote(str(w)) for w in words)
 
 
-def render_job_script(job: NerscJobSettings, nodes: int, launch: DistributorLaunch) -> str:
-    """The batch script that runs ``detstream <launch.command>`` once per node with srun.
+def render_job_script(job: NerscJobSettings, nodes: int, launch: NodeLaunch) -> str:
+    """The batch script that runs ``detstream <launch.service>`` once per node with srun.
 
     The node index is SLURM_PROCID inside the command; a distributor also gets
     ``--bind-host``/``--advertise-host`` from the settings.
@@ -200,7 +200,7 @@ def render_job_script(job: NerscJobSettings, nodes: int, launch: DistributorLaun
 
     body = [
         f"# detstream session {_JOB_NAME_UNSAFE.sub('_', launch.session_id)}: "
-        f"one {_JOB_NAME_UNSAFE.sub('_', launch.command)} per node, node index = SLURM_PROCID",
+        f"one {_JOB_NAME_UNSAFE.sub('_', launch.service)} per node, node index = SLURM_PROCID",
         "set -e",
     ]
     body += [f"module load {shlex.quote(m)}" for m in job.modules]
@@ -217,7 +217,7 @@ def render_job_script(job: NerscJobSettings, nodes: int, launch: DistributorLaun
             srun += ["-e", name]
         srun.append(job.image)
     line = f"{_q(srun)} {_q([*job.command, *launch.argv()])}"
-    if launch.command in LISTENING_COMMANDS:
+    if launch.service in LISTENING_SERVICES:
         advertise = shlex.quote(job.advertise_host) if job.advertise_host else f'"{NODE_HOSTNAME}"'
         line += f" --bind-host {shlex.quote(job.bind_host)} --advertise-host {advertise}"
     body.append(line)
@@ -249,6 +249,6 @@ def render_for_cli(*, session_id: str, etcd_endpoint: str, etcd_prefix: str = "/
     except ValidationError as err:
         raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
                                    for e in err.errors())) from None
-    launch = DistributorLaunch(session_id=session_id, etcd_endpoint=etcd_endpoint, etcd_prefix=etcd_prefix,
-                               command=service)
+    launch = NodeLaunch(service=service, session_id=session_id, etcd_endpoint=etcd_endpoint,
+                        etcd_prefix=etcd_prefix)
     return render_job_script(job, nodes, launch)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..processes import ManagedProcess, detstream_argv
-from .base import ComputeBackend, DistributorLaunch, JobState, Reservation, ReservationError
+from .base import ComputeBackend, NodeLaunch, JobState, Reservation, ReservationError
 
 
 class LocalBackend(ComputeBackend):
@@ -22,7 +22,7 @@ class LocalBackend(ComputeBackend):
         self.env = env
         self._jobs: dict[str, list[ManagedProcess]] = {}
 
-    def reserve(self, nodes: int, launch: DistributorLaunch) -> Reservation:
+    def reserve(self, nodes: int, launch: NodeLaunch) -> Reservation:
         if nodes < 1:
             raise ReservationError(f"cannot reserve {nodes} nodes")
         procs = []

@@ -28,7 +28,7 @@ from sfapi_client import Client, SfApiError, StatusValue
 from sfapi_client.jobs import JobCommand
 from sfapi_client.jobs import JobState as SlurmState
 
-from .base import ComputeBackend, DistributorLaunch, JobState, Reservation, ReservationError
+from .base import ComputeBackend, NodeLaunch, JobState, Reservation, ReservationError
 from .jobscript import MAX_WALLTIME_MINUTES, NerscJobSettings, render_for_cli, render_job_script
 
 __all__ = [
@@ -266,7 +266,7 @@ class SfapiBackend(ComputeBackend):
 
     # -- ComputeBackend ------------------------------------------------------------------------
 
-    def reserve(self, nodes: int, launch: DistributorLaunch) -> Reservation:
+    def reserve(self, nodes: int, launch: NodeLaunch) -> Reservation:
         """Check the machine, submit the batch script and return at once (state PENDING)."""
         machine = self.job.machine
         if nodes < 1:

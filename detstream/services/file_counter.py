@@ -31,9 +31,8 @@ from .distributor import DistributorResult
 log = logging.getLogger("detstream.file_counter")
 
 ROLE = "file-counter"
-TRANSFERRED_DIR = "transferred"
 
-__all__ = ["FileCounterResult", "ROLE", "TRANSFERRED_DIR", "count_files", "default_data_dir",
+__all__ = ["FileCounterResult", "ROLE", "count_files", "default_data_dir",
            "open_scan", "serve_file_counter"]
 
 
@@ -52,7 +51,7 @@ class FileCounterResult(DistributorResult):
 
 def default_data_dir(spec: SessionSpec) -> Path:
     """Where the transfer stage puts a session's raw files for counting."""
-    return spec.session_dir / TRANSFERRED_DIR
+    return spec.paths.transferred
 
 
 def open_scan(spec: SessionSpec, data_dir: Union[str, Path]) -> ReplaySource:
@@ -283,7 +282,7 @@ def serve_file_counter(coord, sid: str, node_index: int,
         raise ValueError(f"node index {node_index} outside 0..{spec.nodes - 1} for session {sid}")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir(spec)
     name = f"node-{node_index}"
-    part_path = spec.session_dir / "parts" / f"{name}.h5"
+    part_path = spec.paths.part(name)
     with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
         coord.register_service(sid, ROLE, name,
                                service_info(None, node_index=node_index, data_dir=str(data_dir)), lease)

@@ -28,7 +28,7 @@ SERVICE_LEASE_TTL_S = 5
 
 
 def report_path(spec: SessionSpec, role: str, name: str) -> Path:
-    path = spec.session_dir / "services" / f"{role}-{name}.json"
+    path = spec.paths.report(role, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -61,7 +61,7 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
     if not 0 <= node_index < spec.nodes:
         raise ValueError(f"node index {node_index} outside 0..{spec.nodes - 1} for session {sid}")
     name = f"node-{node_index}"
-    part_path = spec.session_dir / "parts" / f"{name}.h5"
+    part_path = spec.paths.part(name)
     part_path.parent.mkdir(parents=True, exist_ok=True)
     writer = PartWriter(part_path, spec.profile.frame_shape) if spec.counting.enabled else None
     dist = Distributor(spec.profile, spec.scan_width, spec.scan_height, node_index, spec.nodes,

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from detstream.backends.base import DistributorLaunch, JobState, Reservation, ReservationError
+from detstream.backends.base import NodeLaunch, JobState, Reservation, ReservationError
 from detstream.backends.jobscript import NerscJobSettings, render_for_cli, render_job_script
 from detstream.backends.sfapi import (SfapiAuthError, SfapiBackend, SfapiSettings, SfapiUnavailableError,
                                       cancel_sfapi_job, expand_nodelist)
@@ -71,8 +71,8 @@ def job(out_dir) -> NerscJobSettings:
 
 
 @pytest.fixture
-def launch() -> DistributorLaunch:
-    return DistributorLaunch(session_id=uuid.uuid4().hex[:12], etcd_endpoint="http://127.0.0.1:2379",
+def launch() -> NodeLaunch:
+    return NodeLaunch(session_id=uuid.uuid4().hex[:12], etcd_endpoint="http://127.0.0.1:2379",
                              etcd_prefix="/detstream-test")
 
 
@@ -324,7 +324,7 @@ HOSTILE = "x'; touch PWNED; echo '$(touch PWNED)`touch PWNED`"
 
 
 def test_render_job_script_header_and_quoting(tmp_path):
-    launch = DistributorLaunch(session_id="s1 ;rm", etcd_endpoint="http://etcd:2379", etcd_prefix="/d s")
+    launch = NodeLaunch(session_id="s1 ;rm", etcd_endpoint="http://etcd:2379", etcd_prefix="/d s")
     job = NerscJobSettings(account="m1234", reservation="stream_rt", walltime_minutes=90,
                            extra_sbatch=["--mail-type=END", "#SBATCH --licenses=scratch"],
                            modules=["python", HOSTILE], conda_env=HOSTILE, env={"DETSTREAM_X": HOSTILE},
@@ -370,7 +370,7 @@ def test_render_job_script_header_and_quoting(tmp_path):
 
 
 def test_render_containers_and_cli_entry():
-    launch = DistributorLaunch(session_id="abc", etcd_endpoint="http://e:2379", etcd_prefix="/detstream")
+    launch = NodeLaunch(session_id="abc", etcd_endpoint="http://e:2379", etcd_prefix="/detstream")
     shifter = render_job_script(NerscJobSettings(image="registry.nersc.gov/m1/detstream:1.0"), 2, launch)
     assert "#SBATCH --image=registry.nersc.gov/m1/detstream:1.0" in shifter
     assert "srun -N 2 --ntasks-per-node=1 shifter detstream distributor" in shifter
@@ -380,7 +380,7 @@ def test_render_containers_and_cli_entry():
             "detstream:1.0 detstream distributor") in podman
     assert "--image" not in podman
 
-    counter = render_job_script(NerscJobSettings(), 2, launch.model_copy(update={"command": "count-files"}))
+    counter = render_job_script(NerscJobSettings(), 2, launch.model_copy(update={"service": "count-files"}))
     assert counter.splitlines()[-1] == ("srun -N 2 --ntasks-per-node=1 detstream count-files --session abc "
                                         "--etcd http://e:2379 --prefix /detstream")
 

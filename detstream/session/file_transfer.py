@@ -13,18 +13,15 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .backends.base import DistributorLaunch, Reservation, ReservationError
-from .session import SessionError, StreamingSession
-from .transfer import LocalCopyTransfer, Transfer
-
-ACQUIRED = "acquired"
-TRANSFERRED = "transferred"
+from ..transfer import LocalCopyTransfer, Transfer
+from .base import Session, SessionError
 
 
-class FileTransferSession(StreamingSession):
-    """acquire -> transfer -> count, with the streaming session's lock, keys and release."""
+class FileTransferSession(Session):
+    """open -> acquire -> transfer -> reserve -> count -> collect -> close."""
 
     workflow = "file-transfer"
+    node_service = "count-files"
 
     def __init__(self, *args, transfer: Optional[Transfer] = None, remove_source: bool = True, **kw):
         super().__init__(*args, **kw)
@@ -32,19 +29,11 @@ class FileTransferSession(StreamingSession):
         self.remove_source = remove_source
         self.transfer_report: Optional[dict] = None
 
-    @property
-    def acquired_dir(self) -> Path:
-        return self.spec.session_dir / ACQUIRED
-
-    @property
-    def transferred_dir(self) -> Path:
-        return self.spec.session_dir / TRANSFERRED
-
     def acquire(self, on_progress: Optional[Callable[[int, int], None]] = None) -> list[Path]:
         """Every producer writes its sector to a raw v5 file (fsync'd, evicted)."""
         self.coord.set_state(self.sid, "streaming", "acquire: writing raw files")
         t0 = time.time()
-        procs = [self._start_local("acquire", str(s), "--sector", str(s), "--directory", str(self.acquired_dir))
+        procs = [self._start_local("acquire", str(s), "--sector", str(s), "--directory", str(self.paths.acquired))
                  for s in range(self.spec.profile.sectors)]
         for p in procs:
             while p.wait(0.5) is None:
@@ -53,41 +42,31 @@ class FileTransferSession(StreamingSession):
             if p.poll() != 0:
                 raise SessionError(f"acquire {p.name} failed (exit {p.poll()}): {p.log_tail(5)}")
         self.timings["acquire_s"] = time.time() - t0
-        return sorted(self.acquired_dir.glob("data_scan*_module*.data"))
+        return sorted(self.paths.acquired.glob("data_scan*_module*.data"))
 
     def transfer(self, files: list[Path], on_progress=None) -> dict:
         """Move the raw files to the compute site's storage, verified by size and checksum."""
         self.coord.set_state(self.sid, "streaming", f"transfer: {len(files)} files")
         t0 = time.time()
-        report = self.transfer_impl.transfer(files, self.transferred_dir, remove_source=self.remove_source,
+        report = self.transfer_impl.transfer(files, self.paths.transferred, remove_source=self.remove_source,
                                              on_progress=on_progress)
         self.timings["transfer_s"] = time.time() - t0
         self.transfer_report = report.as_dict()
         return self.transfer_report
 
-    def reserve(self, timeout_s: float) -> Reservation:
-        """Reserve the nodes for the count stage (``detstream count-files`` on each)."""
-        self.coord.set_state(self.sid, "reserving", f"{self.spec.nodes} nodes on {self.backend.name}")
-        t0 = time.time()
-        launch = DistributorLaunch(session_id=self.sid, etcd_endpoint=self.etcd_endpoint,
-                                   etcd_prefix=self.spec.etcd_prefix, command="count-files")
+    def reserve(self, timeout_s: float):
+        """Reserve the nodes for the count stage; a failure here has nothing to fall back to."""
         try:
-            self.reservation = self.backend.reserve(self.spec.nodes, launch)
-            self._record_job()
-            self.reservation = self.backend.wait_running(self.reservation, timeout_s)
-        except ReservationError as err:
-            raise SessionError(f"node reservation failed: {err}") from err
-        finally:
-            self._record_job()
-            self.timings["reserve_s"] = time.time() - t0
-        return self.reservation
+            return super().reserve(timeout_s)
+        except SessionError as err:
+            err.fallback_reason = None
+            raise
 
     def count(self, on_progress=None, cancelled=None) -> None:
-        """Wait for every node's count stage to report (the same wait as streaming's)."""
+        """Wait for every node's count stage to report."""
         t0 = time.time()
-        self.stream(on_progress=on_progress, cancelled=cancelled, set_state=False)
+        self.follow_nodes(on_progress=on_progress, cancelled=cancelled)
         self.timings["count_s"] = time.time() - t0
-        self.timings.pop("stream_s", None)
 
 
 def transfer_summary(report: Optional[dict]) -> dict:

@@ -1,0 +1,236 @@
+"""What every session workflow shares, without Prefect: open, reserve, follow the nodes, close.
+
+A workflow (streaming, file transfer) is a subclass that adds its own steps between reserve
+and collect. Every step records the session's state in etcd; ``close`` leaves no process,
+lease or endpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional
+
+from ..backends.base import ComputeBackend, JobState, NodeLaunch, Reservation, ReservationError
+from ..config import SessionSpec
+from ..coordination import Coordinator, DetectorBusy, KeepAliveLease
+from ..processes import ManagedProcess, detstream_argv
+from ..progress import report as report_progress
+from .spec import validate_spec, with_simulator_dark
+
+log = logging.getLogger("detstream.session")
+
+LOCK_LEASE_TTL_S = 10
+
+
+class SessionError(RuntimeError):
+    """A session step failed; ``fallback_reason`` is set when a file-transfer fallback makes sense."""
+
+    def __init__(self, message: str, fallback_reason: Optional[str] = None):
+        super().__init__(message)
+        self.fallback_reason = fallback_reason
+
+
+class SessionCancelled(RuntimeError):
+    """The user cancelled the session."""
+
+
+@dataclass
+class ScanProgress:
+    """Frames the nodes have received so far, as etcd reports them."""
+
+    frames_expected: int
+    frames_received: int = 0
+    per_node: dict = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return self.frames_received / self.frames_expected if self.frames_expected else 1.0
+
+
+class Session:
+    """Holds what one session owns (lock lease, reservation, local services) and releases it."""
+
+    workflow: ClassVar[str]
+    node_service: ClassVar[str]  # the `detstream` command each reserved node runs
+    job_poll_s = 2.0  # how often the node wait asks the backend about the job
+
+    def __init__(self, spec: SessionSpec, coordinator: Coordinator, backend: ComputeBackend,
+                 etcd_endpoint: str, overwrite: bool = False):
+        self.spec = spec
+        self.coord = coordinator
+        self.backend = backend
+        self.etcd_endpoint = etcd_endpoint
+        self.overwrite = overwrite
+        self.sid = spec.session_id
+        self.paths = spec.paths
+        self.lock_lease: Optional[KeepAliveLease] = None
+        self.reservation: Optional[Reservation] = None
+        self.local: list[ManagedProcess] = []
+        self.timings: dict[str, float] = {}
+        self.fallback_reason: Optional[str] = None
+        self.closed = False
+        self._t0 = time.time()
+
+    # -- shared steps ------------------------------------------------------------------------
+    def open(self) -> None:
+        """Validate, take the detector lock, record the spec; fails at once if the detector is busy."""
+        validate_spec(self.spec)
+        out = self.paths.root
+        if out.exists() and any(out.iterdir()) and not self.overwrite:
+            raise FileExistsError(f"session {self.sid} already has output in {out}; pass overwrite=True "
+                                  "(--overwrite) to replace it")
+        self.lock_lease = KeepAliveLease(self.coord, ttl=LOCK_LEASE_TTL_S).__enter__()
+        try:
+            self.coord.lock_detector(self.spec.detector, self.sid, self.lock_lease)
+        except DetectorBusy:
+            self.lock_lease.revoke()
+            self.lock_lease = None
+            self.closed = True
+            raise
+        if self.overwrite:
+            shutil.rmtree(out, ignore_errors=True)
+        self.spec = with_simulator_dark(self.spec)
+        self.coord.put_spec(self.sid, json.loads(self.spec.model_dump_json()))
+        self.coord.set_state(self.sid, "requested")
+        self.coord.set_expected(self.sid, self.spec.scan_number, self.spec.frames_expected)
+
+    def reserve(self, timeout_s: float) -> Reservation:
+        """Reserve the nodes, each running ``node_service``, and wait until the job runs."""
+        self.coord.set_state(self.sid, "reserving", f"{self.spec.nodes} nodes on {self.backend.name}")
+        t0 = time.time()
+        launch = NodeLaunch(service=self.node_service, session_id=self.sid,
+                            etcd_endpoint=self.etcd_endpoint, etcd_prefix=self.spec.etcd_prefix)
+        try:
+            self.reservation = self.backend.reserve(self.spec.nodes, launch)
+            self._record_job()
+            self.reservation = self.backend.wait_running(self.reservation, timeout_s)
+        except ReservationError as err:
+            raise SessionError(f"node reservation failed: {err}", fallback_reason=f"reservation: {err}") from err
+        finally:
+            self._record_job()
+            self.timings["reserve_s"] = time.time() - t0
+        return self.reservation
+
+    def progress(self) -> ScanProgress:
+        per_node = self.coord.received(self.sid, self.spec.scan_number)
+        return ScanProgress(self.spec.frames_expected, sum(per_node.values()), per_node,
+                            time.time() - self._t0)
+
+    def follow_nodes(self, on_progress: Optional[Callable[[ScanProgress], None]] = None,
+                     cancelled: Optional[Callable[[], bool]] = None, poll_s: float = 0.5,
+                     finish_timeout_s: float = 120.0,
+                     on_local_done: Optional[Callable[[], None]] = None) -> ScanProgress:
+        """Wait until every node has reported; raise on cancellation, a failed service, the job
+        ending early, or a stall. ``on_local_done`` runs once when every local service has exited 0."""
+        expected = {self.paths.report("distributor", f"node-{i}").name for i in range(self.spec.nodes)}
+        last_count, last_change = -1, time.monotonic()
+        local_done = False
+        last_job_poll = 0.0
+        while True:
+            prog = self.progress()
+            report_progress(prog)
+            if on_progress is not None:
+                on_progress(prog)
+            if cancelled is not None and cancelled():
+                raise SessionCancelled("cancelled by the user")
+            if self._nodes_reported(expected):
+                return self.progress()
+            failed = [p for p in self.local if p.poll() not in (None, 0)]
+            if failed:
+                names = ", ".join(f"{p.name} (exit {p.poll()}): {p.log_tail(3)}" for p in failed)
+                raise SessionError(f"service failed: {names}", fallback_reason=f"service failed: {names}")
+            if not local_done and self.local and all(p.poll() == 0 for p in self.local):
+                local_done = True
+                if on_local_done is not None:
+                    on_local_done()
+            if self.reservation is not None and time.monotonic() - last_job_poll >= self.job_poll_s:
+                last_job_poll = time.monotonic()
+                self._check_job(expected, poll_s)
+            if prog.frames_received != last_count:
+                last_count, last_change = prog.frames_received, time.monotonic()
+            elif time.monotonic() - last_change > self.spec.stall_timeout_s + finish_timeout_s:
+                raise SessionError(f"stream stalled at {prog.frames_received}/{prog.frames_expected} frames",
+                                   fallback_reason="stalled")
+            time.sleep(poll_s)
+
+    def _nodes_reported(self, expected: set[str]) -> bool:
+        return expected <= {p.name for p in self.paths.reports("distributor")}
+
+    def _check_job(self, expected: set[str], poll_s: float) -> None:
+        """Fail if the compute job has ended while some node has not reported."""
+        try:
+            job = self.backend.poll(self.reservation)
+        except ReservationError as err:  # state unknown for now (e.g. API hiccup), not failed
+            log.warning("could not poll job %s: %s", self.reservation.job_id, err)
+            return
+        if job.state.finished:
+            time.sleep(poll_s)  # a last report may be landing as the job ends
+            if not self._nodes_reported(expected):
+                raise SessionError(f"compute job {job.job_id} ended ({job.state.value}) "
+                                   "before every node reported")
+
+    def node_reports(self) -> list[dict]:
+        return [json.loads(self.paths.report("distributor", f"node-{i}").read_text())
+                for i in range(self.spec.nodes)]
+
+    # -- helpers for the workflows' own steps ------------------------------------------------
+    def _record_job(self) -> None:
+        if self.reservation is not None:
+            self.coord.put_job(self.sid, json.loads(self.reservation.model_dump_json()))
+
+    def _start_local(self, role: str, name: str, *args: str) -> ManagedProcess:
+        proc = ManagedProcess(
+            detstream_argv(role, "--session", self.sid, "--etcd", self.etcd_endpoint,
+                           "--prefix", self.spec.etcd_prefix, *args),
+            self.paths.log(role, name), name=f"{role}-{name}").start()
+        self.local.append(proc)
+        return proc
+
+    def _await_nodes(self, timeout_s: float) -> dict:
+        """Wait for every node's service to register; give up early if the job has ended."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.coord.wait_for_services(self.sid, "distributor", self.spec.nodes,
+                                                    min(2.0, max(0.0, deadline - time.monotonic())))
+            except TimeoutError as err:
+                job = self.backend.poll(self.reservation) if self.reservation is not None else None
+                if job is not None and job.state in (JobState.FAILED, JobState.COMPLETED, JobState.CANCELLED):
+                    msg = (f"distributors did not register: job {job.job_id} ended ({job.state.value}) "
+                           f"first; see {self.paths.logs}")
+                    raise SessionError(msg, fallback_reason=f"registration: {msg}") from err
+                if time.monotonic() >= deadline:
+                    raise SessionError(f"distributors did not register: {err}",
+                                       fallback_reason=f"registration: {err}") from err
+
+    # -- release -----------------------------------------------------------------------------
+    def close(self, state: str, reason: Optional[str] = None, result: Optional[dict] = None) -> None:
+        """Stop everything this session holds, record the final state; safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if state != "completed":
+                # Tell remote services to stop before their job is cancelled.
+                self.coord.set_state(self.sid, state, reason)
+            for p in self.local:
+                p.stop()
+            if self.reservation is not None:
+                self.reservation = self.backend.release(self.reservation)
+                self._record_job()
+            if result is not None:
+                self.coord.put_result(self.sid, result)
+            self.coord.cleanup_session(self.sid)
+            if state == "completed":
+                self.coord.set_state(self.sid, state, reason)
+        finally:
+            try:
+                self.coord.unlock_detector(self.spec.detector, self.sid)
+            finally:
+                if self.lock_lease is not None:
+                    self.lock_lease.revoke()

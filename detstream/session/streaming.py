@@ -1,0 +1,44 @@
+"""The streaming session: nodes' distributors, then the aggregator and producers, then follow the scan."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+from .base import ScanProgress, Session
+
+
+class StreamingSession(Session):
+    """open -> reserve -> start_services -> stream -> collect -> close."""
+
+    workflow = "streaming"
+    node_service = "distributor"
+
+    def start_services(self) -> dict:
+        """Wait for every node's distributor, then start the aggregator and the producers."""
+        self.coord.set_state(self.sid, "starting")
+        t0 = time.time()
+        nodes = self._await_nodes(self.spec.register_timeout_s)
+        self.timings["register_s"] = time.time() - t0
+        self.aggregator = self._start_local("aggregator", "0")
+        self.coord.wait_for_services(self.sid, "aggregator", 1, self.spec.register_timeout_s)
+        self.producers = [self._start_local("producer", str(s), "--sector", str(s))
+                          for s in range(self.spec.profile.sectors)]
+        return nodes
+
+    def stream(self, on_progress: Optional[Callable[[ScanProgress], None]] = None,
+               cancelled: Optional[Callable[[], bool]] = None, poll_s: float = 0.5,
+               finish_timeout_s: float = 120.0) -> ScanProgress:
+        """Watch the scan until every distributor has reported; raise on stall or failure."""
+        self.coord.set_state(self.sid, "streaming")
+        t0 = time.time()
+
+        def draining() -> None:  # the producers are done: what is left is in flight
+            if "acquire_s" not in self.timings:
+                self.coord.set_state(self.sid, "draining")
+                self.timings["acquire_s"] = time.time() - t0
+
+        final = self.follow_nodes(on_progress, cancelled, poll_s, finish_timeout_s, on_local_done=draining)
+        draining()
+        self.timings["stream_s"] = time.time() - t0
+        return final
