@@ -55,7 +55,7 @@ def service_info(endpoint: Optional[str], **extra) -> dict:
 def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: str = "127.0.0.1",
                       advertise_host: Optional[str] = None) -> dict:
     """Run this node's distributor for session ``sid`` until its share of the scan is done."""
-    from ..output import PartWriter
+    from ..output.parts import PartWriter
 
     spec = SessionSpec.model_validate(coord.get_spec(sid))
     if not 0 <= node_index < spec.nodes:
