@@ -28,7 +28,6 @@ class BlockAccumulator(Protocol):
     ) -> None: ...
 
 
-
 @dataclass
 class MergeReport:
     """What a merge wrote: counts, the positions no part covered, and the bright-field image."""
