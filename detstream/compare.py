@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 import h5py
 import numpy as np
 
+from .atomic import atomic_output
+
 WORKFLOWS = ("streaming", "file-transfer")
 
 
@@ -107,8 +109,9 @@ def bar_chart(report: dict, path: str | Path, title: str) -> Path:
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_output(path, overwrite=True) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path

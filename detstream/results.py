@@ -24,7 +24,9 @@ def _sum_counters(dicts) -> dict:
 def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = False,
             extra: Optional[dict] = None) -> dict:
     """Merge the parts into the HDF5, draw the virtual bright field, write and return the summary."""
-    from .output import merge_parts, write_png, write_summary
+    from .output.images import write_png
+    from .output.merge import merge_parts
+    from .output.summary import write_summary
 
     paths = spec.paths
     nodes = _load_reports(spec, "distributor")

@@ -15,12 +15,10 @@ is removed (``remove_source``) only after its copy is verified and in place.
 from __future__ import annotations
 
 import ctypes
-import errno as errno_mod
 import hashlib
 import logging
 import mmap
 import os
-import secrets
 import stat
 import time
 from abc import ABC, abstractmethod
@@ -30,6 +28,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+
+from .atomic import AtomicFile
 from .storage import fsync_dir
 
 log = logging.getLogger("detstream.transfer")
@@ -339,17 +340,18 @@ class LocalCopyTransfer(Transfer):
     def _new_hash(self):
         return hashlib.new(self.algorithm)
 
-    def _temp_for(self, dest: Path) -> tuple[Path, int]:
-        for _ in range(100):
-            tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.partial")
-            try:
-                return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise TransferError(f"cannot create {dest} (temporary {tmp.name}): {_why(e)}",
-                                    dest) from e
-        raise TransferError(f"no free temporary name next to {dest}", dest)
+    def _open_target(self, dest: Path, overwrite: bool) -> tuple[AtomicFile, int]:
+        """A temporary file next to ``dest``, open for writing, that becomes ``dest`` on commit."""
+        try:
+            target = AtomicFile(dest, overwrite, durable=self.fsync)
+        except OSError as e:
+            raise TransferError(str(e), dest) from e
+        try:
+            return target, os.open(target.tmp, os.O_WRONLY)
+        except OSError as e:
+            target.discard()
+            raise TransferError(f"cannot open {dest} (temporary {target.tmp.name}): {_why(e)}",
+                                dest) from e
 
     def _copy_once(self, src: Path, dest: Path, tmp: Path, out_fd: int,
                    progress: Callable[[int], None]) -> tuple[int, str]:
@@ -434,30 +436,40 @@ class LocalCopyTransfer(Transfer):
             os.close(fd)
         return size, h.hexdigest()
 
-    def _place(self, tmp: Path, dest: Path, overwrite: bool) -> None:
-        """Rename the verified copy to its final name; without overwrite never clobber."""
+    def _copy_verified(self, src: Path, dest: Path, overwrite: bool, attempt: int,
+                       progress: Callable[[int], None]) -> tuple[int, str]:
+        """One attempt: copy, verify against storage, move into place; returns (bytes, digest).
+
+        A copy that fails verification raises _VerifyFailed; a failed attempt leaves no file.
+        """
+        target, out_fd = self._open_target(dest, overwrite)
         try:
-            if overwrite:
-                os.replace(tmp, dest)
-            else:
-                try:
-                    os.link(tmp, dest)  # fails if dest appeared meanwhile; os.replace would not
-                except FileExistsError:
-                    raise
-                except OSError:  # no hard links on this filesystem: check, then rename
-                    if dest.exists():
-                        raise FileExistsError(errno_mod.EEXIST, str(dest)) from None
-                    os.replace(tmp, dest)
-                else:
-                    os.unlink(tmp)
-        except FileExistsError as e:
-            raise TransferError(f"{dest} already exists; pass overwrite=True to replace it",
-                                dest) from e
+            nbytes, src_digest = self._copy_once(src, dest, target.tmp, out_fd, progress)
+            if self.fault is not None:
+                self.fault(target.tmp, attempt)
+            got_bytes, got_digest = self._read_back(target.tmp, dest)
+            if got_bytes != nbytes:
+                raise _VerifyFailed(f"size mismatch: read {nbytes} bytes from the source, "
+                                    f"the copy holds {got_bytes}")
+            if got_digest != src_digest:
+                raise _VerifyFailed(f"checksum mismatch: source {self.algorithm}:{src_digest}, "
+                                    f"copy {self.algorithm}:{got_digest}")
+            try:
+                after = os.stat(src).st_size
+            except OSError as e:
+                raise TransferError(f"source {src} vanished during the copy: {_why(e)}",
+                                    src, attempt) from e
+            if after != nbytes:
+                raise _VerifyFailed(f"source changed during the copy: {nbytes} bytes read, "
+                                    f"now {after} bytes")
+        except BaseException:
+            target.discard()
+            raise
+        try:
+            target.commit()  # discards the temporary file itself if it fails
         except OSError as e:
-            raise TransferError(f"renaming the verified copy into {dest} failed: {_why(e)}",
-                                dest) from e
-        if self.fsync:
-            fsync_dir(dest.parent)
+            raise TransferError(str(e), dest) from e
+        return nbytes, src_digest
 
     # -- the transfer ------------------------------------------------------------------------
 
@@ -508,59 +520,43 @@ class LocalCopyTransfer(Transfer):
         t0 = time.perf_counter()
         attempts = 1 + self.retries
         reasons: list[str] = []
-        for attempt in range(1, attempts + 1):
-            def progress(n: int, attempt: int = attempt) -> None:
-                if on_progress is not None:
-                    on_progress(TransferProgress(src.name, attempt, n, size, index, n_files,
-                                                 bytes_before + n, bytes_total))
 
-            tmp, out_fd = self._temp_for(dest)
+        def progress(n: int, attempt: int) -> None:
+            if on_progress is not None:
+                on_progress(TransferProgress(src.name, attempt, n, size, index, n_files,
+                                             bytes_before + n, bytes_total))
+
+        def failed_verification(state: RetryCallState) -> None:
+            reason = str(state.outcome.exception())
+            reasons.append(reason)
+            report.retried.append(RetriedFile(src.name, state.attempt_number, reason))
+            log.warning("%s: attempt %d of %d failed verification: %s", src.name,
+                        state.attempt_number, attempts, reason)
+
+        # A bad copy is tried again at once; any other error ends the transfer.
+        retrying = Retrying(stop=stop_after_attempt(attempts),
+                            retry=retry_if_exception_type(_VerifyFailed),
+                            after=failed_verification, reraise=True)
+        try:
+            for attempt_manager in retrying:
+                with attempt_manager:
+                    attempt = attempt_manager.retry_state.attempt_number
+                    nbytes, src_digest = self._copy_verified(
+                        src, dest, overwrite, attempt, lambda n: progress(n, attempt))
+        except _VerifyFailed as e:
+            raise TransferError(
+                f"{src}: copy to {dest} failed verification on all {attempts} attempts "
+                f"(last: {reasons[-1]}); the source was kept", src, attempts, reasons) from e
+        removed = False
+        if remove_source:
             try:
-                nbytes, src_digest = self._copy_once(src, dest, tmp, out_fd, progress)
-                if self.fault is not None:
-                    self.fault(tmp, attempt)
-                got_bytes, got_digest = self._read_back(tmp, dest)
-                if got_bytes != nbytes:
-                    raise _VerifyFailed(f"size mismatch: read {nbytes} bytes from the source, "
-                                        f"the copy holds {got_bytes}")
-                if got_digest != src_digest:
-                    raise _VerifyFailed(f"checksum mismatch: source {self.algorithm}:{src_digest}, "
-                                        f"copy {self.algorithm}:{got_digest}")
-                try:
-                    after = os.stat(src).st_size
-                except OSError as e:
-                    raise TransferError(f"source {src} vanished during the copy: {_why(e)}",
-                                        src, attempt) from e
-                if after != nbytes:
-                    raise _VerifyFailed(f"source changed during the copy: {nbytes} bytes read, "
-                                        f"now {after} bytes")
-                self._place(tmp, dest, overwrite)
-            except _VerifyFailed as e:
-                with suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                reasons.append(str(e))
-                report.retried.append(RetriedFile(src.name, attempt, str(e)))
-                log.warning("%s: attempt %d of %d failed verification: %s", src.name, attempt,
-                            attempts, e)
-                continue
-            except BaseException:
-                with suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
-            removed = False
-            if remove_source:
-                try:
-                    os.unlink(src)
-                except OSError as e:
-                    raise TransferError(f"{src} was copied and verified to {dest}, but removing "
-                                        f"the source failed: {_why(e)}", src, attempt) from e
-                if self.fsync:
-                    fsync_dir(src.parent)
-                removed = True
-            return FileTransfer(src.name, str(src), str(dest), nbytes,
-                                f"{self.algorithm}:{src_digest}", attempt,
-                                time.perf_counter() - t0, removed)
-        # Every attempt failed verification: the source stays where it is.
-        raise TransferError(
-            f"{src}: copy to {dest} failed verification on all {attempts} attempts "
-            f"(last: {reasons[-1]}); the source was kept", src, attempts, reasons)
+                os.unlink(src)
+            except OSError as e:
+                raise TransferError(f"{src} was copied and verified to {dest}, but removing "
+                                    f"the source failed: {_why(e)}", src, attempt) from e
+            if self.fsync:
+                fsync_dir(src.parent)
+            removed = True
+        return FileTransfer(src.name, str(src), str(dest), nbytes,
+                            f"{self.algorithm}:{src_digest}", attempt,
+                            time.perf_counter() - t0, removed)

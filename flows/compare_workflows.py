@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
 from detstream import compare
-from detstream.output import write_summary
+from detstream.output.summary import write_summary
 from detstream.session import coordination
 
 from . import _params as P

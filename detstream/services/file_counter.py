@@ -150,7 +150,7 @@ def count_files(spec: SessionSpec, data_dir: Union[str, Path], node_index: int, 
     ``workers`` defaults to ``spec.workers_per_node``. ``evict_files`` drops the files' pages
     before and after, so the reads come from storage, as they would on a compute node.
     """
-    from ..output import PartWriter
+    from ..output.parts import PartWriter
 
     started = time.time()
     if nodes <= 0 or not 0 <= node_index < nodes:

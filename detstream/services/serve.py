@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+from ..atomic import write_atomically
 from ..memory import peak_rss_mib
 from ..config import SessionSpec
 from ..sources import source_for_spec
@@ -36,9 +37,7 @@ def report_path(spec: SessionSpec, role: str, name: str) -> Path:
 def write_report(path: Path, report: dict) -> None:
     report = {**report, "peak_rss_mib": max(report.get("peak_rss_mib") or 0.0,
                                             peak_rss_mib())}
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(report, indent=2, default=str))
 
 
 def stop_requested(coord: Coordinator, sid: str):
@@ -55,7 +54,7 @@ def service_info(endpoint: Optional[str], **extra) -> dict:
 def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: str = "127.0.0.1",
                       advertise_host: Optional[str] = None) -> dict:
     """Run this node's distributor for session ``sid`` until its share of the scan is done."""
-    from ..output import PartWriter
+    from ..output.parts import PartWriter
 
     spec = SessionSpec.model_validate(coord.get_spec(sid))
     if not 0 <= node_index < spec.nodes:

@@ -1,0 +1,172 @@
+"""Merging the nodes' part files into one counted dataset in stempy's layout, in one pass that
+also draws the virtual bright field, and reporting what was written and what was missing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..atomic import io_error, refuse
+from .disk import DiskEstimate, estimate_disk
+from .frames import check_frame_shape, scan_size
+from .hdf5 import h5_output
+from .images import VirtualBrightField
+from .layout import WRITE_BLOCK, create_counts_layout, vlen_block, write_vlen_points
+from .parts import read_part
+
+
+class BlockAccumulator(Protocol):
+    """Anything that consumes counted frames in blocks while a merge streams them."""
+
+    def add_block(
+        self, positions: np.ndarray, flat_events: np.ndarray, offsets: np.ndarray
+    ) -> None: ...
+
+
+@dataclass
+class MergeReport:
+    """What a merge wrote: counts, the positions no part covered, and the bright-field image."""
+
+    path: Path
+    scan_width: int
+    scan_height: int
+    parts: list[Path]
+    positions_written: int  # positions filled from parts (the rest are empty, see missing)
+    missing: list[int]  # sorted positions no part held
+    total_events: int
+    bright_field: np.ndarray | None = None  # (scan_height, scan_width)
+    disk: DiskEstimate | None = None
+
+    @property
+    def n_positions(self) -> int:
+        return self.scan_width * self.scan_height
+
+    def summary(self, max_missing: int = 100) -> dict[str, Any]:
+        """JSON-able digest (no image; at most ``max_missing`` missing positions listed)."""
+        return {
+            "path": str(self.path),
+            "scan_width": self.scan_width,
+            "scan_height": self.scan_height,
+            "parts": [str(p) for p in self.parts],
+            "positions_written": self.positions_written,
+            "n_missing": len(self.missing),
+            "missing": self.missing[:max_missing],
+            "total_events": self.total_events,
+            "disk": None
+            if self.disk is None
+            else {"center": list(self.disk.center), "radius": self.disk.radius},
+        }
+
+
+def merge_parts(
+    part_paths: Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    scan_width: int,
+    scan_height: int,
+    frame_shape: Sequence[int],
+    overwrite: bool = False,
+    *,
+    attrs: Mapping[str, Any] | None = None,
+    bright_field: bool = True,
+    center: Sequence[float] | None = None,
+    radius: float | None = None,
+    accumulators: Sequence[BlockAccumulator] = (),
+    block_positions: int = 8192,
+) -> MergeReport:
+    """Merge part files into one stempy file (temp + rename), reading each part once, a block
+    at a time. Positions in no part are written empty and listed in ``missing``; a position in
+    two parts is an error naming both. With ``bright_field`` the virtual bright-field image is
+    computed in the same pass; the disk, unless given, comes from the parts' summed patterns.
+    """
+    frame_shape = check_frame_shape(frame_shape)
+    n = scan_size(scan_width, scan_height)
+    n_pixels = frame_shape[0] * frame_shape[1]
+    out = Path(out_path)
+    if not overwrite and out.exists():  # fail before reading anything
+        raise refuse(out)
+
+    parts = [read_part(p) for p in part_paths]
+    owner = np.full(n, -1, dtype=np.int64)
+    for k, part in enumerate(parts):
+        if part.frame_shape != frame_shape:
+            raise ValueError(f"{part.path}: frame shape {part.frame_shape}, expected {frame_shape}")
+        pos = part.positions.astype(np.int64)
+        if pos.size and int(pos.max()) >= n:
+            raise ValueError(
+                f"{part.path}: scan position {int(pos.max())} outside a "
+                f"{scan_width}x{scan_height} scan"
+            )
+        uniq, counts = np.unique(pos, return_counts=True)
+        if np.any(counts > 1):
+            raise ValueError(f"{part.path}: scan position {int(uniq[counts > 1][0])} appears twice")
+        clash = pos[owner[pos] >= 0]
+        if clash.size:
+            p = int(clash.min())
+            raise ValueError(
+                f"scan position {p} is in two parts: {parts[owner[p]].path} and {part.path}"
+            )
+        owner[pos] = k
+    missing = np.flatnonzero(owner < 0)
+
+    acc_list: list[BlockAccumulator] = list(accumulators)
+    bf: VirtualBrightField | None = None
+    disk: DiskEstimate | None = None
+    if bright_field:
+        if center is None or radius is None:
+            pattern = np.zeros(frame_shape, np.uint64)
+            for part in parts:
+                pattern += part.summed_pattern()
+            if np.any(pattern):
+                est = estimate_disk(pattern)
+                center = est.center if center is None else center
+                radius = est.radius if radius is None else radius
+            else:  # nothing counted at all: an all-zero image, disk unknown
+                center = (frame_shape[0] / 2, frame_shape[1] / 2) if center is None else center
+                radius = 0.0 if radius is None else radius
+        disk = DiskEstimate((float(center[0]), float(center[1])), float(radius))
+        bf = VirtualBrightField(scan_width, scan_height, frame_shape, disk.center, disk.radius)
+        acc_list.append(bf)
+
+    total_events = 0
+    with h5_output(out, overwrite=overwrite) as f:
+        frames = create_counts_layout(f, scan_width, scan_height, frame_shape, attrs)
+        for part in parts:
+            for positions, flat, offs in part.iter_blocks(block_positions):
+                if flat.size and int(flat.max()) >= n_pixels:
+                    raise ValueError(
+                        f"{part.path}: event index {int(flat.max())} outside a frame of "
+                        f"{n_pixels} pixels"
+                    )
+                block = vlen_block([flat[offs[i] : offs[i + 1]] for i in range(len(positions))])
+                try:
+                    write_vlen_points(frames, positions, block)
+                except (OSError, RuntimeError) as e:
+                    raise io_error(e, out) from e
+                for acc in acc_list:
+                    acc.add_block(positions, flat, offs)
+                total_events += int(flat.size)
+        empty = np.zeros(0, np.uint32)
+        for start in range(0, len(missing), WRITE_BLOCK):
+            chunk = missing[start : start + WRITE_BLOCK]
+            try:
+                write_vlen_points(frames, chunk, vlen_block([empty] * len(chunk)))
+            except (OSError, RuntimeError) as e:
+                raise io_error(e, out) from e
+
+    return MergeReport(
+        path=out,
+        scan_width=int(scan_width),
+        scan_height=int(scan_height),
+        parts=[p.path for p in parts],
+        positions_written=int(n - len(missing)),
+        missing=[int(p) for p in missing],
+        total_events=total_events,
+        bright_field=None if bf is None else bf.image,
+        disk=disk,
+    )
+

@@ -1,0 +1,264 @@
+"""The per-node part format: each distributor writes its counted frames, any positions in any
+order, to one part file (``PartWriter``); the merge reads them back (``read_part``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..atomic import AtomicFile, io_error
+from .frames import as_events, check_frame_shape
+from .hdf5 import close_h5, force_close
+from .summary import jsonable
+
+PART_FORMAT_VERSION = 1
+
+
+class PartWriter:
+    """Incrementally writes one distributor's counted frames (any positions, any order) to a
+    part file, buffering a bounded number of frames in memory between appends.
+
+    Layout: ``positions`` (uint32), ``offsets`` (uint64, len n+1; events of the i-th stored
+    frame are ``events[offsets[i]:offsets[i+1]]``), ``events`` (uint32, flat) and
+    ``summed_pattern`` (uint64, frame shape) so a merge can locate the bright-field disk
+    without a second pass. Not thread-safe: one writer per thread.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        frame_shape: Sequence[int],
+        *,
+        flush_every: int = 4096,
+        max_buffered_events: int = 4 << 20,
+        overwrite: bool = False,
+    ):
+        if flush_every <= 0 or max_buffered_events <= 0:
+            raise ValueError("flush_every and max_buffered_events must be positive")
+        self.path = Path(path)
+        self.frame_shape = check_frame_shape(frame_shape)
+        self._n_pixels = self.frame_shape[0] * self.frame_shape[1]
+        self.flush_every = int(flush_every)
+        self.max_buffered_events = int(max_buffered_events)
+        self.positions_written = 0
+        self.events_written = 0
+        self._seen = np.zeros(0, dtype=bool)  # grows to the highest position added
+        self._buf_positions: list[int] = []
+        self._buf_events: list[np.ndarray] = []
+        self._buf_nevents = 0
+        self._pattern = np.zeros(self._n_pixels, dtype=np.uint64)
+        self._state = "open"
+        self._target = AtomicFile(self.path, overwrite)
+        try:
+            self._file = h5py.File(self._target.tmp, "w")
+            self._file.attrs["detstream_part"] = np.int64(PART_FORMAT_VERSION)
+            self._file.attrs["frame_rows"] = np.int64(self.frame_shape[0])
+            self._file.attrs["frame_cols"] = np.int64(self.frame_shape[1])
+            self._positions = self._file.create_dataset(
+                "positions", (0,), maxshape=(None,), dtype=np.uint32, chunks=(1 << 14,)
+            )
+            self._offsets = self._file.create_dataset(
+                "offsets", data=np.zeros(1, np.uint64), maxshape=(None,), chunks=(1 << 14,)
+            )
+            self._events = self._file.create_dataset(
+                "events", (0,), maxshape=(None,), dtype=np.uint32, chunks=(1 << 18,)
+            )
+        except (OSError, RuntimeError) as e:
+            self._fail()
+            raise io_error(e, self.path, "creating") from e
+
+    def add(self, position: int, events: np.ndarray) -> None:
+        """Queue one frame's events for ``position``; appends to the file every ``flush_every``
+        frames. Adding the same position twice is an error."""
+        if self._state != "open":
+            raise RuntimeError(f"part writer for {self.path} is {self._state}")
+        position = int(position)
+        if position < 0 or position > np.iinfo(np.uint32).max:
+            raise ValueError(f"{self.path}: scan position {position} out of range")
+        arr = as_events(events, self._n_pixels, f"{self.path}: scan position {position}")
+        if position >= len(self._seen):
+            grown = np.zeros(max(position + 1, 2 * len(self._seen)), dtype=bool)
+            grown[: len(self._seen)] = self._seen
+            self._seen = grown
+        if self._seen[position]:
+            raise ValueError(f"{self.path}: scan position {position} added twice")
+        self._seen[position] = True
+        self._buf_positions.append(position)
+        if isinstance(events, np.ndarray) and np.may_share_memory(arr, events):
+            arr = arr.copy()  # the caller may reuse its buffer before we flush
+        self._buf_events.append(arr)
+        self._buf_nevents += arr.size
+        if (
+            len(self._buf_positions) >= self.flush_every
+            or self._buf_nevents >= self.max_buffered_events
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        """Append buffered frames to the part's datasets."""
+        if self._state != "open":
+            raise RuntimeError(f"part writer for {self.path} is {self._state}")
+        if not self._buf_positions:
+            return
+        positions = np.asarray(self._buf_positions, dtype=np.uint32)
+        lengths = np.fromiter((a.size for a in self._buf_events), np.uint64, len(self._buf_events))
+        flat = np.concatenate(self._buf_events) if self._buf_nevents else np.zeros(0, np.uint32)
+        offsets = np.uint64(self.events_written) + np.cumsum(lengths, dtype=np.uint64)
+        p0, e0 = self.positions_written, self.events_written
+        try:
+            self._positions.resize((p0 + len(positions),))
+            self._positions[p0:] = positions
+            self._offsets.resize((p0 + len(positions) + 1,))
+            self._offsets[p0 + 1 :] = offsets
+            if flat.size:
+                self._events.resize((e0 + flat.size,))
+                self._events[e0:] = flat
+        except (OSError, RuntimeError) as e:
+            self._fail()
+            raise io_error(e, self.path) from e
+        if flat.size:
+            self._pattern += np.bincount(flat, minlength=self._n_pixels).astype(np.uint64)
+        self.positions_written += len(positions)
+        self.events_written += int(flat.size)
+        self._buf_positions.clear()
+        self._buf_events.clear()
+        self._buf_nevents = 0
+
+    def close(self, extra: Mapping[str, Any] | None = None) -> Path:
+        """Flush, record ``extra`` (JSON-able metadata, e.g. node and timing) and move the part
+        into place under its final name. Returns the path."""
+        if self._state == "closed":
+            return self.path
+        self.flush()
+        try:
+            f = self._file
+            f.create_dataset(
+                "summed_pattern", data=self._pattern.reshape(self.frame_shape), dtype=np.uint64
+            )
+            f.attrs["n_positions"] = np.int64(self.positions_written)
+            f.attrs["n_events"] = np.int64(self.events_written)
+            f.attrs["extra"] = json.dumps(jsonable(dict(extra or {})))
+        except (OSError, RuntimeError) as e:
+            self._fail()
+            raise io_error(e, self.path) from e
+        except BaseException:
+            self._fail()
+            raise
+        try:
+            close_h5(self._file, self.path)
+        except BaseException:
+            self._fail()
+            raise
+        try:
+            self._target.commit()  # discards the temp file itself if the rename fails
+        except BaseException:
+            self._state = "failed"
+            raise
+        self._state = "closed"
+        return self.path
+
+    def abort(self) -> None:
+        """Give up: close and delete the temporary file; nothing appears under ``path``."""
+        if self._state == "open":
+            self._fail()
+            self._state = "aborted"
+
+    def _fail(self) -> None:
+        if hasattr(self, "_file"):
+            force_close(self._file)
+        self._target.discard()
+        self._state = "failed"
+
+    def __enter__(self) -> "PartWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:  # a writer dropped without close() must not leave its temp file
+        with suppress(Exception):
+            if self._state == "open":
+                self.abort()
+
+
+@dataclass(frozen=True)
+class Part:
+    """A finished part file: which positions it holds, and its events read on demand.
+    Unpacks as ``positions, events`` (events: iterator of arrays, same order)."""
+
+    path: Path
+    frame_shape: tuple[int, int]
+    positions: np.ndarray  # uint32, in the order they were added
+    offsets: np.ndarray  # uint64, len(positions) + 1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_events(self) -> int:
+        return int(self.offsets[-1])
+
+    def summed_pattern(self) -> np.ndarray:
+        """Sum of all the part's frames (uint64, frame shape), recorded when it was written."""
+        with h5py.File(self.path, "r") as f:
+            return f["summed_pattern"][()]
+
+    def iter_blocks(
+        self, block_positions: int = 8192
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``(positions, flat_events, offsets)`` for consecutive blocks of stored frames;
+        ``offsets`` start at 0 and index into ``flat_events``. Memory is one block at a time."""
+        with h5py.File(self.path, "r") as f:
+            events = f["events"]
+            for start in range(0, len(self.positions), block_positions):
+                stop = min(start + block_positions, len(self.positions))
+                offs = self.offsets[start : stop + 1]
+                flat = events[int(offs[0]) : int(offs[-1])]
+                yield self.positions[start:stop], flat, (offs - offs[0]).astype(np.int64)
+
+    def iter_events(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(position, events)`` for every stored frame, in stored order."""
+        for positions, flat, offs in self.iter_blocks():
+            for i, p in enumerate(positions):
+                yield int(p), flat[offs[i] : offs[i + 1]]
+
+    def iter_arrays(self) -> Iterator[np.ndarray]:
+        """Yield each stored frame's events, in the order of ``positions``."""
+        for _, events in self.iter_events():
+            yield events
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpack as ``positions, events = read_part(path)``; events is a one-shot iterator."""
+        return iter((self.positions, self.iter_arrays()))
+
+
+def read_part(path: str | os.PathLike) -> Part:
+    """Open a part written by PartWriter; positions and offsets are loaded, events are not."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if "detstream_part" not in f.attrs:
+                raise ValueError(f"{path} is not a detstream part file")
+            version = int(f.attrs["detstream_part"])
+            if version != PART_FORMAT_VERSION:
+                raise ValueError(f"{path}: part format {version}, expected {PART_FORMAT_VERSION}")
+            frame_shape = (int(f.attrs["frame_rows"]), int(f.attrs["frame_cols"]))
+            positions = f["positions"][()]
+            offsets = f["offsets"][()]
+            extra = json.loads(f.attrs.get("extra", "{}"))
+            n_events = f["events"].shape[0]
+    except (OSError, RuntimeError) as e:
+        raise io_error(e, path, "reading") from e
+    if len(offsets) != len(positions) + 1 or int(offsets[-1]) != n_events:
+        raise ValueError(f"{path}: offsets do not match positions/events; the part is corrupt")
+    return Part(path, frame_shape, positions, offsets, extra)
+
