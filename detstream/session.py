@@ -116,7 +116,7 @@ class StreamingSession:
         if out.exists() and any(out.iterdir()) and not self.overwrite:
             raise FileExistsError(f"session {self.sid} already has output in {out}; pass overwrite=True "
                                   "(--overwrite) to replace it")
-        self.lock_lease = KeepAliveLease(self.coord, ttl=LOCK_LEASE_TTL_S).__enter__()
+        self.lock_lease = self.coord.lease(LOCK_LEASE_TTL_S)
         try:
             self.coord.lock_detector(self.spec.detector, self.sid, self.lock_lease)
         except DetectorBusy:
