@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from .backends.base import DistributorLaunch, Reservation, ReservationError
 from .session import SessionError, StreamingSession
+from .states import SessionState
 from .transfer import LocalCopyTransfer, Transfer
 
 ACQUIRED = "acquired"
@@ -42,7 +43,7 @@ class FileTransferSession(StreamingSession):
 
     def acquire(self, on_progress: Optional[Callable[[int, int], None]] = None) -> list[Path]:
         """Every producer writes its sector to a raw v5 file (fsync'd, evicted)."""
-        self.coord.set_state(self.sid, "streaming", "acquire: writing raw files")
+        self.coord.set_state(self.sid, SessionState.STREAMING, "acquire: writing raw files")
         t0 = time.time()
         procs = [self._start_local("acquire", str(s), "--sector", str(s), "--directory", str(self.acquired_dir))
                  for s in range(self.spec.profile.sectors)]
@@ -57,7 +58,7 @@ class FileTransferSession(StreamingSession):
 
     def transfer(self, files: list[Path], on_progress=None) -> dict:
         """Move the raw files to the compute site's storage, verified by size and checksum."""
-        self.coord.set_state(self.sid, "streaming", f"transfer: {len(files)} files")
+        self.coord.set_state(self.sid, SessionState.STREAMING, f"transfer: {len(files)} files")
         t0 = time.time()
         report = self.transfer_impl.transfer(files, self.transferred_dir, remove_source=self.remove_source,
                                              on_progress=on_progress)
@@ -67,7 +68,7 @@ class FileTransferSession(StreamingSession):
 
     def reserve(self, timeout_s: float) -> Reservation:
         """Reserve the nodes for the count stage (``detstream count-files`` on each)."""
-        self.coord.set_state(self.sid, "reserving", f"{self.spec.nodes} nodes on {self.backend.name}")
+        self.coord.set_state(self.sid, SessionState.RESERVING, f"{self.spec.nodes} nodes on {self.backend.name}")
         t0 = time.time()
         launch = DistributorLaunch(session_id=self.sid, etcd_endpoint=self.etcd_endpoint,
                                    etcd_prefix=self.spec.etcd_prefix, command="count-files")

@@ -25,11 +25,11 @@ from .config import SessionSpec
 from .coordination import Coordinator, DetectorBusy, KeepAliveLease
 from .processes import ManagedProcess, detstream_argv
 from .progress import report as report_progress
+from .states import TERMINAL_STATES, SessionState
 
 log = logging.getLogger("detstream.session")
 
 LOCK_LEASE_TTL_S = 10
-TERMINAL_STATES = ("completed", "failed", "cancelled")
 
 
 class SessionError(RuntimeError):
@@ -128,12 +128,12 @@ class StreamingSession:
             shutil.rmtree(out, ignore_errors=True)
         self.spec = with_simulator_dark(self.spec)
         self.coord.put_spec(self.sid, json.loads(self.spec.model_dump_json()))
-        self.coord.set_state(self.sid, "requested")
+        self.coord.set_state(self.sid, SessionState.REQUESTED)
         self.coord.set_expected(self.sid, self.spec.scan_number, self.spec.frames_expected)
 
     def reserve(self, timeout_s: float) -> Reservation:
         """Reserve the nodes and wait until the job runs; ReservationError means fall back."""
-        self.coord.set_state(self.sid, "reserving", f"{self.spec.nodes} nodes on {self.backend.name}")
+        self.coord.set_state(self.sid, SessionState.RESERVING, f"{self.spec.nodes} nodes on {self.backend.name}")
         t0 = time.time()
         launch = DistributorLaunch(session_id=self.sid, etcd_endpoint=self.etcd_endpoint,
                                    etcd_prefix=self.spec.etcd_prefix)
@@ -162,7 +162,7 @@ class StreamingSession:
 
     def start_services(self) -> dict:
         """Wait for every node's distributor, then start the aggregator and the producers."""
-        self.coord.set_state(self.sid, "starting")
+        self.coord.set_state(self.sid, SessionState.STARTING)
         t0 = time.time()
         nodes = self._await_nodes(self.spec.register_timeout_s)
         self.timings["register_s"] = time.time() - t0
@@ -199,7 +199,7 @@ class StreamingSession:
                finish_timeout_s: float = 120.0, set_state: bool = True) -> Progress:
         """Watch the scan until every distributor has reported; raise on stall or failure."""
         if set_state:
-            self.coord.set_state(self.sid, "streaming")
+            self.coord.set_state(self.sid, SessionState.STREAMING)
         t0 = time.time()
         last_count, last_change = -1, time.monotonic()
         reports = self.spec.session_dir / "services"
@@ -216,7 +216,7 @@ class StreamingSession:
             done = expected <= {p.name for p in reports.glob("distributor-*.json")}
             if done:
                 if set_state and not draining:  # every node saw every END: producers are done
-                    self.coord.set_state(self.sid, "draining")
+                    self.coord.set_state(self.sid, SessionState.DRAINING)
                     self.timings["acquire_s"] = time.time() - t0
                 break
             failed = [p for p in self.local if p.poll() not in (None, 0)]
@@ -225,7 +225,7 @@ class StreamingSession:
                 raise SessionError(f"service failed: {names}", fallback_reason=f"service failed: {names}")
             if set_state and not draining and all(p.poll() == 0 for p in self.local):
                 draining = True
-                self.coord.set_state(self.sid, "draining")
+                self.coord.set_state(self.sid, SessionState.DRAINING)
                 self.timings["acquire_s"] = time.time() - t0
             if self.reservation is not None and time.monotonic() - last_job_poll >= self.job_poll_s:
                 last_job_poll = time.monotonic()
@@ -254,13 +254,13 @@ class StreamingSession:
                 for i in range(self.spec.nodes)]
 
     # -- release -----------------------------------------------------------------------------
-    def close(self, state: str, reason: Optional[str] = None, result: Optional[dict] = None) -> None:
+    def close(self, state: SessionState, reason: Optional[str] = None, result: Optional[dict] = None) -> None:
         """Stop everything this session holds, record the final state; safe to call twice."""
         if self.closed:
             return
         self.closed = True
         try:
-            if state != "completed":
+            if state != SessionState.COMPLETED:
                 # Tell remote services to stop before their job is cancelled.
                 self.coord.set_state(self.sid, state, reason)
             for p in self.local:
@@ -271,7 +271,7 @@ class StreamingSession:
             if result is not None:
                 self.coord.put_result(self.sid, result)
             self.coord.cleanup_session(self.sid)
-            if state == "completed":
+            if state == SessionState.COMPLETED:
                 self.coord.set_state(self.sid, state, reason)
         finally:
             try:
@@ -281,7 +281,7 @@ class StreamingSession:
                     self.lock_lease.revoke()
 
 
-def release_session(coord: Coordinator, sid: str, state: str, reason: str,
+def release_session(coord: Coordinator, sid: str, state: SessionState, reason: str,
                     backends: Optional[dict[str, Callable[[Reservation], None]]] = None) -> None:
     """Release a session from what etcd records, for hooks running outside the session's process.
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from detstream.states import SessionState
+
 log = logging.getLogger("detstream.flows")
 
 # flow run id -> StreamingSession, for hooks running in the flow's own process.
@@ -13,7 +15,7 @@ ACTIVE_SESSIONS: dict = {}
 def release_on_failure(flow, flow_run, state) -> None:
     """Close the session in this process; otherwise release it from what etcd records."""
     reason = f"flow run {state.type.value.lower()}: {state.message or ''}".strip()
-    final = "cancelled" if state.is_cancelled() or state.is_cancelling() else "failed"
+    final = SessionState.CANCELLED if state.is_cancelled() or state.is_cancelling() else SessionState.FAILED
     session = ACTIVE_SESSIONS.pop(str(flow_run.id), None)
     if session is not None:
         session.close(final, reason)

@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from detstream.file_session import FileTransferSession, transfer_summary
+from detstream.states import SessionState
 from detstream.tasks.files import acquire_files, count_from_files, transfer_files
 from detstream.tasks.nodes import open_session, reserve_nodes
 from detstream.tasks.results import collect_results
@@ -61,7 +62,7 @@ def file_transfer_session(
     def steps(session):
         open_session(session)
         if fallback_reason:
-            session.coord.set_state(session.sid, "requested",
+            session.coord.set_state(session.sid, SessionState.REQUESTED,
                                     f"fallback from streaming session {fell_back_from}: {fallback_reason}")
         files = acquire_files(session)
         transfer_files(session, files)

@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from detstream.session import StreamingSession
+from detstream.states import SessionState
 from detstream.tasks.nodes import open_session, reserve_nodes
 from detstream.tasks.results import collect_results
 from detstream.tasks.services import start_services
@@ -71,7 +72,7 @@ def streaming_session(
         from .file_transfer_session import file_transfer_session
 
         reason = err.fallback_reason
-        session.coord.set_state(session.sid, "failed", f"falling back to file-transfer: {reason}")
+        session.coord.set_state(session.sid, SessionState.FAILED, f"falling back to file-transfer: {reason}")
         get_run_logger().warning("session %s: %s; falling back to the file-transfer workflow",
                                  session.sid, reason)
         ft = {k: v for k, v in params.items()

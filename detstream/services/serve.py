@@ -17,13 +17,13 @@ from ..memory import peak_rss_mib
 from ..config import SessionSpec
 from ..sources import source_for_spec
 from ..coordination import Coordinator
+from ..states import TERMINAL_STATES
 from .aggregator import Aggregator
 from .distributor import Distributor
 from .producer import run_producer
 
 log = logging.getLogger("detstream.serve")
 
-STOP_STATES = {"cancelled", "failed"}
 SERVICE_LEASE_TTL_S = 5
 
 
@@ -44,7 +44,7 @@ def write_report(path: Path, report: dict) -> None:
 def stop_requested(coord: Coordinator, sid: str):
     def check() -> Optional[str]:
         state = coord.get_state(sid)
-        return f"session {state}" if state in STOP_STATES else None
+        return f"session {state}" if state in TERMINAL_STATES else None
     return check
 
 
