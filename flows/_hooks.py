@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from detstream.config import DEFAULT_PREFIX
 from detstream.states import SessionState
 
 log = logging.getLogger("detstream.flows")
@@ -38,7 +39,7 @@ def release_on_failure(flow, flow_run, state) -> None:
         except Exception:
             log.exception("cannot build the SFAPI client to cancel session %s's job", sid)
     try:
-        coord = Coordinator(etcd_url, prefix=params.get("etcd_prefix") or "/detstream")
+        coord = Coordinator(etcd_url, prefix=params.get("etcd_prefix") or DEFAULT_PREFIX)
         release_session(coord, sid, final, reason, backends=backends)
     except Exception:  # a hook must not mask the run's own failure
         log.exception("could not release session %s", sid)

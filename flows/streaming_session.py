@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from prefect import flow, get_run_logger
 from pydantic import Field
 
+from detstream.config import DEFAULT_PREFIX
 from detstream.session import StreamingSession
 from detstream.states import SessionState
 from detstream.tasks.nodes import open_session, reserve_nodes
@@ -44,7 +45,7 @@ def streaming_session(
     fallback_backend: Annotated[Literal["local", "sfapi"], Field(description="Backend for the fallback's count job.")] = "local",
     sfapi: P.Sfapi = None,
     etcd_url: P.EtcdUrl = None,
-    etcd_prefix: P.EtcdPrefix = "/detstream",
+    etcd_prefix: P.EtcdPrefix = DEFAULT_PREFIX,
     reserve_timeout_s: P.Seconds = 300.0,
     register_timeout_s: P.Seconds = 60.0,
     stall_timeout_s: P.Seconds = 30.0,
