@@ -1,18 +1,6 @@
-"""The session key schema in etcd: which key holds the lock, spec, state, events, job, services, scans, result.
+"""The session key schema: which etcd key holds a session's lock, spec, state, events, job, services, scans, result.
 
-Keys follow DESIGN.md ("etcd keys") under a configurable prefix; the transport (etcd3gw, auth,
-encoding, leases) is `detstream.etcd_client`. Layout::
-
-    <prefix>/detectors/<detector>/lock                   session id, leased
-    <prefix>/sessions/<sid>/spec                         JSON
-    <prefix>/sessions/<sid>/state                        a SessionState value
-    <prefix>/sessions/<sid>/events/<seq:010d>            JSON {"state", "reason", "time"}
-    <prefix>/sessions/<sid>/job                          JSON
-    <prefix>/sessions/<sid>/services/<role>/<name>       JSON, leased
-    <prefix>/sessions/<sid>/barriers/<barrier>/<name>    "1"
-    <prefix>/sessions/<sid>/scans/<scan>/expected        integer
-    <prefix>/sessions/<sid>/scans/<scan>/received/<node> integer
-    <prefix>/sessions/<sid>/result                       JSON
+Only what lives where; the transport (etcd3gw, auth, encoding, leases) is `detstream.etcd_client`.
 """
 
 from __future__ import annotations
@@ -69,7 +57,21 @@ class DetectorBusy(RuntimeError):
 
 
 class Coordinator:
-    """Reads and writes a detstream deployment's coordination keys in one etcd, under one prefix."""
+    """Reads and writes a detstream deployment's coordination keys in one etcd, under one prefix.
+
+    The layout (DESIGN.md, "etcd keys")::
+
+        <prefix>/detectors/<detector>/lock                   session id, leased
+        <prefix>/sessions/<sid>/spec                         JSON
+        <prefix>/sessions/<sid>/state                        a SessionState value
+        <prefix>/sessions/<sid>/events/<seq:010d>            JSON {"state", "reason", "time"}
+        <prefix>/sessions/<sid>/job                          JSON
+        <prefix>/sessions/<sid>/services/<role>/<name>       JSON, leased
+        <prefix>/sessions/<sid>/barriers/<barrier>/<name>    "1"
+        <prefix>/sessions/<sid>/scans/<scan>/expected        integer
+        <prefix>/sessions/<sid>/scans/<scan>/received/<node> integer
+        <prefix>/sessions/<sid>/result                       JSON
+    """
 
     def __init__(self, endpoint: str, prefix: str = DEFAULT_PREFIX, **connection: Any) -> None:
         """Keys under `prefix` in the etcd at `endpoint`.

@@ -1,7 +1,6 @@
-"""The etcd transport: every etcd request detstream makes goes through `EtcdClient.call` here.
+"""The etcd transport: etcd3gw, auth, encoding, errors and leases, every request through `EtcdClient.call`.
 
-etcd3gw (etcd's v3 JSON gateway) stays inside this module, so callers see str/bytes/dict values,
-`CoordinationError` and `AuthenticationError`, and the client can be swapped or wrapped in one place.
+Kept in one module so the client can be swapped, and a retry policy wrapped around one method.
 """
 
 from __future__ import annotations
