@@ -192,6 +192,7 @@ def run_session(*, scan: tuple[int, int], nodes: int, counting: bool, workdir: P
     from detstream.backends.local import LocalBackend
     from detstream.profile import get_profile
     from detstream.session import SessionError, StreamingSession, make_spec
+    from detstream.states import SessionState
 
     spec = make_spec(scan_width=scan[0], scan_height=scan[1], profile=get_profile("4dcamera"),
                      output_dir=str(workdir), counting={"enabled": counting}, nodes=nodes,
@@ -215,9 +216,9 @@ def run_session(*, scan: tuple[int, int], nodes: int, counting: bool, workdir: P
         if session.reservation is not None:
             session.backend.wait_finished(session.reservation, 30)
         summary = results.collect(spec, "benchmark", session.timings)
-        session.close("completed", result={k: summary[k] for k in ("frames_received", "throughput_gb_s")})
+        session.close(SessionState.COMPLETED, result={k: summary[k] for k in ("frames_received", "throughput_gb_s")})
     except BaseException as err:
-        session.close("failed", f"{type(err).__name__}: {err}")
+        session.close(SessionState.FAILED, f"{type(err).__name__}: {err}")
         if isinstance(err, SessionError):
             raise RuntimeError(f"benchmark session failed: {err}{_log_tails(spec.session_dir)}") from err
         raise

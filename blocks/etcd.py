@@ -7,6 +7,8 @@ from typing import Optional
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from detstream.config import DEFAULT_PREFIX
+
 
 class EtcdCoordinator(Block):
     """Connection to the etcd cluster that holds detstream's session keys."""
@@ -19,7 +21,7 @@ class EtcdCoordinator(Block):
     endpoints: list[str] = Field(
         default_factory=list,
         description="etcd client URLs, e.g. https://etcd.example.org:2379. Empty: start a private etcd.")
-    prefix: str = Field(default="/detstream", description="Key prefix for every detstream key.")
+    prefix: str = Field(default=DEFAULT_PREFIX, description="Key prefix for every detstream key.")
     username: Optional[str] = Field(default=None, description="etcd user, if auth is enabled.")
     password: Optional[SecretStr] = Field(default=None, description="etcd password.")
     ca_file: Optional[str] = Field(default=None, description="CA bundle for https endpoints.")

@@ -16,6 +16,8 @@ from typing import Optional
 
 import typer
 
+from .config import DEFAULT_PREFIX
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Stream detector frames into compute-node memory and count electrons on the fly.")
 
@@ -58,7 +60,7 @@ def _serve(role: str, fn) -> None:
 
 _session_opt = typer.Option(..., "--session", help="Session id.")
 _etcd_opt = typer.Option(..., "--etcd", help="etcd endpoint, e.g. http://127.0.0.1:2379.")
-_prefix_opt = typer.Option("/detstream", "--prefix", help="etcd key prefix.")
+_prefix_opt = typer.Option(DEFAULT_PREFIX, "--prefix", help="etcd key prefix.")
 
 
 @app.command()

@@ -14,6 +14,13 @@ from .session_dir import SessionDir
 DEFAULT_PREFIX = "/detstream"
 
 
+def check_prefix(prefix: str) -> str:
+    """An etcd key prefix as every key is built under it: starts with '/', does not end with one."""
+    if not prefix.startswith("/") or prefix.endswith("/"):
+        raise ValueError(f"etcd prefix {prefix!r} must start with '/' and not end with '/'")
+    return prefix
+
+
 class CountingParams(BaseModel):
     """Electron-counting parameters, as stempy.image.electron_count_frame takes them."""
 
@@ -61,9 +68,7 @@ class SessionSpec(BaseModel):
     @field_validator("etcd_prefix")
     @classmethod
     def _prefix_shape(cls, v: str) -> str:
-        if not v.startswith("/") or v.endswith("/"):
-            raise ValueError(f"etcd prefix {v!r} must start with '/' and not end with '/'")
-        return v
+        return check_prefix(v)
 
     @model_validator(mode="after")
     def _replay_has_dir(self) -> "SessionSpec":

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from detstream.config import DEFAULT_PREFIX
+from detstream.states import SessionState
+
 log = logging.getLogger("detstream.flows")
 
 # flow run id -> StreamingSession, for hooks running in the flow's own process.
@@ -13,7 +16,7 @@ ACTIVE_SESSIONS: dict = {}
 def release_on_failure(flow, flow_run, state) -> None:
     """Close the session in this process; otherwise release it from what etcd records."""
     reason = f"flow run {state.type.value.lower()}: {state.message or ''}".strip()
-    final = "cancelled" if state.is_cancelled() or state.is_cancelling() else "failed"
+    final = SessionState.CANCELLED if state.is_cancelled() or state.is_cancelling() else SessionState.FAILED
     session = ACTIVE_SESSIONS.pop(str(flow_run.id), None)
     if session is not None:
         session.close(final, reason)
@@ -36,7 +39,7 @@ def release_on_failure(flow, flow_run, state) -> None:
         except Exception:
             log.exception("cannot build the SFAPI client to cancel session %s's job", sid)
     try:
-        coord = Coordinator(etcd_url, prefix=params.get("etcd_prefix") or "/detstream")
+        coord = Coordinator(etcd_url, prefix=params.get("etcd_prefix") or DEFAULT_PREFIX)
         release_session(coord, sid, final, reason, backends=backends)
     except Exception:  # a hook must not mask the run's own failure
         log.exception("could not release session %s", sid)

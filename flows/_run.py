@@ -8,7 +8,7 @@ from prefect import get_run_logger
 from prefect.context import FlowRunContext
 
 from detstream.session import SessionCancelled, SessionError, StreamingSession, coordination
-
+from detstream.states import SessionState
 from detstream.tasks.nodes import release_nodes
 
 from ._hooks import ACTIVE_SESSIONS
@@ -40,19 +40,19 @@ def run_session(make_session: Callable[[str, object], StreamingSession], spec, e
             if not summary["complete"]:
                 logger.warning("session %s: %d frames missing, listed in %s", spec.session_id,
                                summary["frames_missing"], summary["outputs"]["summary"])
-            release_nodes(session, "completed", result=summary)
+            release_nodes(session, SessionState.COMPLETED, result=summary)
             logger.info("session %s (%s) completed: %d/%d frames, %d events -> %s", spec.session_id,
                         session.workflow, summary["frames_received"], summary["frames_expected"],
                         summary["events"], summary["outputs"]["hdf5"])
             return summary
         except SessionError as err:
-            session.close("failed", str(err))
+            session.close(SessionState.FAILED, str(err))
             if on_error is not None and err.fallback_reason:
                 return on_error(session, err, endpoint)
             raise
         except BaseException as err:
             cancelled = isinstance(err, (SessionCancelled, KeyboardInterrupt))
-            session.close("cancelled" if cancelled else "failed", f"{type(err).__name__}: {err}")
+            session.close(SessionState.CANCELLED if cancelled else SessionState.FAILED, f"{type(err).__name__}: {err}")
             raise
         finally:
             ACTIVE_SESSIONS.pop(key, None)

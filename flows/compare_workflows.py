@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
 from detstream import compare
+from detstream.config import DEFAULT_PREFIX
 from detstream.output.summary import write_summary
 from detstream.session import coordination
 
@@ -34,7 +35,7 @@ def compare_workflows(
     output_dir: P.OutputDir = "runs/compare",
     backend: P.BackendName = "local",
     etcd_url: P.EtcdUrl = None,
-    etcd_prefix: P.EtcdPrefix = "/detstream",
+    etcd_prefix: P.EtcdPrefix = DEFAULT_PREFIX,
     json_path: Annotated[Optional[str], Field(description="Also write the report here.")] = None,
     keep_raw_files: Annotated[bool, Field(description="Keep the file path's raw files after each run (they are the size of the scan).")] = False,
 ) -> dict:

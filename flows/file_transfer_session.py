@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 from prefect import flow, get_run_logger
 from pydantic import Field
 
+from detstream.config import DEFAULT_PREFIX
 from detstream.session import FileTransferSession, transfer_summary
+from detstream.states import SessionState
 from detstream.tasks.files import acquire_files, count_from_files, transfer_files
 from detstream.tasks.nodes import open_session, reserve_nodes
 from detstream.tasks.results import collect_results
@@ -37,7 +39,7 @@ def file_transfer_session(
     backend: P.BackendName = "local",
     sfapi: P.Sfapi = None,
     etcd_url: P.EtcdUrl = None,
-    etcd_prefix: P.EtcdPrefix = "/detstream",
+    etcd_prefix: P.EtcdPrefix = DEFAULT_PREFIX,
     reserve_timeout_s: P.Seconds = 300.0,
     register_timeout_s: P.Seconds = 60.0,
     stall_timeout_s: P.Seconds = 30.0,
@@ -61,7 +63,7 @@ def file_transfer_session(
     def steps(session):
         open_session(session)
         if fallback_reason:
-            session.coord.set_state(session.sid, "requested",
+            session.coord.set_state(session.sid, SessionState.REQUESTED,
                                     f"fallback from streaming session {fell_back_from}: {fallback_reason}")
         files = acquire_files(session)
         transfer_files(session, files)

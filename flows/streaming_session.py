@@ -7,7 +7,9 @@ from typing import Annotated, Literal
 from prefect import flow, get_run_logger
 from pydantic import Field
 
+from detstream.config import DEFAULT_PREFIX
 from detstream.session import StreamingSession
+from detstream.states import SessionState
 from detstream.tasks.nodes import open_session, reserve_nodes
 from detstream.tasks.results import collect_results
 from detstream.tasks.services import start_services
@@ -43,7 +45,7 @@ def streaming_session(
     fallback_backend: Annotated[Literal["local", "sfapi"], Field(description="Backend for the fallback's count job.")] = "local",
     sfapi: P.Sfapi = None,
     etcd_url: P.EtcdUrl = None,
-    etcd_prefix: P.EtcdPrefix = "/detstream",
+    etcd_prefix: P.EtcdPrefix = DEFAULT_PREFIX,
     reserve_timeout_s: P.Seconds = 300.0,
     register_timeout_s: P.Seconds = 60.0,
     stall_timeout_s: P.Seconds = 30.0,
@@ -71,7 +73,7 @@ def streaming_session(
         from .file_transfer_session import file_transfer_session
 
         reason = err.fallback_reason
-        session.coord.set_state(session.sid, "failed", f"falling back to file-transfer: {reason}")
+        session.coord.set_state(session.sid, SessionState.FAILED, f"falling back to file-transfer: {reason}")
         get_run_logger().warning("session %s: %s; falling back to the file-transfer workflow",
                                  session.sid, reason)
         ft = {k: v for k, v in params.items()

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from detstream.backends.base import Reservation
 from detstream.session import StreamingSession
+from detstream.states import SessionState
 
 
 @task(name="open-session", cache_policy=NO_CACHE)
@@ -24,7 +25,7 @@ def reserve_nodes(session: StreamingSession, timeout_s: float) -> Reservation:
 
 
 @task(name="release-nodes", cache_policy=NO_CACHE)
-def release_nodes(session: StreamingSession, state: str, reason: Optional[str] = None,
+def release_nodes(session: StreamingSession, state: SessionState, reason: Optional[str] = None,
                   result: Optional[dict] = None) -> None:
     """Stop the services, release the nodes, drop leases and endpoints, free the detector."""
     session.close(state, reason, result)

@@ -14,6 +14,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from ..config import DEFAULT_PREFIX
 from .base import NodeLaunch
 
 #: Streaming sessions are capped at two hours (as the production gateway did).
@@ -224,7 +225,7 @@ def render_job_script(job: NerscJobSettings, nodes: int, launch: NodeLaunch) -> 
     return "\n".join(header + body) + "\n"
 
 
-def render_for_cli(*, session_id: str, etcd_endpoint: str, etcd_prefix: str = "/detstream",
+def render_for_cli(*, session_id: str, etcd_endpoint: str, etcd_prefix: str = DEFAULT_PREFIX,
                    nodes: int = 1, service: str = "distributor", env: Optional[list[str]] = None,
                    **job_fields) -> str:
     """``detstream render-job``: build the settings from plain arguments and render the script.

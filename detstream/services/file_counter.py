@@ -273,7 +273,6 @@ def serve_file_counter(coord, sid: str, node_index: int,
     """Run node ``node_index``'s count stage for session ``sid``, as serve_distributor runs a
     streaming node: spec from etcd, registered (leased) as role ``file-counter``, received
     counts kept up to date, report written as ``services/distributor-node-<i>.json``."""
-    from ..coordination import KeepAliveLease
     from .serve import (SERVICE_LEASE_TTL_S, service_info, report_path, stop_requested,
                         write_report)
 
@@ -283,7 +282,7 @@ def serve_file_counter(coord, sid: str, node_index: int,
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir(spec)
     name = f"node-{node_index}"
     part_path = spec.paths.part(name)
-    with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
+    with coord.lease(SERVICE_LEASE_TTL_S) as lease:
         coord.register_service(sid, ROLE, name,
                                service_info(None, node_index=node_index, data_dir=str(data_dir)), lease)
         result = count_files(

@@ -17,14 +17,14 @@ from ..atomic import write_atomically
 from ..memory import peak_rss_mib
 from ..config import SessionSpec
 from ..sources import source_for_spec
-from ..coordination import Coordinator, KeepAliveLease
+from ..coordination import Coordinator
+from ..states import TERMINAL_STATES
 from .aggregator import Aggregator
 from .distributor import Distributor
 from .producer import run_producer
 
 log = logging.getLogger("detstream.serve")
 
-STOP_STATES = {"cancelled", "failed"}
 SERVICE_LEASE_TTL_S = 5
 
 
@@ -43,7 +43,7 @@ def write_report(path: Path, report: dict) -> None:
 def stop_requested(coord: Coordinator, sid: str):
     def check() -> Optional[str]:
         state = coord.get_state(sid)
-        return f"session {state}" if state in STOP_STATES else None
+        return f"session {state}" if state in TERMINAL_STATES else None
     return check
 
 
@@ -71,7 +71,7 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
     if advertise_host:
         endpoint = endpoint.replace(bind_host, advertise_host, 1)
     try:
-        with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
+        with coord.lease(SERVICE_LEASE_TTL_S) as lease:
             coord.register_service(sid, "distributor", name, service_info(endpoint, node_index=node_index), lease)
             result = dist.run(
                 should_stop=stop_requested(coord, sid),
@@ -103,7 +103,7 @@ def serve_aggregator(coord: Coordinator, sid: str, bind_host: str = "127.0.0.1",
     if advertise_host:
         endpoint = endpoint.replace(bind_host, advertise_host, 1)
     try:
-        with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
+        with coord.lease(SERVICE_LEASE_TTL_S) as lease:
             coord.register_service(sid, "aggregator", "0", service_info(endpoint), lease)
             stats = agg.run(should_stop=stop_requested(coord, sid), stall_timeout_s=spec.stall_timeout_s)
             report = stats.as_dict()
@@ -122,7 +122,7 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
     agg = coord.wait_for_services(sid, "aggregator", 1, spec.register_timeout_s)
     endpoint = next(iter(agg.values()))["endpoint"]
     name = f"sector-{sector}"
-    with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
+    with coord.lease(SERVICE_LEASE_TTL_S) as lease:
         coord.register_service(sid, "producer", name, service_info(None, sector=sector, target=endpoint), lease)
         # Start together: a sector that starts late leaves every node holding partial frames.
         # Not the leased service keys: a fast sector may finish (and its key go) before a slow
@@ -149,7 +149,7 @@ def serve_acquire(coord: Coordinator, sid: str, sector: int, directory: Path) ->
     directory.mkdir(parents=True, exist_ok=True)
     name = f"sector-{sector}"
     stats = {"sector": sector, "frames_sent": 0, "bytes_sent": 0, "first_send": None, "last_send": None}
-    with KeepAliveLease(coord, ttl=SERVICE_LEASE_TTL_S) as lease:
+    with coord.lease(SERVICE_LEASE_TTL_S) as lease:
         coord.register_service(sid, "producer", name, service_info(None, sector=sector, target=str(directory)), lease)
         stop = stop_requested(coord, sid)
         writer = SectorFileWriter(spec.profile, directory, source.scan_number, sector, fsync=True, evict=True)

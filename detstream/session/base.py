@@ -19,6 +19,7 @@ from ..config import SessionSpec
 from ..coordination import Coordinator, DetectorBusy, KeepAliveLease
 from ..processes import ManagedProcess, detstream_argv
 from ..progress import report as report_progress
+from ..states import SessionState
 from .spec import validate_spec, with_simulator_dark
 
 log = logging.getLogger("detstream.session")
@@ -84,7 +85,7 @@ class Session:
         if out.exists() and any(out.iterdir()) and not self.overwrite:
             raise FileExistsError(f"session {self.sid} already has output in {out}; pass overwrite=True "
                                   "(--overwrite) to replace it")
-        self.lock_lease = KeepAliveLease(self.coord, ttl=LOCK_LEASE_TTL_S).__enter__()
+        self.lock_lease = self.coord.lease(LOCK_LEASE_TTL_S)
         try:
             self.coord.lock_detector(self.spec.detector, self.sid, self.lock_lease)
         except DetectorBusy:
@@ -96,12 +97,12 @@ class Session:
             shutil.rmtree(out, ignore_errors=True)
         self.spec = with_simulator_dark(self.spec)
         self.coord.put_spec(self.sid, json.loads(self.spec.model_dump_json()))
-        self.coord.set_state(self.sid, "requested")
+        self.coord.set_state(self.sid, SessionState.REQUESTED)
         self.coord.set_expected(self.sid, self.spec.scan_number, self.spec.frames_expected)
 
     def reserve(self, timeout_s: float) -> Reservation:
         """Reserve the nodes, each running ``node_service``, and wait until the job runs."""
-        self.coord.set_state(self.sid, "reserving", f"{self.spec.nodes} nodes on {self.backend.name}")
+        self.coord.set_state(self.sid, SessionState.RESERVING, f"{self.spec.nodes} nodes on {self.backend.name}")
         t0 = time.time()
         launch = NodeLaunch(service=self.node_service, session_id=self.sid,
                             etcd_endpoint=self.etcd_endpoint, etcd_prefix=self.spec.etcd_prefix)
@@ -209,13 +210,13 @@ class Session:
                                        fallback_reason=f"registration: {err}") from err
 
     # -- release -----------------------------------------------------------------------------
-    def close(self, state: str, reason: Optional[str] = None, result: Optional[dict] = None) -> None:
+    def close(self, state: SessionState, reason: Optional[str] = None, result: Optional[dict] = None) -> None:
         """Stop everything this session holds, record the final state; safe to call twice."""
         if self.closed:
             return
         self.closed = True
         try:
-            if state != "completed":
+            if state != SessionState.COMPLETED:
                 # Tell remote services to stop before their job is cancelled.
                 self.coord.set_state(self.sid, state, reason)
             for p in self.local:
@@ -226,7 +227,7 @@ class Session:
             if result is not None:
                 self.coord.put_result(self.sid, result)
             self.coord.cleanup_session(self.sid)
-            if state == "completed":
+            if state == SessionState.COMPLETED:
                 self.coord.set_state(self.sid, state, reason)
         finally:
             try:

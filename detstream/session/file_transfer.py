@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..states import SessionState
 from ..transfer import LocalCopyTransfer, Transfer
 from .base import Session, SessionError
 
@@ -31,7 +32,7 @@ class FileTransferSession(Session):
 
     def acquire(self, on_progress: Optional[Callable[[int, int], None]] = None) -> list[Path]:
         """Every producer writes its sector to a raw v5 file (fsync'd, evicted)."""
-        self.coord.set_state(self.sid, "streaming", "acquire: writing raw files")
+        self.coord.set_state(self.sid, SessionState.STREAMING, "acquire: writing raw files")
         t0 = time.time()
         procs = [self._start_local("acquire", str(s), "--sector", str(s), "--directory", str(self.paths.acquired))
                  for s in range(self.spec.profile.sectors)]
@@ -46,7 +47,7 @@ class FileTransferSession(Session):
 
     def transfer(self, files: list[Path], on_progress=None) -> dict:
         """Move the raw files to the compute site's storage, verified by size and checksum."""
-        self.coord.set_state(self.sid, "streaming", f"transfer: {len(files)} files")
+        self.coord.set_state(self.sid, SessionState.STREAMING, f"transfer: {len(files)} files")
         t0 = time.time()
         report = self.transfer_impl.transfer(files, self.paths.transferred, remove_source=self.remove_source,
                                              on_progress=on_progress)

@@ -10,11 +10,10 @@ from typing import Callable, Optional
 
 from ..backends.base import JobState, Reservation
 from ..coordination import Coordinator
+from ..states import TERMINAL_STATES, SessionState
 
-TERMINAL_STATES = ("completed", "failed", "cancelled")
 
-
-def release_session(coord: Coordinator, sid: str, state: str, reason: str,
+def release_session(coord: Coordinator, sid: str, state: SessionState, reason: str,
                     backends: Optional[dict[str, Callable[[Reservation], None]]] = None) -> None:
     """Kill the session's local service process groups, cancel its job through ``backends``
     (name -> cancel function), drop its leased keys and free the detector lock."""

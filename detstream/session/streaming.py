@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+from ..states import SessionState
 from .base import ScanProgress, Session
 
 
@@ -16,7 +17,7 @@ class StreamingSession(Session):
 
     def start_services(self) -> dict:
         """Wait for every node's distributor, then start the aggregator and the producers."""
-        self.coord.set_state(self.sid, "starting")
+        self.coord.set_state(self.sid, SessionState.STARTING)
         t0 = time.time()
         nodes = self._await_nodes(self.spec.register_timeout_s)
         self.timings["register_s"] = time.time() - t0
@@ -30,12 +31,12 @@ class StreamingSession(Session):
                cancelled: Optional[Callable[[], bool]] = None, poll_s: float = 0.5,
                finish_timeout_s: float = 120.0) -> ScanProgress:
         """Watch the scan until every distributor has reported; raise on stall or failure."""
-        self.coord.set_state(self.sid, "streaming")
+        self.coord.set_state(self.sid, SessionState.STREAMING)
         t0 = time.time()
 
         def draining() -> None:  # the producers are done: what is left is in flight
             if "acquire_s" not in self.timings:
-                self.coord.set_state(self.sid, "draining")
+                self.coord.set_state(self.sid, SessionState.DRAINING)
                 self.timings["acquire_s"] = time.time() - t0
 
         final = self.follow_nodes(on_progress, cancelled, poll_s, finish_timeout_s, on_local_done=draining)

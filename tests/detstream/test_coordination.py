@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from detstream import coordination
+from detstream import etcd_client
 from detstream.config import SessionSpec
 from detstream.coordination import (
     AuthenticationError,
@@ -162,7 +162,7 @@ def test_keepalive_keeps_keys_past_the_ttl(coordinator, wait_until):
 
 def test_wait_for_services_returns_as_soon_as_the_count_arrives(etcd_server, coordinator, monkeypatch, wait_until):
     # With the resync fallback pushed out of reach, only the watch can deliver the registrations.
-    monkeypatch.setattr(coordination, "_RESYNC_S", 600.0)
+    monkeypatch.setattr(etcd_client, "_RESYNC_S", 600.0)
     baseline = _watchers(etcd_server.endpoint)
     result: dict = {}
 
@@ -363,7 +363,7 @@ def test_auth_username_password_and_wrong_password(caplog):
                 with pytest.raises(CoordinationError, match="permission denied"):
                     outside.get_state("s1")
             # Changing her password invalidates her token: the next call re-authenticates by itself.
-            root._post("auth/user/changepw", {"name": "alice", "password": alice_pw}, what="change password")
+            root.etcd.call("auth/user/changepw", {"name": "alice", "password": alice_pw}, what="change password")
             assert alice.get_state("s1") == "requested"
         authentications = [r for r in caplog.records if "authenticated to etcd" in r.getMessage()]
         assert len([r for r in authentications if "'alice'" in r.getMessage()]) >= 3
@@ -450,15 +450,13 @@ def test_a_barrier_holds_until_everyone_arrived_even_if_some_left(coordinator):
     """Arrivals are not leased, so a fast participant that has already gone still counts."""
     import threading
 
-    from detstream.coordination import KeepAliveLease
-
     results = []
     t = threading.Thread(target=lambda: results.append(coordinator.wait_barrier("s1", "producers", 3, 10)),
                          daemon=True)
     t.start()
     coordinator.arrive("s1", "producers", "a")
     coordinator.arrive("s1", "producers", "b")
-    with KeepAliveLease(coordinator, ttl=2) as lease:
+    with coordinator.lease(2) as lease:
         coordinator.register_service("s1", "producer", "c", {"pid": 1}, lease)
     coordinator.arrive("s1", "producers", "c")
     t.join(15)

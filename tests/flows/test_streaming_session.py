@@ -186,11 +186,11 @@ def test_cancelling_the_flow_run_cancels_the_session(tmp_path, etcd_server):
 
 
 def test_a_busy_detector_refuses_a_second_session_at_once(tmp_path, etcd_server):
-    from detstream.coordination import DetectorBusy, KeepAliveLease
+    from detstream.coordination import DetectorBusy
 
     prefix = _prefix()
     coord = Coordinator(etcd_server.endpoint, prefix=prefix)
-    with KeepAliveLease(coord, ttl=10) as lease:
+    with coord.lease(10) as lease:
         coord.lock_detector("4dcamera", "the-running-one", lease)
         with pytest.raises(DetectorBusy, match="the-running-one"):
             _run(tmp_path, etcd_server, scan_width=4, scan_height=4, etcd_prefix=prefix)

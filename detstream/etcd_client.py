@@ -1,0 +1,624 @@
+"""The etcd transport: etcd3gw, auth, encoding, errors and leases, every request through `EtcdClient.call`.
+
+Kept in one module so the client can be swapped, and a retry policy wrapped around one method.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import queue
+import threading
+import time
+from datetime import date, datetime
+from pathlib import PurePath
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, TypeVar, Union
+from urllib.parse import urlsplit
+
+import requests
+from etcd3gw import exceptions as etcd_exc
+from etcd3gw.client import Etcd3Client
+from etcd3gw.watch import Watcher
+
+from .config import DEFAULT_PREFIX, check_prefix
+
+__all__ = [
+    "AuthenticationError",
+    "CoordinationError",
+    "EtcdClient",
+    "KeepAliveLease",
+    "KeyValue",
+    "LeaseLike",
+    "TxnResult",
+    "delete_op",
+    "enable_auth",
+    "from_json",
+    "key_missing",
+    "key_segment",
+    "lease_id",
+    "put_op",
+    "range_op",
+    "to_json",
+    "value_is",
+]
+
+log = logging.getLogger(__name__)
+
+_MAX_TXN_OPS = 100  # etcd's default --max-txn-ops is 128
+_RESYNC_S = 2.0  # while waiting on a watch, re-read this often in case the stream dropped
+
+T = TypeVar("T")
+LeaseLike = Union["KeepAliveLease", int]
+
+
+class CoordinationError(RuntimeError):
+    """etcd could not be reached or refused a request; the message names the endpoint."""
+
+
+class AuthenticationError(CoordinationError):
+    """etcd rejected the credentials (or auth is required and none were given)."""
+
+
+# --------------------------------------------------------------------------- encoding
+def _b64(data: Union[str, bytes]) -> str:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(data: Optional[str]) -> bytes:
+    return base64.b64decode(data) if data else b""
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The range end covering every key that starts with `prefix` (etcd's "prefix" range)."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"  # all keys
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "model_dump"):  # pydantic models, e.g. SessionSpec
+        return obj.model_dump(mode="json")
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if isinstance(obj, (datetime, date)):
+        return obj.isoformat()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} as JSON in etcd")
+
+
+def to_json(obj: Any) -> bytes:
+    """A value as stored in etcd: sorted-key JSON; pydantic models, paths, dates and sets allowed."""
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    return json.dumps(obj, sort_keys=True, default=_json_default, ensure_ascii=False).encode("utf-8")
+
+
+def from_json(raw: Optional[bytes]) -> Any:
+    """The inverse of `to_json`; None for a missing value."""
+    return None if raw is None else json.loads(raw.decode("utf-8"))
+
+
+def key_segment(value: Any, what: str) -> str:
+    """One path segment of a key: non-empty, no '/', no control characters."""
+    text = str(value)
+    if not text or "/" in text or any(ord(c) < 32 for c in text):
+        raise ValueError(f"{what} {value!r} cannot be used in an etcd key (empty, '/' or control character)")
+    return text
+
+
+def _secret(value: Any) -> Optional[str]:
+    """Accept str or pydantic SecretStr (anything with get_secret_value)."""
+    if value is None:
+        return None
+    getter = getattr(value, "get_secret_value", None)
+    return getter() if callable(getter) else str(value)
+
+
+class KeyValue:
+    """One key-value pair as read from etcd, decoded."""
+
+    __slots__ = ("key", "value", "create_revision", "mod_revision", "version", "lease")
+
+    def __init__(self, raw: Mapping[str, Any]) -> None:
+        self.key: str = _unb64(raw.get("key")).decode("utf-8", "replace")
+        self.value: bytes = _unb64(raw.get("value"))
+        self.create_revision = int(raw.get("create_revision", 0))
+        self.mod_revision = int(raw.get("mod_revision", 0))
+        self.version = int(raw.get("version", 0))
+        self.lease = int(raw.get("lease", 0))
+
+    @property
+    def text(self) -> str:
+        return self.value.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return from_json(self.value)
+
+
+# --------------------------------------------------------------------------- transactions
+def key_missing(key: str) -> dict:
+    """Txn compare: `key` does not exist."""
+    return {"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}
+
+
+def value_is(key: str, value: Union[str, bytes]) -> dict:
+    """Txn compare: `key` holds exactly `value`."""
+    return {"key": _b64(key), "result": "EQUAL", "target": "VALUE", "value": _b64(value)}
+
+
+def put_op(key: str, value: Union[str, bytes], lease: Optional[LeaseLike] = None) -> dict:
+    """Txn operation: write `key`, attached to `lease` if given."""
+    put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+    attached = lease_id(lease)
+    if attached:
+        put["lease"] = attached
+    return {"request_put": put}
+
+
+def delete_op(key: str) -> dict:
+    """Txn operation: delete `key`."""
+    return {"request_delete_range": {"key": _b64(key)}}
+
+
+def range_op(key: str) -> dict:
+    """Txn operation: read `key` (its result is in `TxnResult.ranges`)."""
+    return {"request_range": {"key": _b64(key)}}
+
+
+class TxnResult(NamedTuple):
+    succeeded: bool
+    #: The key-values read by each operation of the branch that ran ([] for non-reads), in order.
+    ranges: list[list[KeyValue]]
+
+
+# --------------------------------------------------------------------------- errors
+def _error_message(exc: etcd_exc.Etcd3Exception) -> str:
+    """The server's message from an etcd3gw exception (gateway JSON), else its text."""
+    detail = exc.detail_text or ""
+    try:
+        body = json.loads(detail)
+        return str(body.get("message") or body.get("error") or detail)
+    except (ValueError, AttributeError):
+        pass
+    text = detail or " ".join(str(a) for a in exc.args) or type(exc).__name__
+    return text[:500]
+
+
+_KNOWN_REASONS = (
+    "Connection refused",
+    "timed out",
+    "Name or service not known",
+    "Temporary failure in name resolution",
+    "No route to host",
+    "Network is unreachable",
+    "CERTIFICATE_VERIFY_FAILED",
+    "Connection reset",
+)
+
+
+def _short_reason(text: str) -> str:
+    """A connection failure's cause in a few words, not urllib3's nested repr."""
+    for phrase in _KNOWN_REASONS:
+        if phrase.lower() in text.lower():
+            return phrase.lower()
+    return text[:300]
+
+
+def _parse_endpoint(endpoint: str) -> tuple[str, str, int]:
+    """(protocol, host, port) from "http(s)://host:port"; a bare "host:port" means http."""
+    raw = endpoint.strip()
+    if "://" not in raw:
+        raw = "http://" + raw
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"etcd endpoint {endpoint!r}: scheme must be http or https")
+    if not parts.hostname:
+        raise ValueError(f"etcd endpoint {endpoint!r} has no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"etcd endpoint {endpoint!r} must be scheme://host:port only")
+    try:
+        port = parts.port or 2379
+    except ValueError as exc:
+        raise ValueError(f"etcd endpoint {endpoint!r}: {exc}") from None
+    return parts.scheme, parts.hostname, port
+
+
+# --------------------------------------------------------------------------- client
+class _Gateway(Etcd3Client):
+    """etcd3gw's client, re-authenticating once when a simple token has expired."""
+
+    reauthenticate: Optional[Callable[[], None]] = None
+
+    def post(self, url: str, *args: Any, json: Any = None, **kwargs: Any) -> Any:
+        try:
+            return super().post(url, *args, json=json, **kwargs)
+        except etcd_exc.Etcd3Exception as exc:
+            if self.reauthenticate is None or "invalid auth token" not in (exc.detail_text or ""):
+                raise
+            self.reauthenticate()
+            return super().post(url, *args, json=json, **kwargs)
+
+
+class EtcdClient:
+    """One etcd endpoint: key-value reads and writes, transactions, prefix waits and leases.
+
+    With ``username``/``password`` it authenticates at once and puts the token in the
+    ``Authorization`` header of the HTTP session (which watches share). Simple tokens expire when
+    idle (``--auth-token-ttl``); on "invalid auth token" it authenticates again once and retries.
+    Neither the password nor the token is ever logged or put into an exception message or repr.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        username: Optional[str] = None,
+        password: Any = None,
+        ca_file: Optional[str] = None,
+        timeout: float = 10.0,
+    ) -> None:
+        """Connect lazily (no request is made unless credentials are given).
+
+        `password` may be a str or a pydantic SecretStr. `ca_file` verifies an https endpoint.
+        """
+        if (username is None) != (password is None):
+            raise ValueError("give both username and password, or neither")
+        protocol, host, port = _parse_endpoint(endpoint)
+        self.endpoint = f"{protocol}://{host if ':' not in host else '[' + host + ']'}:{port}"
+        self.username = username
+        self.timeout = float(timeout)
+        self.__password = _secret(password)
+        self._auth_lock = threading.Lock()
+        self._gateway = _Gateway(host=host, port=port, protocol=protocol, ca_cert=ca_file, timeout=self.timeout)
+        if username is not None:
+            self._gateway.reauthenticate = self._authenticate
+            self._authenticate()
+
+    def __repr__(self) -> str:
+        user = f" user={self.username!r}" if self.username else ""
+        return f"<EtcdClient {self.endpoint}{user}>"
+
+    def close(self) -> None:
+        """Close the HTTP session (leases you hold keep their own refresh thread until revoked)."""
+        self._gateway.session.close()
+
+    def __enter__(self) -> "EtcdClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- requests
+    def call(self, path: str, payload: Mapping[str, Any], *, what: str) -> dict:
+        """POST one v3 gateway request (e.g. "kv/range"); any failure becomes CoordinationError.
+
+        Every unary request goes through here, so a retry policy belongs here too.
+        """
+        url = self._url(path, what)
+        try:
+            return self._gateway.post(url, json=payload)
+        except (etcd_exc.Etcd3Exception, requests.RequestException) as exc:
+            raise self._error(exc, what) from None
+
+    def _authenticate(self) -> None:
+        """Get a token for username/password and install it on the session; never logs either."""
+        with self._auth_lock:
+            session = self._gateway.session
+            session.headers.pop("Authorization", None)
+            url = self._url("auth/authenticate", "authenticate")
+            try:
+                resp = session.post(
+                    url, json={"name": self.username, "password": self.__password}, timeout=self.timeout
+                )
+            except requests.RequestException as exc:
+                raise CoordinationError(f"cannot reach etcd at {self.endpoint} to authenticate: {exc}") from None
+            if resp.status_code != 200:
+                try:
+                    message = resp.json().get("message") or resp.text
+                except ValueError:
+                    message = resp.text
+                if "authentication is not enabled" in message:
+                    log.warning("etcd at %s has auth disabled; continuing without a token", self.endpoint)
+                    return
+                raise AuthenticationError(
+                    f"etcd at {self.endpoint} rejected authentication as user {self.username!r}: {message[:300]}"
+                )
+            token = resp.json().get("token")
+            if not token:
+                raise AuthenticationError(f"etcd at {self.endpoint} returned no token for user {self.username!r}")
+            session.headers["Authorization"] = token
+            log.debug("authenticated to etcd at %s as %r", self.endpoint, self.username)
+
+    def _url(self, path: str, what: str = "discover its API version") -> str:
+        try:
+            return self._gateway.get_url(path)
+        except (etcd_exc.Etcd3Exception, requests.RequestException) as exc:  # API-path discovery asks etcd
+            raise self._error(exc, what) from None
+
+    def _error(self, exc: BaseException, what: str) -> CoordinationError:
+        if isinstance(exc, (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError, requests.RequestException)):
+            reason = _error_message(exc) if isinstance(exc, etcd_exc.Etcd3Exception) else str(exc)
+            return CoordinationError(f"cannot reach etcd at {self.endpoint} to {what}: {_short_reason(reason)}")
+        message = _error_message(exc) if isinstance(exc, etcd_exc.Etcd3Exception) else str(exc)
+        cls = CoordinationError
+        lowered = message.lower()
+        if "user name is empty" in lowered or "invalid auth token" in lowered or "authentication failed" in lowered:
+            cls = AuthenticationError
+            if "user name is empty" in lowered:
+                message += " (this etcd requires a username and password)"
+        elif "permission denied" in lowered and self.username:
+            message += f" (user {self.username!r} lacks permission for it)"
+        return cls(f"etcd at {self.endpoint} refused to {what}: {message}")
+
+    # ----------------------------------------------------------------- key-value
+    def range(
+        self,
+        key: str,
+        *,
+        prefix: bool = False,
+        keys_only: bool = False,
+        limit: Optional[int] = None,
+        descending: bool = False,
+    ) -> tuple[list[KeyValue], int]:
+        """Read one key or a prefix, sorted by key; also return the store revision of the read."""
+        raw = key.encode("utf-8")
+        payload: dict[str, Any] = {"key": _b64(raw), "sort_order": 2 if descending else 1, "sort_target": 0}
+        if prefix:
+            payload["range_end"] = _b64(_prefix_end(raw))
+        if keys_only:
+            payload["keys_only"] = True
+        if limit:
+            payload["limit"] = limit
+        result = self.call("kv/range", payload, what=f"read {key}")
+        revision = int(result.get("header", {}).get("revision", 0))
+        return [KeyValue(kv) for kv in result.get("kvs", [])], revision
+
+    def get(self, key: str) -> Optional[bytes]:
+        """The value of `key`, or None if it does not exist."""
+        kvs, _ = self.range(key)
+        return kvs[0].value if kvs else None
+
+    def put(self, key: str, value: Union[str, bytes], lease: Optional[LeaseLike] = None) -> None:
+        """Write `key`, attached to `lease` if given (the key then vanishes with the lease)."""
+        self.call("kv/put", put_op(key, value, lease)["request_put"], what=f"write {key}")
+
+    def delete(self, key: str) -> None:
+        """Delete `key` (no error if it does not exist)."""
+        self.call("kv/deleterange", delete_op(key)["request_delete_range"], what=f"delete {key}")
+
+    def txn(self, compare: Iterable[dict], success: Iterable[dict], failure: Iterable[dict] = (), *, what: str) -> TxnResult:
+        """If every `compare` holds, run the `success` operations, else the `failure` ones; atomically."""
+        result = self.call(
+            "kv/txn", {"compare": list(compare), "success": list(success), "failure": list(failure)}, what=what
+        )
+        ranges = [
+            [KeyValue(kv) for kv in response.get("response_range", {}).get("kvs", [])]
+            for response in result.get("responses", [])
+        ]
+        return TxnResult(bool(result.get("succeeded")), ranges)
+
+    def delete_keys(self, keys: Iterable[str]) -> None:
+        """Delete many keys, in as few transactions as etcd's operation limit allows."""
+        keys = list(keys)
+        for start in range(0, len(keys), _MAX_TXN_OPS):
+            ops = [delete_op(k) for k in keys[start : start + _MAX_TXN_OPS]]
+            self.txn([], ops, what=f"delete {len(ops)} keys")
+
+    def wait_prefix(
+        self, prefix: str, done: Callable[[dict[str, bytes]], Optional[T]], timeout_s: float
+    ) -> tuple[Optional[T], dict[str, bytes]]:
+        """Watch `prefix` until `done(current keys->values)` returns non-None, or the deadline.
+
+        An initial read fixes the revision; the watch starts right after it, so nothing is
+        missed. Every _RESYNC_S without events we re-read, in case the watch stream dropped.
+        Returns (done's value or None on timeout, the last view of the keys).
+        """
+        deadline = time.monotonic() + timeout_s
+
+        def snapshot() -> tuple[dict[str, bytes], int]:
+            kvs, rev = self.range(prefix, prefix=True)
+            return {kv.key: kv.value for kv in kvs}, rev
+
+        current, revision = snapshot()
+        outcome = done(current)
+        if outcome is not None:
+            return outcome, current
+        events: "queue.Queue[dict]" = queue.Queue()
+        raw = prefix.encode("utf-8")
+        try:
+            watcher = Watcher(
+                self._gateway, raw, events.put, range_end=_prefix_end(raw), start_revision=revision + 1
+            )
+        except (etcd_exc.Etcd3Exception, requests.RequestException) as exc:
+            raise self._error(exc, f"watch {prefix}") from None
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None, current
+                try:
+                    event = events.get(timeout=min(remaining, _RESYNC_S))
+                except queue.Empty:
+                    current, _ = snapshot()
+                else:
+                    kv = event.get("kv", {})
+                    key = bytes(kv.get("key", b"")).decode("utf-8", "replace")
+                    if event.get("type") == "DELETE":
+                        current.pop(key, None)
+                    else:
+                        current[key] = bytes(kv.get("value", b""))
+                    if not events.empty():
+                        continue  # apply a burst before judging
+                outcome = done(current)
+                if outcome is not None:
+                    return outcome, current
+        finally:
+            watcher.stop()
+
+    # ----------------------------------------------------------------- server
+    def ping(self) -> str:
+        """The etcd server version; raises CoordinationError if etcd is unreachable."""
+        return str(self.call("maintenance/status", {}, what="read its status").get("version", "?"))
+
+    def lease(self, ttl: int = 5) -> "KeepAliveLease":
+        """Grant a lease kept alive in the background; use as `with client.lease(5) as lease:`."""
+        return KeepAliveLease(self, ttl)
+
+
+# --------------------------------------------------------------------------- leases
+class KeepAliveLease:
+    """An etcd lease kept alive from a daemon thread; keys attached to it vanish on revoke or death.
+
+    Refreshes every TTL/3. Refresh failures never raise in the owner: they are counted in
+    `failures` (consecutive) and the last one kept in `error`; if etcd reports the lease gone,
+    `expired` becomes True and the thread ends. Use as a context manager, or call `revoke()`.
+    """
+
+    def __init__(self, client: EtcdClient, ttl: int = 5) -> None:
+        """Grant the lease now (so `.id` is usable at once) and start refreshing it."""
+        if ttl < 1:
+            raise ValueError(f"lease ttl must be at least 1 s, got {ttl}")
+        self._client = client
+        result = client.call("lease/grant", {"TTL": int(ttl), "ID": 0}, what="grant a lease")
+        self.id: int = int(result["ID"])
+        #: The TTL etcd granted (it may raise small TTLs to its minimum).
+        self.ttl: int = int(result.get("TTL", ttl))
+        self.refreshes = 0
+        self.failures = 0
+        self.error: Optional[BaseException] = None
+        self.expired = False
+        self._revoked = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keepalive, name=f"etcd-lease-{self.id:x}", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Neither revoked nor known to have expired."""
+        return not (self._revoked or self.expired)
+
+    def _keepalive(self) -> None:
+        interval = max(self.ttl / 3.0, 0.2)
+        while not self._stop.wait(interval):
+            try:
+                result = self._client.call("lease/keepalive", {"ID": self.id}, what="refresh a lease")
+            except Exception as exc:  # never let the refresh thread die on an error
+                self.failures += 1
+                self.error = exc
+                if self.failures in (1, 3) or self.failures % 30 == 0:
+                    log.warning("lease %x: refresh failed %d time(s) in a row: %s", self.id, self.failures, exc)
+                continue
+            if self._stop.is_set():
+                return
+            granted = int(result.get("result", {}).get("TTL", -1))
+            if granted <= 0:
+                self.expired = True
+                self.error = CoordinationError(
+                    f"lease {self.id:x} at {self._client.endpoint} expired; its keys are gone"
+                )
+                log.error("%s", self.error)
+                return
+            self.refreshes += 1
+            self.failures = 0
+
+    def time_to_live(self) -> int:
+        """Seconds left as etcd sees it; -1 if the lease no longer exists."""
+        result = self._client.call("kv/lease/timetolive", {"ID": self.id}, what="read a lease")
+        return int(result.get("TTL", -1))
+
+    def revoke(self) -> None:
+        """Stop refreshing and revoke, deleting attached keys now. Idempotent; a lease already gone is fine.
+
+        Raises CoordinationError if etcd cannot be reached (the keys then expire after the TTL).
+        """
+        with self._lock:
+            if self._revoked:
+                return
+            self._revoked = True
+            self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=self._client.timeout + 1.0)
+        try:
+            self._client.call("kv/lease/revoke", {"ID": self.id}, what="revoke a lease")
+        except CoordinationError as exc:
+            if "lease not found" not in str(exc):
+                raise
+
+    def __enter__(self) -> "KeepAliveLease":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.revoke()
+        except CoordinationError as err:
+            if exc_type is None:
+                raise
+            log.warning("lease %x: revoke failed while handling %s: %s", self.id, exc_type.__name__, err)
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else ("revoked" if self._revoked else "expired")
+        return f"<KeepAliveLease {self.id:x} ttl={self.ttl}s {state}>"
+
+
+def lease_id(lease: Optional[LeaseLike]) -> Optional[int]:
+    """The numeric id of a lease given as a KeepAliveLease or an id; None for None."""
+    if lease is None:
+        return None
+    if isinstance(lease, KeepAliveLease):
+        return lease.id
+    if isinstance(lease, int):
+        return lease
+    raise TypeError(f"lease must be a KeepAliveLease or a lease id, not {type(lease).__name__}")
+
+
+# --------------------------------------------------------------------------- admin
+def enable_auth(
+    endpoint: str,
+    root_password: Any,
+    *,
+    user: Optional[str] = None,
+    user_password: Any = None,
+    prefix: str = DEFAULT_PREFIX,
+    ca_file: Optional[str] = None,
+    timeout: float = 10.0,
+) -> None:
+    """Turn on etcd auth: create `root` (role root) and optionally `user` with read-write on `prefix`/.
+
+    For first-time setup of a private etcd and for tests. Entries that already exist are kept.
+    """
+    if (user is None) != (user_password is None):
+        raise ValueError("give both user and user_password, or neither")
+    check_prefix(prefix)
+    with EtcdClient(endpoint, ca_file=ca_file, timeout=timeout) as admin:
+
+        def call(path: str, payload: dict, what: str) -> None:
+            try:
+                admin.call(path, payload, what=what)
+            except CoordinationError as exc:
+                if "already exists" not in str(exc) and "already granted" not in str(exc):
+                    raise
+
+        call("auth/user/add", {"name": "root", "password": _secret(root_password)}, "add user root")
+        call("auth/role/add", {"name": "root"}, "add role root")
+        call("auth/user/grant", {"user": "root", "role": "root"}, "grant role root")
+        if user is not None:
+            role = f"{key_segment(user, 'user')}-rw"
+            scope = (prefix + "/").encode("utf-8")
+            call("auth/user/add", {"name": user, "password": _secret(user_password)}, f"add user {user}")
+            call("auth/role/add", {"name": role}, f"add role {role}")
+            call(
+                "auth/role/grant",
+                {"name": role, "perm": {"permType": "READWRITE", "key": _b64(scope), "range_end": _b64(_prefix_end(scope))}},
+                f"grant {role} read-write on {prefix}/",
+            )
+            call("auth/user/grant", {"user": user, "role": role}, f"grant role {role}")
+        call("auth/enable", {}, "enable auth")
