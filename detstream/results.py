@@ -1,13 +1,28 @@
-"""Turns the nodes' parts and the services' reports into the session's outputs and summary."""
+"""The account of every frame: merges the durable parts into the session's outputs and writes
+summary.json, whatever way the session ended."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from .config import SessionSpec
+from .states import SessionState
+
+# Room the merge needs beyond the parts' own bytes: the variable-length heap's per-position
+# overhead and the file's metadata.
+_BYTES_PER_POSITION = 32
+_MERGE_SLACK_BYTES = 1 << 20
+
+
+class DiskFull(OSError):
+    """The output's disk has less room than the merge needs; nothing was written, the parts are kept."""
+
 
 def _load_reports(spec: SessionSpec, role: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in spec.paths.reports(role)]
@@ -21,22 +36,87 @@ def _sum_counters(dicts) -> dict:
     return out
 
 
-def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = False,
-            extra: Optional[dict] = None) -> dict:
-    """Merge the parts into the HDF5, draw the virtual bright field, write and return the summary."""
-    from .output.images import write_png
-    from .output.merge import merge_parts
+def durable_parts(spec: SessionSpec) -> list[Path]:
+    """Every part file that was completed (parts are renamed into place only when whole)."""
+    return sorted(spec.paths.parts.rglob("*.h5")) if spec.paths.parts.exists() else []
+
+
+def discard_unfinished_parts(spec: SessionSpec) -> list[str]:
+    """Remove parts a killed writer left under their temporary name; they hold nothing durable."""
+    if not spec.paths.parts.exists():
+        return []
+    gone = sorted(spec.paths.parts.rglob("*.partial"))
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return [p.name for p in gone]
+
+
+def check_room(out: Path, parts: list[Path], positions: int) -> None:
+    """Refuse a merge the disk cannot hold, naming the path, what it needs and what is free."""
+    needed = sum(p.stat().st_size for p in parts) + positions * _BYTES_PER_POSITION + _MERGE_SLACK_BYTES
+    free = shutil.disk_usage(out.parent).free
+    if free < needed:
+        import errno
+
+        raise DiskFull(errno.ENOSPC, f"not enough space to write {out}: the merge needs about "
+                                     f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free "
+                                     f"(the parts are kept in {parts[0].parent if parts else out.parent})")
+
+
+def _node_positions(spec: SessionSpec, node_index: int) -> np.ndarray:
+    return np.arange(node_index, spec.frames_expected, spec.nodes)
+
+
+def _uncounted(spec: SessionSpec, nodes: list[dict]) -> list[int]:
+    """Without counting nothing is merged: a position is missing if its node said so or never reported."""
+    reported = {n["node_index"] for n in nodes}
+    lost = [p for n in nodes for p in n.get("missing", [])]
+    for i in range(spec.nodes):
+        if i not in reported:
+            lost.extend(_node_positions(spec, i).tolist())
+    return sorted(set(lost))
+
+
+def account_without_outputs(spec: SessionSpec, workflow: str, state: SessionState, reason: str,
+                            error: str, extra: Optional[dict] = None) -> dict:
+    """The summary when even the salvage failed (e.g. the disk is full): what is known, and why."""
     from .output.summary import write_summary
 
+    summary = {"session_id": spec.session_id, "workflow": workflow, "state": SessionState(state).value,
+               "reason": reason, "frames_expected": spec.frames_expected, "frames_counted": None,
+               "complete": False, "salvage_error": error,
+               "salvaged": {"parts": [str(p) for p in durable_parts(spec)]},
+               "outputs": {"hdf5": None, "image": None}, **(extra or {})}
+    try:
+        write_summary(spec.paths.summary, summary)
+        summary["outputs"]["summary"] = str(spec.paths.summary)
+    except OSError as err:
+        summary["outputs"]["summary"] = None
+        summary["summary_error"] = str(err)
+    return summary
+
+
+def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = False,
+            extra: Optional[dict] = None, *, state: Optional[SessionState] = None,
+            reason: Optional[str] = None) -> dict:
+    """Merge every durable part into the HDF5, draw the virtual bright field, write and return
+    the summary. ``state`` is the session's end state when already known (failed, cancelled);
+    otherwise it is completed or incomplete by what was counted."""
+    from .output.images import write_png
+    from .output.merge import merge_parts
+
     paths = spec.paths
+    paths.root.mkdir(parents=True, exist_ok=True)
     nodes = _load_reports(spec, "distributor")
     producers = _load_reports(spec, "producer")
     aggregators = _load_reports(spec, "aggregator")
+    discarded = discard_unfinished_parts(spec)
     t0 = time.time()
     outputs: dict[str, Optional[str]] = {"hdf5": None, "image": None}
     events_total = 0
+    parts = durable_parts(spec) if spec.counting.enabled else []
     if spec.counting.enabled:
-        parts = [Path(n["part_path"]) for n in nodes if n.get("part_path")]
+        check_room(paths.counts, parts, spec.frames_expected)
         report = merge_parts(parts, paths.counts, spec.scan_width, spec.scan_height,
                              spec.profile.frame_shape, overwrite=overwrite)
         outputs["hdf5"] = str(paths.counts)
@@ -44,28 +124,39 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         hdf5_closed = time.time()
         write_png(paths.image, report.bright_field)
         outputs["image"] = str(paths.image)
+        not_counted = report.missing
     else:
         hdf5_closed = time.time()
+        not_counted = _uncounted(spec, nodes)
     timings = dict(timings)
     timings["merge_s"] = hdf5_closed - t0
     first_sent = min((p["first_send"] for p in producers if p.get("first_send")), default=None)
     received = sum(n["frames_received"] for n in nodes)
-    missing = sorted(p for n in nodes for p in n["missing"])
-    partial = sorted(p for n in nodes for p in n["partial"])
+    partial_seen = {p for n in nodes for p in n.get("partial", [])}
+    partial = sorted(p for p in not_counted if p in partial_seen)
+    missing = sorted(p for p in not_counted if p not in partial_seen)
+    counted = spec.frames_expected - len(not_counted)
+    if state is None:
+        state = SessionState.COMPLETED if not not_counted else SessionState.INCOMPLETE
     bytes_moved = sum(n["bytes_received"] for n in nodes)
     stream_s = max((n["stream_seconds"] for n in nodes), default=0.0)
     summary = {
         "session_id": spec.session_id,
         "workflow": workflow,
+        "state": SessionState(state).value,
+        "reason": reason,
         "detector": spec.detector,
         "scan": {"width": spec.scan_width, "height": spec.scan_height, "number": spec.scan_number},
         "nodes": spec.nodes,
         "frames_expected": spec.frames_expected,
         "frames_received": received,
-        "frames_missing": len(missing),
-        "complete": not missing,
+        "frames_counted": counted,
+        "frames_missing": len(not_counted),
+        "complete": not not_counted,
         "missing_positions": missing,
         "partial_positions": partial,
+        "salvaged": {"parts": [str(p) for p in parts], "nodes_reported": len(nodes),
+                     "unfinished_part_files_removed": discarded},
         "events": events_total,
         "bytes_moved": bytes_moved,
         "stream_seconds": stream_s,
@@ -84,7 +175,14 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         "counting": json.loads(spec.counting.model_dump_json()),
         **(extra or {}),
     }
-    write_summary(paths.summary, summary)
-    summary["outputs"]["summary"] = str(paths.summary)
-    return summary
+    return write_account(spec, summary)
 
+
+def write_account(spec: SessionSpec, summary: dict) -> dict:
+    """(Re)write summary.json atomically; the summary gains its own path among the outputs."""
+    from .output.summary import write_summary
+
+    write_summary(spec.paths.summary, {**summary, "outputs": {
+        k: v for k, v in summary["outputs"].items() if k != "summary"}})
+    summary["outputs"]["summary"] = str(spec.paths.summary)
+    return summary

@@ -4,7 +4,7 @@
 :class:`StreamingSession` and :class:`FileTransferSession` are its two workflows.
 """
 
-from .base import ScanProgress, Session, SessionCancelled, SessionError
+from .base import ScanProgress, Session, SessionCancelled, SessionError, SessionIncomplete
 from .etcd import coordination
 from .file_transfer import FileTransferSession, transfer_summary
 from .release import release_session
@@ -12,7 +12,7 @@ from .spec import make_spec, replay_scan_shape, validate_spec, with_simulator_da
 from .streaming import StreamingSession
 
 __all__ = [
-    "FileTransferSession", "ScanProgress", "Session", "SessionCancelled", "SessionError",
+    "FileTransferSession", "ScanProgress", "Session", "SessionCancelled", "SessionError", "SessionIncomplete",
     "StreamingSession", "coordination", "make_spec", "release_session", "replay_scan_shape",
     "transfer_summary", "validate_spec", "with_simulator_dark",
 ]

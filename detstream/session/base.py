@@ -39,6 +39,14 @@ class SessionCancelled(RuntimeError):
     """The user cancelled the session."""
 
 
+class SessionIncomplete(SessionError):
+    """The scan finished with frames missing; ``summary`` lists them (the outputs were written)."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
 @dataclass
 class ScanProgress:
     """Frames the nodes have received so far, as etcd reports them."""
@@ -74,6 +82,7 @@ class Session:
         self.local: list[ManagedProcess] = []
         self.timings: dict[str, float] = {}
         self.fallback_reason: Optional[str] = None
+        self.opened = False  # past open(): the session folder and etcd keys are this session's
         self.closed = False
         self._t0 = time.time()
 
@@ -99,6 +108,7 @@ class Session:
         self.coord.put_spec(self.sid, json.loads(self.spec.model_dump_json()))
         self.coord.set_state(self.sid, SessionState.REQUESTED)
         self.coord.set_expected(self.sid, self.spec.scan_number, self.spec.frames_expected)
+        self.opened = True
 
     def reserve(self, timeout_s: float) -> Reservation:
         """Reserve the nodes, each running ``node_service``, and wait until the job runs."""
@@ -173,7 +183,20 @@ class Session:
             time.sleep(poll_s)  # a last report may be landing as the job ends
             if not self._nodes_reported(expected):
                 raise SessionError(f"compute job {job.job_id} ended ({job.state.value}) "
-                                   "before every node reported")
+                                   f"before every node reported{self._node_errors()}")
+
+    def _node_errors(self) -> str:
+        """The last error line of each node's log in the session folder, if any (e.g. a full disk)."""
+        found = []
+        for log_path in sorted(self.paths.logs.glob("distributor-*.log")):
+            try:
+                lines = log_path.read_text(errors="replace").splitlines()[-20:]
+            except OSError:
+                continue
+            errors = [ln.strip() for ln in lines if "Error" in ln or "error" in ln]
+            if errors:
+                found.append(f"{log_path.stem}: {errors[-1]}")
+        return "; " + "; ".join(found) if found else ""
 
     def node_reports(self) -> list[dict]:
         return [json.loads(self.paths.report("distributor", f"node-{i}").read_text())
@@ -210,6 +233,21 @@ class Session:
                                        fallback_reason=f"registration: {err}") from err
 
     # -- release -----------------------------------------------------------------------------
+    drain_s = 10.0  # at most this long for stopped nodes to flush their parts before release
+
+    def _let_nodes_finish(self, timeout_s: float) -> None:
+        """Wait until every node still alive (its leased key present) has written its report."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                alive = self.coord.services(self.sid, "distributor")
+            except Exception:  # etcd gone: nothing to wait on
+                return
+            reported = {p.stem.removeprefix("distributor-") for p in self.paths.reports("distributor")}
+            if set(alive) <= reported:
+                return
+            time.sleep(0.2)
+
     def close(self, state: SessionState, reason: Optional[str] = None, result: Optional[dict] = None) -> None:
         """Stop everything this session holds, record the final state; safe to call twice."""
         if self.closed:
@@ -217,8 +255,10 @@ class Session:
         self.closed = True
         try:
             if state != SessionState.COMPLETED:
-                # Tell remote services to stop before their job is cancelled.
+                # Tell the services to stop, and give the nodes a moment to make their parts
+                # durable and report, before their job is cancelled.
                 self.coord.set_state(self.sid, state, reason)
+                self._let_nodes_finish(self.drain_s)
             for p in self.local:
                 p.stop()
             if self.reservation is not None:

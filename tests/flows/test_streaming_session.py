@@ -126,7 +126,7 @@ def test_keys_live_during_the_session_and_vanish_after(tmp_path, etcd_server):
 
 
 def test_a_failed_session_releases_everything(tmp_path, etcd_server):
-    """A producer killed mid-scan fails the session; no process, lease, endpoint or lock remains."""
+    """A producer killed mid-scan ends the session; no process, lease, endpoint or lock remains."""
     import signal
 
     from detstream import progress
@@ -151,7 +151,8 @@ def test_a_failed_session_releases_everything(tmp_path, etcd_server):
     finally:
         progress.LISTENERS.remove(listener)
     assert killed
-    assert coord.get_state(sid) == "failed"
+    # failed if nothing was counted before the kill, incomplete with what was (tests/flows/test_account.py)
+    assert coord.get_state(sid) in ("failed", "incomplete")
     _no_leftovers(coord, sid)
 
 

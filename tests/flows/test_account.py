@@ -1,0 +1,174 @@
+"""Every session ends with an account of every frame: a scan with frames missing is never
+completed, a failure still leaves summary.json, and a full disk is an error that names it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import uuid
+
+import h5py
+import numpy as np
+import pytest
+
+from detstream import progress
+from detstream.coordination import Coordinator
+from detstream.results import DiskFull
+from detstream.session import SessionIncomplete
+
+pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("prefect_harness", "no_stray_services")]
+
+
+def _params(tmp_path, etcd_server, **kw):
+    p = {"detector": "testcam", "scan_width": 32, "scan_height": 32, "nodes": 2,
+         "etcd_url": etcd_server.endpoint, "etcd_prefix": f"/t{uuid.uuid4().hex[:10]}",
+         "output_dir": str(tmp_path / "runs"), "session_id": "acct" + uuid.uuid4().hex[:6],
+         "stall_timeout_s": 20.0}
+    p.update(kw)
+    return p
+
+
+class _When:
+    """Run ``action`` once, from the session's own progress reports, when ``ready(progress)``."""
+
+    def __init__(self, ready, action):
+        self.ready, self.action, self.done = ready, action, False
+
+    def __call__(self, p) -> None:
+        if not self.done and self.ready(p):
+            self.done = True
+            self.action()
+
+    def __enter__(self):
+        progress.LISTENERS.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        progress.LISTENERS.remove(self)
+
+
+def _assert_account(summary_path, h5_path, expected: int) -> dict:
+    """Every position is in counted.h5 with its events, or listed missing or partial, never both."""
+    on_disk = json.loads(summary_path.read_text())
+    missing, partial = set(on_disk["missing_positions"]), set(on_disk["partial_positions"])
+    assert not missing & partial
+    assert on_disk["frames_counted"] + len(missing) + len(partial) == expected
+    with h5py.File(h5_path, "r") as f:
+        frames = f["electron_events/frames"]
+        with_events = {i for i in range(expected) if len(frames[i])}
+    assert not with_events & (missing | partial), "a position listed as lost has events"
+    return on_disk
+
+
+def _session_keys_released(coord, sid):
+    keys = coord.session_keys(sid)
+    assert [k for k in keys if k.startswith("services/") or "/received/" in k] == []
+    assert coord.lock_holder(coord.get_spec(sid)["detector_profile"]["name"]) is None
+
+
+def test_a_producer_killed_mid_scan_ends_incomplete_with_what_was_counted(tmp_path, etcd_server):
+    from detstream.flows import streaming_session
+
+    params = _params(tmp_path, etcd_server, detector="4dcamera", scan_width=48, scan_height=48)
+    coord = Coordinator(etcd_server.endpoint, prefix=params["etcd_prefix"])
+    sid = params["session_id"]
+
+    def kill_a_producer():
+        pid = coord.services(sid, "producer")["sector-1"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+
+    with _When(lambda p: p.frames_received >= 256, kill_a_producer) as fault:
+        state = streaming_session(**params, return_state=True)
+    assert fault.done
+    assert state.is_failed() and state.name == "Incomplete"
+    with pytest.raises(SessionIncomplete) as info:
+        state.result()
+    summary = info.value.summary
+    assert summary["state"] == "incomplete" and not summary["complete"]
+    assert 0 < summary["frames_counted"] < 48 * 48
+    on_disk = _assert_account(tmp_path / "runs" / sid / "summary.json", summary["outputs"]["hdf5"], 48 * 48)
+    assert on_disk["state"] == "incomplete" and "service failed" in on_disk["reason"]
+    assert coord.get_state(sid) == "incomplete"
+    assert not list((tmp_path / "runs" / sid / "parts").rglob("*.partial"))
+    _session_keys_released(coord, sid)
+
+
+def test_a_cancelled_session_still_leaves_its_account(tmp_path, etcd_server):
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    from prefect.states import Cancelling
+
+    from detstream.flows import streaming_session
+    from detstream.session import SessionCancelled
+
+    params = _params(tmp_path, etcd_server, detector="4dcamera", scan_width=48, scan_height=48)
+
+    def cancel():
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(FlowRunContext.get().flow_run.id, Cancelling(), force=True)
+
+    with _When(lambda p: p.frames_received >= 64, cancel):
+        with pytest.raises(SessionCancelled):
+            streaming_session(**params)
+    on_disk = json.loads((tmp_path / "runs" / params["session_id"] / "summary.json").read_text())
+    assert on_disk["state"] == "cancelled"
+    assert on_disk["frames_counted"] + on_disk["frames_missing"] == 48 * 48
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs the test may fill; unmounted at the end, also on failure."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(mnt, leave_bytes: int) -> None:
+    """Fill the disk until only about ``leave_bytes`` are free."""
+    free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+    with open(mnt / "filler", "wb") as f:
+        f.truncate(0)
+        f.write(b"\0" * max(0, free - leave_bytes))
+
+
+def test_a_full_disk_at_the_merge_fails_naming_it_and_keeps_the_parts(tmp_path, etcd_server, small_disk):
+    from detstream.flows import streaming_session
+
+    params = _params(tmp_path, etcd_server, output_dir=str(small_disk / "runs"))
+    sid = params["session_id"]
+    coord = Coordinator(etcd_server.endpoint, prefix=params["etcd_prefix"])
+    session_dir = small_disk / "runs" / sid
+    nodes_done = lambda p: len(list((session_dir / "services").glob("distributor-*.json"))) == 2  # noqa: E731
+
+    with _When(nodes_done, lambda: _fill(small_disk, 64 << 10)):
+        with pytest.raises(DiskFull, match=rf"{session_dir / 'counted.h5'}.*needs about .* MiB .* free"):
+            streaming_session(**params)
+    assert coord.get_state(sid) == "failed"
+    assert "not enough space" in coord.events(sid)[-1]["reason"]
+    assert len(list((session_dir / "parts").glob("*.h5"))) == 2
+    on_disk = json.loads((session_dir / "summary.json").read_text())
+    assert on_disk["state"] == "failed" and "not enough space" in on_disk["salvage_error"]
+    assert not (session_dir / "counted.h5").exists()
+    _session_keys_released(coord, sid)
+
+
+def test_a_full_disk_while_a_part_is_written_names_the_part(tmp_path, etcd_server, small_disk):
+    from detstream.flows import streaming_session
+    from detstream.session import SessionError
+
+    params = _params(tmp_path, etcd_server, detector="4dcamera", output_dir=str(small_disk / "runs"))
+    with _When(lambda p: p.frames_received >= 64, lambda: _fill(small_disk, 0)):
+        with pytest.raises((SessionError, SessionIncomplete),
+                           match=r"No space left on device|not enough space|ENOSPC"):
+            streaming_session(**params)
