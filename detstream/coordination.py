@@ -133,8 +133,9 @@ class Coordinator:
         sid = key_segment(session_id, "session id")
         if not lease_id(lease):
             raise ValueError("the detector lock must be attached to a lease")
-        result = self.etcd.txn([key_missing(key)], [put_op(key, sid, lease)], [range_op(key)],
-                               what=f"lock detector {detector}")
+        result = self.etcd.txn([key_missing(key)],
+                               [put_op(key, sid, lease), put_op(self.last_session_key(detector), sid)],
+                               [range_op(key)], what=f"lock detector {detector}")
         if result.succeeded:
             log.info("session %s locked detector %s (lease %x)", sid, detector, lease_id(lease))
             return
@@ -149,6 +150,20 @@ class Coordinator:
         key = self.lock_key(detector)
         result = self.etcd.txn([value_is(key, session_id)], [delete_op(key)], what=f"unlock detector {detector}")
         return result.succeeded
+
+    def last_session_key(self, detector: str) -> str:
+        """<prefix>/detectors/<detector>/last: the session that took the lock last (not leased)."""
+        return self.key("detectors", key_segment(detector, "detector"), "last")
+
+    def last_session(self, detector: str) -> Optional[str]:
+        """The session that took the detector last, whether or not it still holds it."""
+        raw = self.etcd.get(self.last_session_key(detector))
+        return None if raw is None else raw.decode("utf-8", "replace")
+
+    def live_services(self, sid: str) -> list[str]:
+        """``role/name`` of every service of ``sid`` whose lease is still alive."""
+        return [f"{role}/{name}" for role in ("producer", "aggregator", "distributor")
+                for name in self.services(sid, role)]
 
     def lock_holder(self, detector: str) -> Optional[str]:
         """The session id holding the detector, or None if it is free."""

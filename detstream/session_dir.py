@@ -30,6 +30,11 @@ class SessionDir:
         return self.root / "summary.json"
 
     @property
+    def spec(self) -> Path:
+        """The session's spec, so a session whose orchestrator died can be salvaged from its folder."""
+        return self.root / "spec.json"
+
+    @property
     def dark_reference(self) -> Path:
         """The simulator's dark map, saved when a simulated session has none of its own."""
         return self.root / "dark_reference.npy"

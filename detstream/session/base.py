@@ -12,14 +12,16 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, ClassVar, Optional
 
+from ..atomic import write_atomically
 from ..backends.base import ComputeBackend, JobState, NodeLaunch, Reservation, ReservationError
 from ..config import SessionSpec
 from ..coordination import Coordinator, DetectorBusy, KeepAliveLease
 from ..processes import ManagedProcess, detstream_argv
 from ..progress import report as report_progress
-from ..states import SessionState
+from ..states import TERMINAL_STATES, SessionState
 from .spec import validate_spec, with_simulator_dark
 
 log = logging.getLogger("detstream.session")
@@ -94,6 +96,7 @@ class Session:
         if out.exists() and any(out.iterdir()) and not self.overwrite:
             raise FileExistsError(f"session {self.sid} already has output in {out}; pass overwrite=True "
                                   "(--overwrite) to replace it")
+        self._retire_dead_predecessor()
         self.lock_lease = self.coord.lease(LOCK_LEASE_TTL_S)
         try:
             self.coord.lock_detector(self.spec.detector, self.sid, self.lock_lease)
@@ -105,10 +108,40 @@ class Session:
         if self.overwrite:
             shutil.rmtree(out, ignore_errors=True)
         self.spec = with_simulator_dark(self.spec)
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.paths.spec, self.spec.model_dump_json(indent=2))
         self.coord.put_spec(self.sid, json.loads(self.spec.model_dump_json()))
         self.coord.set_state(self.sid, SessionState.REQUESTED)
         self.coord.set_expected(self.sid, self.spec.scan_number, self.spec.frames_expected)
         self.opened = True
+
+    def _retire_dead_predecessor(self, wait_s: float = 15.0) -> None:
+        """If the detector's last session never ended and nothing holds the lock, its orchestrator
+        died: wait for its services to stop (or refuse), then mark it abandoned and salvage it."""
+        prev = self.coord.last_session(self.spec.detector)
+        if prev is None or prev == self.sid or self.coord.lock_holder(self.spec.detector) is not None:
+            return
+        state = self.coord.get_state(prev)
+        if state is None or state in TERMINAL_STATES:
+            return
+        deadline = time.monotonic() + wait_s
+        while (running := self.coord.live_services(prev)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if running:
+            raise DetectorBusy(self.spec.detector, f"{prev} (its orchestrator is gone but "
+                               f"{', '.join(running)} still run)")
+        from ..salvage import mark_abandoned, salvage_session
+
+        reason = f"orchestrator gone; found by session {self.sid}"
+        mark_abandoned(self.coord, prev, reason)
+        spec = self.coord.get_spec(prev) or {}
+        folder = Path(spec.get("output_dir", "")) / prev
+        if (folder / "spec.json").exists():
+            try:
+                salvage_session(folder, self.coord, reason)
+                log.warning("session %s was abandoned; its counted frames were salvaged in %s", prev, folder)
+            except Exception as err:  # the new session must not fail for the old one's debris
+                log.warning("session %s was abandoned; salvaging %s failed: %s", prev, folder, err)
 
     def reserve(self, timeout_s: float) -> Reservation:
         """Reserve the nodes, each running ``node_service``, and wait until the job runs."""
