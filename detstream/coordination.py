@@ -77,7 +77,8 @@ class Coordinator:
         """Keys under `prefix` in the etcd at `endpoint`.
 
         `connection` is EtcdClient's keywords: username, password (str or SecretStr), ca_file,
-        timeout. No request is made unless credentials are given: then it authenticates now.
+        timeout, outage_budget_s (how long requests ride out an etcd outage, default 30 s).
+        No request is made unless credentials are given: then it authenticates now.
         """
         self.prefix = check_prefix(prefix)
         #: The transport; every etcd request goes through it.

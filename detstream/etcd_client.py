@@ -1,6 +1,6 @@
 """The etcd transport: etcd3gw, auth, encoding, errors and leases, every request through `EtcdClient.call`.
 
-Kept in one module so the client can be swapped, and a retry policy wrapped around one method.
+Kept in one module so the client can be swapped; `call` retries through etcd outages within a budget.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import requests
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.client import Etcd3Client
 from etcd3gw.watch import Watcher
+from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential, wait_random
 
 from .config import DEFAULT_PREFIX, check_prefix
 
 __all__ = [
     "AuthenticationError",
     "CoordinationError",
+    "DEFAULT_OUTAGE_BUDGET_S",
     "EtcdClient",
     "KeepAliveLease",
     "KeyValue",
@@ -47,6 +49,9 @@ log = logging.getLogger(__name__)
 
 _MAX_TXN_OPS = 100  # etcd's default --max-txn-ops is 128
 _RESYNC_S = 2.0  # while waiting on a watch, re-read this often in case the stream dropped
+DEFAULT_OUTAGE_BUDGET_S = 30.0  # how long a request keeps retrying while etcd is unreachable
+# Backoff between retries: 0.1 s doubling to 1 s (below a lease's TTL/3), plus up to 0.1 s jitter.
+_backoff = wait_exponential(multiplier=0.1, max=1.0) + wait_random(0, 0.1)
 
 T = TypeVar("T")
 LeaseLike = Union["KeepAliveLease", int]
@@ -192,6 +197,11 @@ def _error_message(exc: etcd_exc.Etcd3Exception) -> str:
     return text[:500]
 
 
+def _describe(exc: BaseException) -> str:
+    """The message of an etcd3gw or requests failure."""
+    return _error_message(exc) if isinstance(exc, etcd_exc.Etcd3Exception) else str(exc)
+
+
 _KNOWN_REASONS = (
     "Connection refused",
     "timed out",
@@ -201,7 +211,39 @@ _KNOWN_REASONS = (
     "Network is unreachable",
     "CERTIFICATE_VERIFY_FAILED",
     "Connection reset",
+    "Connection aborted",
+    "Remote end closed connection",
 )
+
+# Connection failures that are set-up errors, not an outage: retrying cannot fix them.
+_NOT_OUTAGE = ("certificate", "ssl", "name or service not known", "nodename nor servname")
+# etcd's answers while it has no quorum, no leader, or is shutting down (gRPC Unavailable and kin).
+_OUTAGE_MESSAGES = (
+    "no leader",
+    "not leader",
+    "leader changed",
+    "request timed out",
+    "server stopped",
+    "unhealthy cluster",
+    "too many requests",
+)
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """True for what an etcd outage causes (no connection, timeouts, 5xx, leader elections): worth retrying.
+
+    Auth, permission and bad-request errors are not: they would fail the same way again.
+    """
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):  # raw, from opening a watch
+        return not any(p in str(exc).lower() for p in _NOT_OUTAGE)
+    if not isinstance(exc, etcd_exc.Etcd3Exception):
+        return False
+    text = _error_message(exc).lower()
+    # etcd3gw's types for no connection, a timeout, or HTTP 408/500/503/504
+    if isinstance(exc, (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError, etcd_exc.InternalServerError)):
+        return not any(p in text for p in _NOT_OUTAGE)
+    http_reason = str(exc.args[0]) if exc.args else ""  # etcd3gw keeps the HTTP reason phrase there
+    return http_reason == "Bad Gateway" or any(p in text for p in _OUTAGE_MESSAGES)
 
 
 def _short_reason(text: str) -> str:
@@ -233,18 +275,26 @@ def _parse_endpoint(endpoint: str) -> tuple[str, str, int]:
 
 # --------------------------------------------------------------------------- client
 class _Gateway(Etcd3Client):
-    """etcd3gw's client, re-authenticating once when a simple token has expired."""
+    """etcd3gw's client, re-authenticating when a simple token has expired (or an earlier attempt lost it)."""
 
     reauthenticate: Optional[Callable[[], None]] = None
+    #: True between dropping a token and installing the next: requests would go out anonymous.
+    token_missing = False
 
     def post(self, url: str, *args: Any, json: Any = None, **kwargs: Any) -> Any:
+        if self.reauthenticate is not None and self.token_missing:
+            self.reauthenticate()
         try:
             return super().post(url, *args, json=json, **kwargs)
         except etcd_exc.Etcd3Exception as exc:
             if self.reauthenticate is None or "invalid auth token" not in (exc.detail_text or ""):
                 raise
-            self.reauthenticate()
+            self.reauthenticate()  # a restarted etcd has forgotten every simple token
             return super().post(url, *args, json=json, **kwargs)
+
+    def post_anonymous(self, url: str, json: Any) -> Any:
+        """One POST without the re-authentication above (for authenticating itself)."""
+        return super().post(url, json=json)
 
 
 class EtcdClient:
@@ -254,6 +304,9 @@ class EtcdClient:
     ``Authorization`` header of the HTTP session (which watches share). Simple tokens expire when
     idle (``--auth-token-ttl``); on "invalid auth token" it authenticates again once and retries.
     Neither the password nor the token is ever logged or put into an exception message or repr.
+
+    Requests ride out etcd outages: see `call`. `retries` counts retried attempts and `outages`
+    the outages seen (both only grow); `outage_s` is how long the current one has lasted.
     """
 
     def __init__(
@@ -264,23 +317,33 @@ class EtcdClient:
         password: Any = None,
         ca_file: Optional[str] = None,
         timeout: float = 10.0,
+        outage_budget_s: float = DEFAULT_OUTAGE_BUDGET_S,
     ) -> None:
         """Connect lazily (no request is made unless credentials are given).
 
         `password` may be a str or a pydantic SecretStr. `ca_file` verifies an https endpoint.
+        `timeout` bounds one HTTP request; `outage_budget_s` how long requests keep retrying
+        while etcd is unreachable (0: never retry).
         """
         if (username is None) != (password is None):
             raise ValueError("give both username and password, or neither")
+        if outage_budget_s < 0:
+            raise ValueError(f"outage_budget_s must be 0 or more, got {outage_budget_s}")
         protocol, host, port = _parse_endpoint(endpoint)
         self.endpoint = f"{protocol}://{host if ':' not in host else '[' + host + ']'}:{port}"
         self.username = username
         self.timeout = float(timeout)
+        self.outage_budget_s = float(outage_budget_s)
+        self.retries = 0
+        self.outages = 0
+        self._outage_since: Optional[float] = None  # monotonic time of the current outage's first failure
+        self._outage_lock = threading.Lock()
         self.__password = _secret(password)
         self._auth_lock = threading.Lock()
         self._gateway = _Gateway(host=host, port=port, protocol=protocol, ca_cert=ca_file, timeout=self.timeout)
         if username is not None:
             self._gateway.reauthenticate = self._authenticate
-            self._authenticate()
+            self._retrying(self._authenticate, "authenticate")
 
     def __repr__(self) -> str:
         user = f" user={self.username!r}" if self.username else ""
@@ -300,54 +363,117 @@ class EtcdClient:
     def call(self, path: str, payload: Mapping[str, Any], *, what: str) -> dict:
         """POST one v3 gateway request (e.g. "kv/range"); any failure becomes CoordinationError.
 
-        Every unary request goes through here, so a retry policy belongs here too.
+        Every unary request goes through here. What an outage causes (see `_is_outage`) is
+        retried with backoff until etcd has been unreachable for `outage_budget_s`; anything
+        else (auth, permission, bad request) fails at once.
         """
-        url = self._url(path, what)
+        return self._retrying(lambda: self._gateway.post(self._gateway.get_url(path), json=payload), what)
+
+    def _retrying(self, attempt: Callable[[], T], what: str) -> T:
+        """Run `attempt` under the outage policy; its failures become CoordinationError naming `what`."""
+        retrying = Retrying(
+            retry=retry_if_exception(_is_outage),
+            stop=lambda state: self.outage_s >= self.outage_budget_s,
+            wait=self._wait,
+            before_sleep=self._count_retry,
+            reraise=True,
+        )
         try:
-            return self._gateway.post(url, json=payload)
+            return retrying(self._attempt, attempt)
+        except CoordinationError:
+            raise
         except (etcd_exc.Etcd3Exception, requests.RequestException) as exc:
+            if _is_outage(exc):
+                raise self._unreachable(exc, what) from None
             raise self._error(exc, what) from None
 
+    def _attempt(self, attempt: Callable[[], T]) -> T:
+        """One try; keeps the outage clock: started by the first failure, stopped by any answer."""
+        try:
+            result = attempt()
+        except (etcd_exc.Etcd3Exception, requests.RequestException, CoordinationError) as exc:
+            if _is_outage(exc):
+                self._outage_began(exc)
+            else:
+                self._outage_ended()  # etcd answered, if only to refuse
+            raise
+        self._outage_ended()
+        return result
+
+    @property
+    def outage_s(self) -> float:
+        """How long etcd has been unreachable, from this client's view (0.0 when it is not)."""
+        since = self._outage_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def _wait(self, state: RetryCallState) -> float:
+        """The backoff, but never past the end of the budget (the last try comes at the budget)."""
+        return min(_backoff(state), max(0.0, self.outage_budget_s - self.outage_s))
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        self.retries += 1
+
+    def _outage_began(self, exc: BaseException) -> None:
+        with self._outage_lock:
+            if self._outage_since is not None:
+                return
+            self._outage_since = time.monotonic()
+            self.outages += 1
+        log.warning("etcd at %s is unreachable (%s); retrying for up to %g s",
+                    self.endpoint, _short_reason(_describe(exc)), self.outage_budget_s)
+
+    def _outage_ended(self) -> None:
+        if self._outage_since is None:  # the common case, without taking the lock
+            return
+        with self._outage_lock:
+            if self._outage_since is None:
+                return
+            lasted = time.monotonic() - self._outage_since
+            self._outage_since = None
+        log.warning("etcd at %s is reachable again after %.1f s", self.endpoint, lasted)
+
+    def _unreachable(self, exc: BaseException, what: str) -> CoordinationError:
+        return CoordinationError(
+            f"cannot reach etcd at {self.endpoint} to {what}: unreachable for {self.outage_s:.1f} s, "
+            f"the outage budget is {self.outage_budget_s:g} s (last error: {_short_reason(_describe(exc))})"
+        )
+
     def _authenticate(self) -> None:
-        """Get a token for username/password and install it on the session; never logs either."""
+        """Get a token for username/password and install it on the session; never logs either.
+
+        One attempt: an outage propagates as etcd3gw's exception, for the caller's retry to judge.
+        """
         with self._auth_lock:
-            session = self._gateway.session
-            session.headers.pop("Authorization", None)
-            url = self._url("auth/authenticate", "authenticate")
+            gateway = self._gateway
+            gateway.session.headers.pop("Authorization", None)
+            gateway.token_missing = True
             try:
-                resp = session.post(
-                    url, json={"name": self.username, "password": self.__password}, timeout=self.timeout
+                body = gateway.post_anonymous(
+                    gateway.get_url("auth/authenticate"), json={"name": self.username, "password": self.__password}
                 )
-            except requests.RequestException as exc:
-                raise CoordinationError(f"cannot reach etcd at {self.endpoint} to authenticate: {exc}") from None
-            if resp.status_code != 200:
-                try:
-                    message = resp.json().get("message") or resp.text
-                except ValueError:
-                    message = resp.text
+            except etcd_exc.Etcd3Exception as exc:
+                if _is_outage(exc):
+                    raise
+                message = _error_message(exc)
                 if "authentication is not enabled" in message:
                     log.warning("etcd at %s has auth disabled; continuing without a token", self.endpoint)
+                    gateway.token_missing = False
                     return
                 raise AuthenticationError(
                     f"etcd at {self.endpoint} rejected authentication as user {self.username!r}: {message[:300]}"
-                )
-            token = resp.json().get("token")
+                ) from None
+            token = body.get("token")
             if not token:
                 raise AuthenticationError(f"etcd at {self.endpoint} returned no token for user {self.username!r}")
-            session.headers["Authorization"] = token
+            gateway.session.headers["Authorization"] = token
+            gateway.token_missing = False
             log.debug("authenticated to etcd at %s as %r", self.endpoint, self.username)
 
-    def _url(self, path: str, what: str = "discover its API version") -> str:
-        try:
-            return self._gateway.get_url(path)
-        except (etcd_exc.Etcd3Exception, requests.RequestException) as exc:  # API-path discovery asks etcd
-            raise self._error(exc, what) from None
-
     def _error(self, exc: BaseException, what: str) -> CoordinationError:
+        """A failure that is not an outage (or a set-up error such as TLS), with today's clear wording."""
+        message = _describe(exc)
         if isinstance(exc, (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError, requests.RequestException)):
-            reason = _error_message(exc) if isinstance(exc, etcd_exc.Etcd3Exception) else str(exc)
-            return CoordinationError(f"cannot reach etcd at {self.endpoint} to {what}: {_short_reason(reason)}")
-        message = _error_message(exc) if isinstance(exc, etcd_exc.Etcd3Exception) else str(exc)
+            return CoordinationError(f"cannot reach etcd at {self.endpoint} to {what}: {_short_reason(message)}")
         cls = CoordinationError
         lowered = message.lower()
         if "user name is empty" in lowered or "invalid auth token" in lowered or "authentication failed" in lowered:

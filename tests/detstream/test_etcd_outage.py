@@ -1,0 +1,202 @@
+"""etcd outages: requests retry within a budget, refusals fail at once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+import pytest
+import requests
+from etcd3gw import exceptions as etcd_exc
+
+from detstream.coordination import AuthenticationError, CoordinationError, enable_auth
+from detstream.etcd_client import EtcdClient, _is_outage
+from detstream.etcd_server import EmbeddedEtcd
+
+ROOT_PW, ALICE_PW = "root-pw-Hk52", "alice-pw-Tw09"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _in_background(fn: Callable[[], object]) -> Future:
+    """Run `fn` in a daemon thread; its result or exception lands in the returned future."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the test through the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
+def _messages(caplog, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    """A private etcd whose data dir (under tmp_path) survives a stop, so a restart keeps keys and leases."""
+    server = EmbeddedEtcd(unsafe_no_fsync=True, data_dir=tmp_path / "etcd")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(tmp_path / "etcd", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def auth_etcd(tmp_path_factory):
+    """A private etcd with auth on: root, and alice with read-write on /ds/ only."""
+    data_dir = tmp_path_factory.mktemp("auth-etcd") / "etcd"
+    server = EmbeddedEtcd(unsafe_no_fsync=True, data_dir=data_dir)
+    try:
+        server.start()
+        enable_auth(server.endpoint, ROOT_PW, user="alice", user_password=ALICE_PW, prefix="/ds")
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- what is retried
+
+
+def _gateway_error(message: str, reason: str, cls=etcd_exc.Etcd3Exception) -> etcd_exc.Etcd3Exception:
+    """An exception as etcd3gw raises it for a gateway answer (JSON body, HTTP reason phrase)."""
+    return cls(json.dumps({"error": message, "message": message}), reason)
+
+
+@pytest.mark.parametrize("exc", [
+    etcd_exc.ConnectionFailedError("HTTPConnectionPool: [Errno 111] Connection refused"),
+    etcd_exc.ConnectionFailedError("('Connection aborted.', ConnectionResetError(104, 'Connection reset by peer'))"),
+    etcd_exc.ConnectionTimeoutError("Read timed out. (read timeout=10)"),
+    _gateway_error("etcdserver: leader changed", "Service Unavailable", etcd_exc.ConnectionFailedError),
+    _gateway_error("etcdserver: request timed out", "Internal Server Error", etcd_exc.InternalServerError),
+    _gateway_error("etcdserver: not leader", "Precondition Failed", etcd_exc.PreconditionFailedError),
+    _gateway_error("etcdserver: too many requests", "Too Many Requests"),
+    etcd_exc.Etcd3Exception("<html>bad gateway</html>", "Bad Gateway"),
+    requests.ConnectionError("[Errno 111] Connection refused"),
+], ids=["refused", "reset", "timeout", "leader-changed", "500", "not-leader", "too-many", "502", "watch-refused"])
+def test_what_an_outage_causes_is_retried(exc):
+    assert _is_outage(exc)
+
+
+@pytest.mark.parametrize("exc", [
+    _gateway_error("etcdserver: authentication failed, invalid user ID or password", "Bad Request"),
+    _gateway_error("etcdserver: user name is empty", "Bad Request"),
+    _gateway_error("etcdserver: permission denied", "Forbidden"),
+    _gateway_error("etcdserver: invalid auth token", "Unauthorized"),
+    _gateway_error("illegal base64 data at input byte 0", "Bad Request"),
+    _gateway_error("etcdserver: requested lease not found", "Not Found"),
+    _gateway_error("etcdserver: mvcc: database space exceeded", "Too Many Requests"),
+    etcd_exc.ConnectionFailedError("SSLError(SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED]'))"),
+    etcd_exc.ConnectionFailedError("Failed to resolve 'etcd.example' ([Errno -2] Name or service not known)"),
+    ValueError("not an etcd error"),
+], ids=["auth-failed", "no-user", "permission", "token", "bad-request", "no-lease", "no-space", "tls", "dns", "other"])
+def test_refusals_and_set_up_errors_are_not_retried(exc):
+    assert not _is_outage(exc)
+
+
+def test_an_unreachable_endpoint_fails_after_the_budget_naming_it(caplog):
+    """No etcd at all: retried for the budget, then a CoordinationError naming the endpoint and the time."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    client = EtcdClient(endpoint, outage_budget_s=1.5)
+    started = time.monotonic()
+    with pytest.raises(CoordinationError, match=rf"cannot reach etcd at {endpoint} to read /x: unreachable for 1\.\d s"):
+        client.get("/x")
+    assert 1.5 <= time.monotonic() - started < 4
+    assert client.retries >= 3 and client.outages == 1
+    # Still unreachable and past the budget: the next request tries once and fails at once.
+    started = time.monotonic()
+    with pytest.raises(CoordinationError, match=endpoint):
+        client.put("/x", "1")
+    assert time.monotonic() - started < 1
+    assert len(_messages(caplog, "is unreachable")) == 1 and not _messages(caplog, "reachable again")
+
+
+# --------------------------------------------------------------------------- requests through an outage
+
+
+@pytest.mark.chaos
+def test_a_put_and_a_get_during_an_outage_complete_after_the_restart(etcd, wait_until, caplog):
+    endpoint = etcd.endpoint
+    writer, reader = EtcdClient(endpoint, outage_budget_s=60), EtcdClient(endpoint, outage_budget_s=60)
+    writer.put("/k/before", "kept")
+    etcd.stop()
+    put = _in_background(lambda: writer.put("/k/during", "written"))
+    get = _in_background(lambda: reader.get("/k/before"))
+    wait_until(lambda: writer.retries >= 3 and reader.retries >= 3, what="both requests to be retrying")
+    wait_until(lambda: reader.outage_s >= 5, what="a five-second outage")  # retries spaced by the backoff
+    assert not put.done() and not get.done()
+    etcd.start()
+    assert etcd.endpoint == endpoint
+    assert get.result(timeout=30) == b"kept"
+    put.result(timeout=30)
+    assert reader.get("/k/during") == b"written"
+    for client in (writer, reader):  # one line when it began and one when it ended, not one per retry
+        assert client.outages == 1 and client.outage_s == 0.0
+    assert len(_messages(caplog, f"etcd at {endpoint} is unreachable")) == 2
+    assert len(_messages(caplog, f"etcd at {endpoint} is reachable again")) == 2
+
+
+@pytest.mark.chaos
+def test_etcd_gone_longer_than_the_budget_is_an_error_naming_the_endpoint(etcd, wait_until):
+    endpoint = etcd.endpoint
+    client = EtcdClient(endpoint, outage_budget_s=3)
+    client.put("/k", "v")
+    etcd.stop()
+    started = time.monotonic()
+    with pytest.raises(CoordinationError, match=rf"cannot reach etcd at {endpoint} to read /k: unreachable for 3\.\d s"):
+        client.get("/k")
+    assert 3 <= time.monotonic() - started < 3 + 3
+    etcd.start()
+    assert client.get("/k") == b"v"  # the same client works again once etcd is back
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def test_auth_and_permission_failures_fail_at_once(auth_etcd):
+    endpoint = auth_etcd.endpoint
+
+    def refused(error: type, match: str, request: Callable[[], object]) -> None:
+        started = time.monotonic()
+        with pytest.raises(error, match=match):
+            request()
+        assert time.monotonic() - started < 1.0, "a refusal was retried"
+
+    refused(AuthenticationError, "rejected authentication as user 'alice'",
+            lambda: EtcdClient(endpoint, username="alice", password="wrong-pw", outage_budget_s=30))
+    anonymous = EtcdClient(endpoint, outage_budget_s=30)
+    refused(AuthenticationError, "requires a username and password", lambda: anonymous.get("/ds/x"))
+    with EtcdClient(endpoint, username="alice", password=ALICE_PW, outage_budget_s=30) as alice:
+        refused(CoordinationError, "permission denied", lambda: alice.get("/elsewhere/x"))
+    assert anonymous.retries == alice.retries == 0
+
+
+@pytest.mark.chaos
+def test_an_authenticated_client_rides_out_a_restart(auth_etcd, wait_until, caplog):
+    """A restarted etcd has forgotten every token: the client logs in again by itself."""
+    caplog.set_level(logging.DEBUG, logger="detstream.etcd_client")
+    alice = EtcdClient(auth_etcd.endpoint, username="alice", password=ALICE_PW, outage_budget_s=60)
+    alice.put("/ds/k", "v")
+    auth_etcd.stop()
+    get = _in_background(lambda: alice.get("/ds/k"))
+    wait_until(lambda: alice.retries >= 2, what="the read to be retrying")
+    auth_etcd.start()
+    assert get.result(timeout=30) == b"v"
+    alice.put("/ds/k", "w")
+    assert alice.get("/ds/k") == b"w"
+    assert len(_messages(caplog, "authenticated to etcd")) == 2  # at the start, and after the restart
