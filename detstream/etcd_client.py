@@ -544,50 +544,55 @@ class EtcdClient:
         """Watch `prefix` until `done(current keys->values)` returns non-None, or the deadline.
 
         An initial read fixes the revision; the watch starts right after it, so nothing is
-        missed. Every _RESYNC_S without events we re-read, in case the watch stream dropped.
-        Returns (done's value or None on timeout, the last view of the keys).
+        missed. Every _RESYNC_S without events we re-read (through `call`, so through outages);
+        if that read finds what the watch missed, or an outage came meanwhile, the watch is
+        opened again from the read's revision. Returns (done's value or None on timeout, the
+        last view of the keys); an outage beyond the budget raises CoordinationError.
         """
         deadline = time.monotonic() + timeout_s
+        view = _PrefixView()
+        outages = self.outages
 
-        def snapshot() -> tuple[dict[str, bytes], int]:
-            kvs, rev = self.range(prefix, prefix=True)
-            return {kv.key: kv.value for kv in kvs}, rev
+        def reread() -> bool:
+            return view.reset(*self.range(prefix, prefix=True))
 
-        current, revision = snapshot()
-        outcome = done(current)
+        reread()
+        outcome = done(view.current)
         if outcome is not None:
-            return outcome, current
+            return outcome, view.current
         events: "queue.Queue[dict]" = queue.Queue()
-        raw = prefix.encode("utf-8")
-        try:
-            watcher = Watcher(
-                self._gateway, raw, events.put, range_end=_prefix_end(raw), start_revision=revision + 1
-            )
-        except (etcd_exc.Etcd3Exception, requests.RequestException) as exc:
-            raise self._error(exc, f"watch {prefix}") from None
+        watcher: Optional[Watcher] = self._watch(prefix, events.put, view.revision + 1)
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return None, current
+                    return None, view.current
                 try:
                     event = events.get(timeout=min(remaining, _RESYNC_S))
                 except queue.Empty:
-                    current, _ = snapshot()
+                    if reread() or self.outages != outages:  # the stream may have died: open a new one
+                        outages = self.outages
+                        watcher.stop()
+                        watcher = None
+                        watcher = self._watch(prefix, events.put, view.revision + 1)
                 else:
-                    kv = event.get("kv", {})
-                    key = bytes(kv.get("key", b"")).decode("utf-8", "replace")
-                    if event.get("type") == "DELETE":
-                        current.pop(key, None)
-                    else:
-                        current[key] = bytes(kv.get("value", b""))
+                    view.apply(event)
                     if not events.empty():
                         continue  # apply a burst before judging
-                outcome = done(current)
+                outcome = done(view.current)
                 if outcome is not None:
-                    return outcome, current
+                    return outcome, view.current
         finally:
-            watcher.stop()
+            if watcher is not None:
+                watcher.stop()
+
+    def _watch(self, prefix: str, callback: Callable[[dict], None], start_revision: int) -> Watcher:
+        """Open an etcd3gw watch on `prefix` from `start_revision`, under the same outage policy as `call`."""
+        raw = prefix.encode("utf-8")
+        return self._retrying(
+            lambda: Watcher(self._gateway, raw, callback, range_end=_prefix_end(raw), start_revision=start_revision),
+            f"watch {prefix}",
+        )
 
     # ----------------------------------------------------------------- server
     def ping(self) -> str:
@@ -597,6 +602,34 @@ class EtcdClient:
     def lease(self, ttl: int = 5) -> "KeepAliveLease":
         """Grant a lease kept alive in the background; use as `with client.lease(5) as lease:`."""
         return KeepAliveLease(self, ttl)
+
+class _PrefixView:
+    """A prefix wait's view: keys->values as read at `revision`, plus the watch events after it."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, bytes] = {}
+        self.revision = 0
+        self._seen: dict[str, int] = {}  # key -> revision of the last event applied
+
+    def reset(self, kvs: list[KeyValue], revision: int) -> bool:
+        """Take a fresh read; True if it differs from the view it replaces."""
+        fresh = {kv.key: kv.value for kv in kvs}
+        changed = fresh != self.current
+        self.current, self.revision, self._seen = fresh, revision, {}
+        return changed
+
+    def apply(self, event: dict) -> None:
+        """Apply one watch event, unless the read or a later event covers it (a re-opened watch repeats some)."""
+        kv = event.get("kv", {})
+        key = bytes(kv.get("key", b"")).decode("utf-8", "replace")
+        revision = int(kv.get("mod_revision", 0))
+        if revision and revision <= max(self.revision, self._seen.get(key, 0)):
+            return
+        self._seen[key] = revision
+        if event.get("type") == "DELETE":
+            self.current.pop(key, None)
+        else:
+            self.current[key] = bytes(kv.get("value", b""))
 
 
 # --------------------------------------------------------------------------- leases

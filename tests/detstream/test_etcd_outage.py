@@ -1,4 +1,4 @@
-"""etcd outages: requests retry within a budget, refusals fail at once."""
+"""etcd outages: requests and prefix waits ride them out within a budget, refusals fail at once."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import pytest
 import requests
 from etcd3gw import exceptions as etcd_exc
 
+from detstream import etcd_client
 from detstream.coordination import AuthenticationError, CoordinationError, enable_auth
-from detstream.etcd_client import EtcdClient, _is_outage
+from detstream.etcd_client import EtcdClient, _is_outage, _PrefixView
 from detstream.etcd_server import EmbeddedEtcd
 
 ROOT_PW, ALICE_PW = "root-pw-Hk52", "alice-pw-Tw09"
@@ -107,6 +108,22 @@ def test_refusals_and_set_up_errors_are_not_retried(exc):
     assert not _is_outage(exc)
 
 
+def test_a_prefix_view_ignores_events_its_read_or_a_later_event_covers():
+    view = _PrefixView()
+    assert view.reset([], 10) is False
+
+    def event(key: str, revision: int, kind: str = "PUT", value: bytes = b"v") -> dict:
+        return {"type": kind, "kv": {"key": key.encode(), "value": value, "mod_revision": str(revision)}}
+
+    view.apply(event("/a", 9))  # before the read: covered by it
+    view.apply(event("/b", 11, value=b"new"))
+    view.apply(event("/b", 11, value=b"again"))  # a re-opened watch repeats it
+    view.apply(event("/c", 12))
+    view.apply(event("/c", 13, "DELETE"))
+    view.apply(event("/c", 12))  # an old stream's late copy must not bring it back
+    assert view.current == {"/b": b"new"}
+
+
 def test_an_unreachable_endpoint_fails_after_the_budget_naming_it(caplog):
     """No etcd at all: retried for the budget, then a CoordinationError naming the endpoint and the time."""
     with socket.socket() as s:  # a port nothing listens on
@@ -163,6 +180,32 @@ def test_etcd_gone_longer_than_the_budget_is_an_error_naming_the_endpoint(etcd, 
     assert 3 <= time.monotonic() - started < 3 + 3
     etcd.start()
     assert client.get("/k") == b"v"  # the same client works again once etcd is back
+
+
+@pytest.mark.chaos
+def test_a_prefix_wait_rides_out_an_outage_and_watches_again(etcd, wait_until, monkeypatch):
+    opened: list[int] = []
+    real_watcher = etcd_client.Watcher
+
+    def counting_watcher(*args, **kwargs):
+        watcher = real_watcher(*args, **kwargs)
+        opened.append(kwargs["start_revision"])
+        return watcher
+
+    monkeypatch.setattr(etcd_client, "Watcher", counting_watcher)
+    monkeypatch.setattr(etcd_client, "_RESYNC_S", 0.2)  # re-read often, so the outage is met at once
+    writer = EtcdClient(etcd.endpoint)
+    waiter = EtcdClient(etcd.endpoint, outage_budget_s=60)
+    found = _in_background(lambda: waiter.wait_prefix("/w/", lambda cur: sorted(cur) or None, timeout_s=120))
+    wait_until(lambda: len(opened) == 1, what="the watch to open")
+    etcd.stop()
+    wait_until(lambda: waiter.retries >= 2, what="the wait's re-read to be retrying")
+    etcd.start()
+    wait_until(lambda: len(opened) == 2, what="the watch to be opened again after the outage")
+    monkeypatch.setattr(etcd_client, "_RESYNC_S", 600.0)  # from the waiter's next turn, only the watch
+    writer.put("/w/a", "1")
+    assert found.result(timeout=30) == (["/w/a"], {"/w/a": b"1"})
+    assert len(opened) == 2
 
 
 # --------------------------------------------------------------------------- auth
