@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from datetime import date, datetime
 from pathlib import PurePath
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, TypeVar, Union
@@ -32,6 +33,7 @@ __all__ = [
     "KeepAliveLease",
     "KeyValue",
     "LeaseLike",
+    "RegrantCallback",
     "TxnResult",
     "delete_op",
     "enable_auth",
@@ -513,23 +515,58 @@ class EtcdClient:
         return kvs[0].value if kvs else None
 
     def put(self, key: str, value: Union[str, bytes], lease: Optional[LeaseLike] = None) -> None:
-        """Write `key`, attached to `lease` if given (the key then vanishes with the lease)."""
-        self.call("kv/put", put_op(key, value, lease)["request_put"], what=f"write {key}")
+        """Write `key`, attached to `lease` if given (the key then vanishes with the lease).
+
+        A KeepAliveLease that etcd lost (say, expired during an outage) is re-granted and the write
+        made again on the new one, and the lease remembers the key to put back after a later loss.
+        """
+        op = put_op(key, value, lease)
+        try:
+            self.call("kv/put", op["request_put"], what=f"write {key}")
+        except CoordinationError as exc:
+            if not (isinstance(lease, KeepAliveLease) and "lease not found" in str(exc)):
+                raise
+            lease._recover(op["request_put"]["lease"])
+            op = put_op(key, value, lease)
+            self.call("kv/put", op["request_put"], what=f"write {key}")
+        self._note_writes([op])
 
     def delete(self, key: str) -> None:
         """Delete `key` (no error if it does not exist)."""
-        self.call("kv/deleterange", delete_op(key)["request_delete_range"], what=f"delete {key}")
+        op = delete_op(key)
+        self.call("kv/deleterange", op["request_delete_range"], what=f"delete {key}")
+        self._note_writes([op])
 
     def txn(self, compare: Iterable[dict], success: Iterable[dict], failure: Iterable[dict] = (), *, what: str) -> TxnResult:
         """If every `compare` holds, run the `success` operations, else the `failure` ones; atomically."""
-        result = self.call(
-            "kv/txn", {"compare": list(compare), "success": list(success), "failure": list(failure)}, what=what
-        )
+        success, failure = list(success), list(failure)
+        result = self.call("kv/txn", {"compare": list(compare), "success": success, "failure": failure}, what=what)
         ranges = [
             [KeyValue(kv) for kv in response.get("response_range", {}).get("kvs", [])]
             for response in result.get("responses", [])
         ]
-        return TxnResult(bool(result.get("succeeded")), ranges)
+        succeeded = bool(result.get("succeeded"))
+        self._note_writes(success if succeeded else failure)
+        return TxnResult(succeeded, ranges)
+
+    def _note_writes(self, ops: Iterable[dict]) -> None:
+        """Keep this process's leases' records of their keys in step with writes etcd has made."""
+        leases = _leases_at(self.endpoint)
+        if not leases:
+            return
+        for op in ops:
+            if "request_put" in op:
+                put = op["request_put"]
+                key, attached = _unb64(put["key"]).decode("utf-8", "replace"), int(put.get("lease", 0))
+                for lease in leases:  # a key is attached to at most one lease: the last put's
+                    if lease.id == attached:
+                        lease.attach(key, _unb64(put.get("value")))
+                    else:
+                        lease.detach(key)
+            elif "request_delete_range" in op:
+                delete = op["request_delete_range"]
+                for lease in leases:
+                    lease._forget(_unb64(delete["key"]), _unb64(delete.get("range_end")) or None)
 
     def delete_keys(self, keys: Iterable[str]) -> None:
         """Delete many keys, in as few transactions as etcd's operation limit allows."""
@@ -599,9 +636,13 @@ class EtcdClient:
         """The etcd server version; raises CoordinationError if etcd is unreachable."""
         return str(self.call("maintenance/status", {}, what="read its status").get("version", "?"))
 
-    def lease(self, ttl: int = 5) -> "KeepAliveLease":
-        """Grant a lease kept alive in the background; use as `with client.lease(5) as lease:`."""
-        return KeepAliveLease(self, ttl)
+    def lease(self, ttl: int = 5, on_regrant: Optional["RegrantCallback"] = None) -> "KeepAliveLease":
+        """Grant a lease kept alive in the background; use as `with client.lease(5) as lease:`.
+
+        `on_regrant(lease, lost)` is called whenever etcd lost the lease and it was granted anew.
+        """
+        return KeepAliveLease(self, ttl, on_regrant=on_regrant)
+
 
 class _PrefixView:
     """A prefix wait's view: keys->values as read at `revision`, plus the watch events after it."""
@@ -633,61 +674,172 @@ class _PrefixView:
 
 
 # --------------------------------------------------------------------------- leases
+#: `on_regrant(lease, lost)`: etcd lost the lease and it was granted anew; `lost` maps each key that
+#: could not be put back (another writer holds it now) to the value found there.
+RegrantCallback = Callable[["KeepAliveLease", dict[str, bytes]], None]
+
+_LIVE_LEASES: "weakref.WeakSet[KeepAliveLease]" = weakref.WeakSet()
+_LIVE_LEASES_LOCK = threading.Lock()
+
+
+def _leases_at(endpoint: str) -> list["KeepAliveLease"]:
+    """This process's unrevoked leases on the etcd at `endpoint`."""
+    with _LIVE_LEASES_LOCK:
+        return [lease for lease in _LIVE_LEASES if lease.endpoint == endpoint]
+
+
 class KeepAliveLease:
     """An etcd lease kept alive from a daemon thread; keys attached to it vanish on revoke or death.
 
-    Refreshes every TTL/3. Refresh failures never raise in the owner: they are counted in
-    `failures` (consecutive) and the last one kept in `error`; if etcd reports the lease gone,
-    `expired` becomes True and the thread ends. Use as a context manager, or call `revoke()`.
+    Refreshes every TTL/3, through outages: each refresh retries within the client's outage
+    budget, and the next one tries again. Refresh failures never raise in the owner: they are
+    counted in `failures` (consecutive) and the last one kept in `error`.
+
+    If etcd has lost the lease (it expired while etcd was out of reach), a new one is granted
+    (`id` changes, `regranted` counts) and the keys written with it (see `attach`) are put back,
+    each only if absent or still holding our value: a key someone else took meanwhile (another
+    session's detector lock) is given up, recorded in `lost` and passed to `on_regrant`.
+    Use as a context manager, or call `revoke()`.
     """
 
-    def __init__(self, client: EtcdClient, ttl: int = 5) -> None:
+    def __init__(self, client: EtcdClient, ttl: int = 5, on_regrant: Optional[RegrantCallback] = None) -> None:
         """Grant the lease now (so `.id` is usable at once) and start refreshing it."""
         if ttl < 1:
             raise ValueError(f"lease ttl must be at least 1 s, got {ttl}")
         self._client = client
-        result = client.call("lease/grant", {"TTL": int(ttl), "ID": 0}, what="grant a lease")
-        self.id: int = int(result["ID"])
-        #: The TTL etcd granted (it may raise small TTLs to its minimum).
-        self.ttl: int = int(result.get("TTL", ttl))
+        self.endpoint = client.endpoint
+        self.id, self.ttl = self._grant(ttl)  # etcd may raise a small TTL to its minimum
         self.refreshes = 0
         self.failures = 0
         self.error: Optional[BaseException] = None
+        #: etcd reported the lease gone and a new one is not granted yet.
         self.expired = False
+        #: How many times the lease was granted anew after etcd lost it.
+        self.regranted = 0
+        #: Keys that could not be put back after a re-grant -> the value another writer left there.
+        self.lost: dict[str, bytes] = {}
+        self.on_regrant = on_regrant
         self._revoked = False
-        self._lock = threading.Lock()
+        self._keys: dict[str, bytes] = {}  # key -> value, as last written on this lease
+        self._keys_lock = threading.Lock()
+        self._unrestored: Optional[set[str]] = None  # keys still to put back after a re-grant
+        self._lost_now: dict[str, bytes] = {}  # what the current re-grant could not put back
+        self._lock = threading.Lock()  # serialises re-grant and revoke
         self._stop = threading.Event()
+        with _LIVE_LEASES_LOCK:
+            _LIVE_LEASES.add(self)
         self._thread = threading.Thread(target=self._keepalive, name=f"etcd-lease-{self.id:x}", daemon=True)
         self._thread.start()
 
+    def _grant(self, ttl: int) -> tuple[int, int]:
+        """A new lease from etcd: (id, the TTL etcd granted)."""
+        result = self._client.call("lease/grant", {"TTL": int(ttl), "ID": 0}, what="grant a lease")
+        return int(result["ID"]), int(result.get("TTL", ttl))
+
     @property
     def alive(self) -> bool:
-        """Neither revoked nor known to have expired."""
+        """Neither revoked nor known to have expired (without a new lease yet)."""
         return not (self._revoked or self.expired)
 
+    # ----------------------------------------------------------------- attached keys
+    def attach(self, key: str, value: Union[str, bytes]) -> None:
+        """Remember that `key` holds `value` on this lease, to put it back after a re-grant.
+
+        EtcdClient does this for every put and transaction that writes with this lease.
+        """
+        with self._keys_lock:
+            self._keys[key] = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+    def detach(self, key: str) -> None:
+        """Forget `key` (deleted, or written without this lease): a re-grant leaves it alone."""
+        with self._keys_lock:
+            self._keys.pop(key, None)
+
+    def _forget(self, start: bytes, end: Optional[bytes]) -> None:
+        """Detach the keys an etcd delete-range removed: `start` alone, or [start, end) ("\\0": no end)."""
+        with self._keys_lock:
+            for key in list(self._keys):
+                raw = key.encode("utf-8")
+                if (raw == start) if end is None else (start <= raw and (end == b"\0" or raw < end)):
+                    del self._keys[key]
+
+    @property
+    def keys(self) -> dict[str, bytes]:
+        """The keys written with this lease and still on it (as far as this process knows) -> value."""
+        with self._keys_lock:
+            return dict(self._keys)
+
+    # ----------------------------------------------------------------- refresh and re-grant
     def _keepalive(self) -> None:
-        interval = max(self.ttl / 3.0, 0.2)
-        while not self._stop.wait(interval):
+        while not self._stop.wait(max(self.ttl / 3.0, 0.2)):
             try:
-                result = self._client.call("lease/keepalive", {"ID": self.id}, what="refresh a lease")
+                self._refresh()
             except Exception as exc:  # never let the refresh thread die on an error
                 self.failures += 1
                 self.error = exc
                 if self.failures in (1, 3) or self.failures % 30 == 0:
                     log.warning("lease %x: refresh failed %d time(s) in a row: %s", self.id, self.failures, exc)
-                continue
-            if self._stop.is_set():
-                return
-            granted = int(result.get("result", {}).get("TTL", -1))
-            if granted <= 0:
-                self.expired = True
-                self.error = CoordinationError(
-                    f"lease {self.id:x} at {self._client.endpoint} expired; its keys are gone"
-                )
-                log.error("%s", self.error)
-                return
+
+    def _refresh(self) -> None:
+        """One keep-alive; a lease etcd no longer knows is granted anew, its keys put back."""
+        used = self.id
+        result = self._client.call("lease/keepalive", {"ID": used}, what="refresh a lease")
+        if self._stop.is_set():
+            return
+        if int(result.get("result", {}).get("TTL", -1)) <= 0:
+            self._recover(used)
+        else:
             self.refreshes += 1
-            self.failures = 0
+            if self._unrestored is not None:  # an outage cut the last put-back short
+                self._recover(None)
+        self.failures = 0
+
+    def _recover(self, gone: Optional[int]) -> None:
+        """If `gone` is still our lease id, grant a new lease; then put back the keys not yet restored.
+
+        Raises CoordinationError if etcd cannot be reached; what is left is done on the next call.
+        """
+        with self._lock:
+            if self._revoked:
+                return
+            if gone is not None and gone == self.id:
+                self.expired = True
+                self.id, self.ttl = self._grant(self.ttl)
+                self.expired = False
+                self.regranted += 1
+                self._unrestored = set(self.keys)
+                log.warning("lease %x at %s was gone (expired while etcd was out of reach?); granted %x, "
+                            "putting back %d key(s)", gone, self.endpoint, self.id, len(self._unrestored))
+            if self._unrestored is None:
+                return
+            for key in sorted(self._unrestored):
+                value = self.keys.get(key)
+                holder = None if value is None else self._put_back(key, value)
+                if holder is not None:
+                    self.detach(key)
+                    self._lost_now[key] = holder
+                    log.error("lease %x: could not put %s back: another writer holds it (%r)",
+                              self.id, key, holder[:100])
+                self._unrestored.discard(key)
+            self._unrestored = None
+            lost, self._lost_now = self._lost_now, {}
+            self.lost.update(lost)
+        if self.on_regrant is not None:
+            try:
+                self.on_regrant(self, lost)
+            except Exception:
+                log.exception("lease %x: on_regrant callback failed", self.id)
+
+    def _put_back(self, key: str, value: bytes) -> Optional[bytes]:
+        """Write `key` on this lease if it is absent or still holds `value`; else return what it holds."""
+        what = f"put {key} back on lease {self.id:x}"
+        claim = self._client.txn([key_missing(key)], [put_op(key, value, self)], [range_op(key)], what=what)
+        if claim.succeeded:
+            return None
+        holder = claim.ranges[0][0].value if claim.ranges and claim.ranges[0] else b""
+        if holder == value and self._client.txn([value_is(key, value)], [put_op(key, value, self)], what=what).succeeded:
+            return None
+        return holder
 
     def time_to_live(self) -> int:
         """Seconds left as etcd sees it; -1 if the lease no longer exists."""
@@ -704,6 +856,8 @@ class KeepAliveLease:
                 return
             self._revoked = True
             self._stop.set()
+        with _LIVE_LEASES_LOCK:
+            _LIVE_LEASES.discard(self)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=self._client.timeout + 1.0)
         try:
@@ -725,7 +879,8 @@ class KeepAliveLease:
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else ("revoked" if self._revoked else "expired")
-        return f"<KeepAliveLease {self.id:x} ttl={self.ttl}s {state}>"
+        regranted = f" regranted={self.regranted}" if self.regranted else ""
+        return f"<KeepAliveLease {self.id:x} ttl={self.ttl}s {state}{regranted}>"
 
 
 def lease_id(lease: Optional[LeaseLike]) -> Optional[int]:

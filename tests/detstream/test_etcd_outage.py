@@ -1,4 +1,4 @@
-"""etcd outages: requests and prefix waits ride them out within a budget, refusals fail at once."""
+"""etcd outages: requests retry within a budget, leases and their keys come back, refusals fail at once."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import requests
 from etcd3gw import exceptions as etcd_exc
 
 from detstream import etcd_client
-from detstream.coordination import AuthenticationError, CoordinationError, enable_auth
+from detstream.coordination import AuthenticationError, CoordinationError, Coordinator, enable_auth
 from detstream.etcd_client import EtcdClient, _is_outage, _PrefixView
 from detstream.etcd_server import EmbeddedEtcd
 
@@ -44,6 +44,72 @@ def _messages(caplog, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
+class _Partition:
+    """A TCP forwarder in front of etcd that can cut every connection and refuse new ones."""
+
+    def __init__(self, endpoint: str) -> None:
+        host, port = endpoint.rsplit("//", 1)[1].rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._cut = False
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            if self._cut:
+                client.close()
+                continue
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        """Drop every open connection; new ones are closed at once (as a dead network would)."""
+        self._cut = True
+        with self._lock:
+            doomed, self._sockets = self._sockets, []
+        for s in doomed:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def heal(self) -> None:
+        self._cut = False
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self._thread.join(timeout=5)
+        self._listener.close()
+
+
 @pytest.fixture
 def etcd(tmp_path):
     """A private etcd whose data dir (under tmp_path) survives a stop, so a restart keeps keys and leases."""
@@ -67,6 +133,15 @@ def auth_etcd(tmp_path_factory):
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def partition(etcd_server):
+    proxy = _Partition(etcd_server.endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 # --------------------------------------------------------------------------- what is retried
@@ -206,6 +281,121 @@ def test_a_prefix_wait_rides_out_an_outage_and_watches_again(etcd, wait_until, m
     writer.put("/w/a", "1")
     assert found.result(timeout=30) == (["/w/a"], {"/w/a": b"1"})
     assert len(opened) == 2
+
+
+# --------------------------------------------------------------------------- leases through an outage
+
+
+@pytest.mark.chaos
+def test_a_leased_key_is_there_after_a_restart_past_its_ttl(etcd, wait_until):
+    client = EtcdClient(etcd.endpoint, outage_budget_s=60)
+    with client.lease(2) as lease:
+        client.put("/svc/a", "up", lease)
+        etcd.stop()
+        wait_until(lambda: client.retries >= 1, what="the refresh to be retrying")
+        wait_until(lambda: client.outage_s > lease.ttl + 1, timeout_s=30, what="the TTL to run out")
+        refreshed = lease.refreshes
+        etcd.start()
+        # Several refreshes after the restart: the key lives past more than one TTL.
+        wait_until(lambda: lease.refreshes >= refreshed + 4, timeout_s=30, what="refreshes after the restart")
+        assert EtcdClient(etcd.endpoint).get("/svc/a") == b"up"
+        assert lease.alive and lease.time_to_live() > 0
+    assert EtcdClient(etcd.endpoint).get("/svc/a") is None
+
+
+@pytest.mark.chaos
+def test_a_restarted_etcd_that_lost_the_lease_gets_it_granted_again_with_its_keys(tmp_path, wait_until):
+    """Restarted without its data (a temporary data dir): the lease is unknown, so it is granted anew."""
+    etcd = EmbeddedEtcd(unsafe_no_fsync=True)
+    try:
+        etcd.start()
+        old_dir = etcd.data_dir
+        regrants: list[tuple[int, dict]] = []
+        coord = Coordinator(etcd.endpoint, prefix="/ds", outage_budget_s=60)
+        lease = coord.lease(2, on_regrant=lambda lease, lost: regrants.append((lease.id, lost)))
+        try:
+            coord.lock_detector("4dcamera", "s1", lease)
+            coord.register_service("s1", "distributor", "n0", {"endpoint": "tcp://n0:1"}, lease)
+            first_id = lease.id
+            etcd.stop()
+            assert not old_dir.exists()
+            wait_until(lambda: coord.etcd.retries >= 1, what="the refresh to be retrying")
+            etcd.start()
+            wait_until(lambda: regrants, timeout_s=30, what="the lease to be granted again")
+            assert lease.regranted == 1 and lease.id != first_id and regrants == [(lease.id, {})]
+            assert coord.lock_holder("4dcamera") == "s1"
+            assert coord.services("s1", "distributor") == {"n0": {"endpoint": "tcp://n0:1"}}
+            kvs, _ = coord.etcd.range(coord.lock_key("4dcamera"))
+            assert kvs[0].lease == lease.id
+        finally:
+            lease.revoke()
+        assert coord.lock_holder("4dcamera") is None and coord.services("s1", "distributor") == {}
+    finally:
+        etcd.stop()
+    assert not etcd.data_dir.exists()
+
+
+@pytest.mark.chaos
+def test_a_lock_taken_by_another_session_during_a_partition_is_not_stolen_back(
+    partition, etcd_server, etcd_prefix, wait_until
+):
+    """Cut off for longer than its TTL, a session loses its lease; on return it puts back what is
+    still free (its other lock, its service key) and reports the lock another session took."""
+    cut_off = Coordinator(partition.endpoint, prefix=etcd_prefix, outage_budget_s=60)
+    direct = Coordinator(etcd_server.endpoint, prefix=etcd_prefix)
+    reports: list[dict] = []
+    lease = cut_off.lease(2, on_regrant=lambda _lease, lost: reports.append(lost))
+    try:
+        cut_off.lock_detector("4dcamera", "first", lease)
+        cut_off.lock_detector("other", "first", lease)
+        cut_off.register_service("first", "aggregator", "0", {"endpoint": "tcp://h:1"}, lease)
+        partition.cut()
+        wait_until(lambda: cut_off.etcd.retries >= 1, what="the refresh to be retrying")
+        wait_until(lambda: direct.lock_holder("4dcamera") is None, timeout_s=lease.ttl + 10,
+                   what="the cut-off session's lease to expire")
+        with direct.lease(10) as other:
+            direct.lock_detector("4dcamera", "second", other)
+            partition.heal()
+            wait_until(lambda: reports, timeout_s=30, what="the lease to be granted again")
+            lock_key = direct.lock_key("4dcamera")
+            assert reports == [{lock_key: b"second"}] and lease.lost == {lock_key: b"second"}
+            assert lease.regranted == 1
+            assert direct.lock_holder("4dcamera") == "second"  # not stolen back
+            assert direct.lock_holder("other") == "first"  # free, so put back
+            assert direct.services("first", "aggregator") == {"0": {"endpoint": "tcp://h:1"}}
+            assert lock_key not in lease.keys
+    finally:
+        partition.heal()
+        lease.revoke()
+        cut_off.close()
+    assert direct.lock_holder("other") is None
+
+
+def test_a_lease_remembers_only_the_keys_still_written_with_it(coordinator):
+    with coordinator.lease(5) as lease, coordinator.lease(5) as other:
+        coordinator.lock_detector("4dcamera", "s1", lease)
+        coordinator.register_service("s1", "distributor", "n0", {"pid": 1}, lease)
+        coordinator.register_service("s1", "distributor", "n1", {"pid": 2}, lease)
+        coordinator.set_received("s1", 1, "n0", 5, lease)
+        coordinator.set_received("s1", 1, "n1", 5, lease)
+        coordinator.set_expected("s1", 1, 10)  # not leased: not remembered
+        lock, n0, n1 = (coordinator.lock_key("4dcamera"), coordinator.session_key("s1", "services/distributor/n0"),
+                        coordinator.session_key("s1", "services/distributor/n1"))
+        received = coordinator.session_key("s1", "scans/1/received/n0"), coordinator.session_key("s1", "scans/1/received/n1")
+        assert set(lease.keys) == {lock, n0, n1, *received} and lease.keys[lock] == b"s1"
+        coordinator.unregister_service("s1", "distributor", "n0")  # delete
+        coordinator.unlock_detector("4dcamera", "s1")  # a transaction that deletes
+        coordinator.set_received("s1", 1, "n0", 7)  # written again without the lease
+        coordinator.set_received("s1", 1, "n1", 7, other)  # moved to another lease
+        assert set(lease.keys) == {n1} and set(other.keys) == {received[1]}
+        coordinator.cleanup_session("s1")  # delete_keys: transactions of deletes
+        assert lease.keys == {} and other.keys == {}
+        coordinator.register_service("s1", "distributor", "n2", {"pid": 3}, lease)
+        scope = coordinator.session_key("s1").encode()
+        ranged = {"request_delete_range": {"key": etcd_client._b64(scope), "range_end": etcd_client._b64(
+            etcd_client._prefix_end(scope))}}
+        coordinator.etcd.txn([], [ranged], what="delete a range")
+        assert lease.keys == {}
 
 
 # --------------------------------------------------------------------------- auth
