@@ -371,6 +371,21 @@ def test_a_lock_taken_by_another_session_during_a_partition_is_not_stolen_back(
     assert direct.lock_holder("other") is None
 
 
+@pytest.mark.chaos
+def test_a_put_that_meets_a_lost_lease_grants_it_again_and_writes(coordinator):
+    """The owner may learn of the loss before its refresh thread does (a refresh is TTL/3 away)."""
+    with coordinator.lease(30) as lease:
+        coordinator.register_service("s1", "distributor", "n0", {"pid": 1}, lease)
+        first_id = lease.id
+        coordinator.etcd.call("kv/lease/revoke", {"ID": first_id}, what="lose the lease")  # etcd forgets it
+        coordinator.register_service("s1", "distributor", "n1", {"pid": 2}, lease)
+        assert lease.regranted == 1 and lease.id != first_id
+        assert coordinator.services("s1", "distributor") == {"n0": {"pid": 1}, "n1": {"pid": 2}}
+        kvs, _ = coordinator.etcd.range(coordinator.session_key("s1", "services/distributor/"), prefix=True)
+        assert {kv.lease for kv in kvs} == {lease.id}
+    assert coordinator.services("s1", "distributor") == {}
+
+
 def test_a_lease_remembers_only_the_keys_still_written_with_it(coordinator):
     with coordinator.lease(5) as lease, coordinator.lease(5) as other:
         coordinator.lock_detector("4dcamera", "s1", lease)
