@@ -16,6 +16,7 @@ from .etcd_client import (
     EtcdClient,
     KeepAliveLease,
     LeaseLike,
+    RegrantCallback,
     delete_op,
     enable_auth,
     from_json,
@@ -77,7 +78,8 @@ class Coordinator:
         """Keys under `prefix` in the etcd at `endpoint`.
 
         `connection` is EtcdClient's keywords: username, password (str or SecretStr), ca_file,
-        timeout. No request is made unless credentials are given: then it authenticates now.
+        timeout, outage_budget_s (how long requests ride out an etcd outage, default 30 s).
+        No request is made unless credentials are given: then it authenticates now.
         """
         self.prefix = check_prefix(prefix)
         #: The transport; every etcd request goes through it.
@@ -105,9 +107,13 @@ class Coordinator:
         """The etcd server version; raises CoordinationError if etcd is unreachable."""
         return self.etcd.ping()
 
-    def lease(self, ttl: int = 5) -> KeepAliveLease:
-        """Grant a lease kept alive in the background; use as `with coordinator.lease(5) as lease:`."""
-        return self.etcd.lease(ttl)
+    def lease(self, ttl: int = 5, on_regrant: Optional[RegrantCallback] = None) -> KeepAliveLease:
+        """Grant a lease kept alive in the background; use as `with coordinator.lease(5) as lease:`.
+
+        `on_regrant(lease, lost)` hears when etcd lost the lease and a new one was granted, and
+        which keys (e.g. a detector lock another session took meanwhile) could not be put back.
+        """
+        return self.etcd.lease(ttl, on_regrant)
 
     # ----------------------------------------------------------------- keys
     def key(self, *parts: Any) -> str:
@@ -128,6 +134,8 @@ class Coordinator:
 
         Raises DetectorBusy naming the holding session. Taking it again for the session that
         already holds it is a no-op (the key stays on the lease it was first taken with).
+        If etcd loses the lease in an outage, the lock is put back on the new lease only if still
+        free or ours; if another session took it, the lease's `lost` and `on_regrant` say so.
         """
         key = self.lock_key(detector)
         sid = key_segment(session_id, "session id")

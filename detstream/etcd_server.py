@@ -1,7 +1,9 @@
 """A private, throw-away etcd server for tests and the single-machine default.
 
 `EmbeddedEtcd` runs one etcd member on free loopback ports with a temporary data directory,
-waits until it reports healthy, and removes everything again on `stop()`.
+waits until it reports healthy, and removes everything again on `stop()`. Started again after
+a stop it comes back on the same ports; with a caller's `data_dir` also with the same data
+(an outage and recovery, for fault tests).
 
 Leaving nothing running is best effort, in layers:
 
@@ -119,15 +121,16 @@ def _pdeathsig_preexec():
 class _Runtime:
     """What a running etcd holds; kept apart from EmbeddedEtcd so the finalizer can own it."""
 
-    def __init__(self, proc: subprocess.Popen, tmpdir: Path, logfile) -> None:
+    def __init__(self, proc: subprocess.Popen, tmpdir: Path, logfile, remove_dir: bool = True) -> None:
         self.proc = proc
         self.tmpdir = tmpdir
         self.logfile = logfile
+        self.remove_dir = remove_dir
         self.lock = threading.Lock()
         self.stopped = False
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, wait, SIGKILL after `timeout`; close the log; remove the temp dir. Idempotent."""
+        """SIGTERM, wait, SIGKILL after `timeout`; close the log; remove the temp dir if ours. Idempotent."""
         with self.lock:
             if self.stopped:
                 return
@@ -146,7 +149,8 @@ class _Runtime:
                 self.logfile.close()
             except OSError:
                 pass
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            if self.remove_dir:
+                shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 class EmbeddedEtcd:
@@ -154,6 +158,9 @@ class EmbeddedEtcd:
 
     >>> with EmbeddedEtcd() as etcd:
     ...     coordinator = Coordinator(etcd.endpoint)
+
+    `stop()` then `start()` brings it back at the same endpoint: with a temporary data dir as
+    a new, empty etcd; with `data_dir` given, with every key and lease it had.
     """
 
     def __init__(
@@ -165,8 +172,13 @@ class EmbeddedEtcd:
         unsafe_no_fsync: bool = False,
         extra_args: Sequence[str] = (),
         name: str = "detstream",
+        data_dir: Optional[os.PathLike | str] = None,
     ) -> None:
-        """Configure, do not start. `unsafe_no_fsync` speeds up tests (data is throw-away anyway)."""
+        """Configure, do not start. `unsafe_no_fsync` speeds up tests (data is throw-away anyway).
+
+        `data_dir` (created if missing) holds etcd's data and log and is kept on stop, so a
+        restart finds them again; removing it is the caller's job. None: a temporary dir.
+        """
         self._binary = Path(binary) if binary is not None else None
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -176,7 +188,9 @@ class EmbeddedEtcd:
         self._lock = threading.Lock()
         self._runtime: Optional[_Runtime] = None
         self._finalizer: Optional[weakref.finalize] = None
+        self._data_dir = Path(data_dir) if data_dir is not None else None
         self._client_port: Optional[int] = None
+        self._peer_port: Optional[int] = None
 
     # ----------------------------------------------------------------- properties
     @property
@@ -199,7 +213,7 @@ class EmbeddedEtcd:
 
     @property
     def data_dir(self) -> Optional[Path]:
-        """The temporary directory holding etcd's data and log (removed on stop)."""
+        """The directory holding etcd's data and log (removed on stop unless given as `data_dir`)."""
         return self._runtime.tmpdir if self._runtime else None
 
     @property
@@ -235,13 +249,19 @@ class EmbeddedEtcd:
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> "EmbeddedEtcd":
-        """Start etcd and wait until healthy; retries a few times if a picked port was taken."""
+        """Start etcd and wait until healthy; retries a few times if a picked port was taken.
+
+        After a stop it starts on the same ports as before (and fails if they are taken now).
+        """
         with self._lock:
             if self.running:
                 return self
             binary = self._binary or find_etcd_binary()
             if not (binary.is_file() and os.access(binary, os.X_OK)):
                 raise EtcdNotFoundError(f"etcd binary {binary} does not exist or is not executable")
+            if self._client_port is not None:  # a restart: same endpoint, or an error saying why not
+                self._start_once(binary)
+                return self
             last_error: Optional[Exception] = None
             for _attempt in range(3):
                 try:
@@ -256,12 +276,18 @@ class EmbeddedEtcd:
             raise last_error
 
     def _start_once(self, binary: Path) -> None:
-        client_port, peer_port = _free_port(), _free_port()
-        while peer_port == client_port:
-            peer_port = _free_port()
+        client_port, peer_port = self._client_port, self._peer_port
+        if client_port is None or peer_port is None:
+            client_port, peer_port = _free_port(), _free_port()
+            while peer_port == client_port:
+                peer_port = _free_port()
         client_url = f"http://127.0.0.1:{client_port}"
         peer_url = f"http://127.0.0.1:{peer_port}"
-        tmpdir = Path(tempfile.mkdtemp(prefix="detstream-etcd-"))
+        if self._data_dir is not None:
+            tmpdir = self._data_dir
+            tmpdir.mkdir(parents=True, exist_ok=True)
+        else:
+            tmpdir = Path(tempfile.mkdtemp(prefix="detstream-etcd-"))
         args = [
             str(binary),
             "--name", self.name,
@@ -279,7 +305,7 @@ class EmbeddedEtcd:
         args += self.extra_args
         # ETCD_* variables would silently reconfigure (or conflict with) the flags above.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_") or k == "ETCD_UNSUPPORTED_ARCH"}
-        logfile = open(tmpdir / "etcd.log", "wb")
+        logfile = open(tmpdir / "etcd.log", "ab")
         try:
             proc = subprocess.Popen(
                 args,
@@ -293,19 +319,21 @@ class EmbeddedEtcd:
             )
         except BaseException:
             logfile.close()
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            if self._data_dir is None:
+                shutil.rmtree(tmpdir, ignore_errors=True)
             raise
-        runtime = _Runtime(proc, tmpdir, logfile)
+        runtime = _Runtime(proc, tmpdir, logfile, remove_dir=self._data_dir is None)
         self._runtime = runtime
-        self._client_port = client_port
         self._finalizer = weakref.finalize(self, runtime.stop, self.stop_timeout_s)
         log.debug("started etcd pid %s at %s (data %s)", proc.pid, client_url, tmpdir)
         try:
             self._wait_healthy(client_url)
+            self._client_port, self._peer_port = client_port, peer_port  # a restart comes back here
         except EtcdStartError as exc:
             excerpt = self._log_excerpt()
             self.stop()
-            raise EtcdStartError(f"{exc}\n--- etcd log ({self.log_path}, now removed) ---\n{excerpt}") from None
+            removed = ", now removed" if self._data_dir is None else ""
+            raise EtcdStartError(f"{exc}\n--- etcd log ({self.log_path}{removed}) ---\n{excerpt}") from None
         except BaseException:
             self.stop()
             raise
@@ -337,7 +365,7 @@ class EmbeddedEtcd:
             interval = min(interval * 1.5, 0.25)
 
     def stop(self) -> None:
-        """Stop etcd (SIGTERM, then SIGKILL after stop_timeout_s) and remove its data dir. Idempotent."""
+        """Stop etcd (SIGTERM, then SIGKILL after stop_timeout_s) and remove its temporary data dir. Idempotent."""
         finalizer = self._finalizer
         if finalizer is not None:
             finalizer()  # runs runtime.stop at most once, then detaches

@@ -317,7 +317,7 @@ def test_unreachable_endpoint_raises_coordination_error_naming_it():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
-    with Coordinator(endpoint, timeout=2) as coord:
+    with Coordinator(endpoint, timeout=2, outage_budget_s=0) as coord:  # no retrying through the "outage"
         with pytest.raises(CoordinationError, match=f"cannot reach etcd at {endpoint}"):
             coord.get_state("abc")
         with pytest.raises(CoordinationError, match=endpoint):
