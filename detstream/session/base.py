@@ -85,6 +85,7 @@ class Session:
         self.timings: dict[str, float] = {}
         self.fallback_reason: Optional[str] = None
         self.opened = False  # past open(): the session folder and etcd keys are this session's
+        self.lock_lost: Optional[str] = None  # who took the detector while etcd had lost our lease
         self.closed = False
         self._t0 = time.time()
 
@@ -97,7 +98,7 @@ class Session:
             raise FileExistsError(f"session {self.sid} already has output in {out}; pass overwrite=True "
                                   "(--overwrite) to replace it")
         self._retire_dead_predecessor()
-        self.lock_lease = self.coord.lease(LOCK_LEASE_TTL_S)
+        self.lock_lease = self.coord.lease(LOCK_LEASE_TTL_S, on_regrant=self._on_lock_regrant)
         try:
             self.coord.lock_detector(self.spec.detector, self.sid, self.lock_lease)
         except DetectorBusy:
@@ -114,6 +115,15 @@ class Session:
         self.coord.set_state(self.sid, SessionState.REQUESTED)
         self.coord.set_expected(self.sid, self.spec.scan_number, self.spec.frames_expected)
         self.opened = True
+
+    def _on_lock_regrant(self, lease, lost: dict) -> None:
+        """etcd lost our lease in an outage; if another session took the detector meanwhile, we stop."""
+        key = self.coord.lock_key(self.spec.detector)
+        if key in lost:
+            holder = lost[key]
+            self.lock_lost = holder.decode("utf-8", "replace") if isinstance(holder, bytes) else str(holder)
+            log.error("session %s lost detector %s to session %s during an etcd outage",
+                      self.sid, self.spec.detector, self.lock_lost)
 
     def _retire_dead_predecessor(self, wait_s: float = 15.0) -> None:
         """If the detector's last session never ended and nothing holds the lock, its orchestrator
@@ -182,6 +192,9 @@ class Session:
                 on_progress(prog)
             if cancelled is not None and cancelled():
                 raise SessionCancelled("cancelled by the user")
+            if self.lock_lost is not None:
+                raise SessionError(f"detector {self.spec.detector} was taken by session {self.lock_lost} "
+                                   "while etcd had lost this session's lease")
             if self._nodes_reported(expected):
                 return self.progress()
             failed = [p for p in self.local if p.poll() not in (None, 0)]
