@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
-from detstream.backends.jobscript import MAX_WALLTIME_MINUTES, NerscJobSettings
+from detstream.backends.jobscript import NerscJobSettings
 from detstream.backends.sfapi import SFAPI_BASE_URL, SFAPI_TOKEN_URL, SfapiSettings
 
 
@@ -53,32 +53,24 @@ class NerscCompute(Block):
                     "runs one detstream distributor per node; the node count comes from the session.")
     _documentation_url = "https://docs.nersc.gov/jobs/policy/"
 
-    machine: str = Field(default="perlmutter", description="NERSC compute system.")
-    account: Optional[str] = Field(default=None, description="NERSC project to charge (-A), e.g. m1234.")
-    qos: str = Field(default="realtime", description="Slurm QOS (-q); streaming uses realtime.")
-    constraint: str = Field(default="cpu", description="Node type (-C): cpu or gpu.")
-    walltime_minutes: int = Field(default=30, ge=1, le=MAX_WALLTIME_MINUTES,
-                                  description=f"Walltime (-t), at most {MAX_WALLTIME_MINUTES} minutes.")
-    reservation: Optional[str] = Field(default=None, description="Slurm reservation (--reservation), if any.")
-    job_name_prefix: str = Field(default="detstream", description="Job name is <prefix>-<session id>.")
-    exclusive: bool = Field(default=True, description="Whole nodes (--exclusive).")
-    modules: list[str] = Field(default_factory=list, description="`module load` each of these first.")
-    conda_env: Optional[str] = Field(default=None, description="`conda activate` this environment (name or path).")
-    image: Optional[str] = Field(default=None, description="Container image that has detstream installed.")
-    container: Literal["shifter", "podman-hpc"] = Field(default="shifter",
-                                                         description="Container runtime for `image`.")
-    command: list[str] = Field(default_factory=lambda: ["detstream"],
-                               description="The command that runs detstream on a node.")
-    env: dict[str, str] = Field(default_factory=dict,
-                                description="Environment variables exported in the job (plain text: no secrets).")
-    extra_sbatch: list[str] = Field(default_factory=list,
-                                    description="More #SBATCH options, e.g. '--mail-type=END'.")
-    srun_options: list[str] = Field(default_factory=list, description="More srun options, e.g. '--cpu-bind=none'.")
-    output: Optional[str] = Field(default=None, description="Slurm output file pattern (-o), e.g. detstream-%j.out.")
-    bind_host: str = Field(default="0.0.0.0", description="Interface each distributor listens on.")
-    advertise_host: Optional[str] = Field(
-        default=None, description="Host name distributors advertise; empty: each node's $(hostname).")
+    job: NerscJobSettings = Field(
+        default_factory=NerscJobSettings, title="Job settings",
+        description="Slurm options and node environment of the session's batch job.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_flat_fields(cls, data):
+        """Job fields given at the top level (documents saved before ``job`` was nested) go into ``job``."""
+        if not isinstance(data, dict):
+            return data
+        flat = {k: data[k] for k in NerscJobSettings.model_fields if k in data}
+        if not flat:
+            return data
+        rest = {k: v for k, v in data.items() if k not in flat}
+        job = rest.get("job") or {}
+        job = job.model_dump() if isinstance(job, NerscJobSettings) else dict(job)
+        return {**rest, "job": {**flat, **job}}
 
     def job_settings(self) -> NerscJobSettings:
-        """Validated job settings for SfapiBackend / render_job_script (raises ValueError if inconsistent)."""
-        return NerscJobSettings(**{name: getattr(self, name) for name in NerscJobSettings.model_fields})
+        """The validated job settings SfapiBackend and render_job_script take."""
+        return self.job

@@ -1,7 +1,7 @@
 """Batch scripts for NERSC: one ``detstream distributor`` per node of a Slurm job, from settings.
 
 ``NerscJobSettings`` is the job half of the SFAPI backend's configuration (the Prefect block
-``NerscCompute`` mirrors it); ``render_job_script`` turns it into the script SFAPI submits.
+``NerscCompute`` holds one); ``render_job_script`` turns it into the script SFAPI submits.
 Values that end up in ``#SBATCH`` lines are checked against a safe character set (sbatch has no
 quoting rules worth trusting); everything in the script body is shell-quoted.
 """

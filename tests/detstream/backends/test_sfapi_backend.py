@@ -434,11 +434,8 @@ def test_blocks_build_settings_and_clients(emu):
     from sfapi_client import AsyncClient
     assert isinstance(creds.get_async_client(), AsyncClient)
 
-    compute = NerscCompute(account="m0001", modules=["python"], walltime_minutes=60)
+    compute = NerscCompute(job=NerscJobSettings(account="m0001", modules=["python"], walltime_minutes=60))
     assert compute.job_settings() == NerscJobSettings(account="m0001", modules=["python"], walltime_minutes=60)
-    assert set(NerscJobSettings.model_fields) <= set(NerscCompute.model_fields)
-    for name, f in NerscJobSettings.model_fields.items():
-        assert NerscCompute.model_fields[name].description == f.description, name
     schema = SfapiCredentials._to_block_schema(block_type_id=uuid.uuid4())
     assert schema.fields["secret_fields"] == ["private_key"]  # Prefect stores and shows it as a secret
     assert NerscCompute._block_type_slug == "detstream-nersc-compute"
