@@ -302,28 +302,20 @@ class SfapiBackend(ComputeBackend):
             return reservation
         jobid, machine = reservation.job_id, self._machine(reservation)
         deadline = time.monotonic() + timeout_s
-        misses = 0
         last = "not yet visible"
         while True:
             try:
-                info = self._lookup(jobid, machine)
-            except SfapiAuthError:
-                raise
+                info = self._lookup_new(jobid, machine, self.not_found_retries, deadline)
             except SfapiUnavailableError as err:  # keep waiting: SFAPI may come back before the deadline
                 self.log.warning("job %s: %s", jobid, err)
-                info, delay = None, self.poll_interval_s
                 last = f"unknown ({err})"
             else:
                 if info is None:
-                    misses += 1
-                    if misses > self.not_found_retries:
+                    if time.monotonic() < deadline:
                         cancelled = self._cancel_quietly(jobid, machine)
                         raise ReservationError(
-                            f"SFAPI job {jobid} on {machine} was still not found after {misses} queries"
-                            f"{self._machine_note(machine)}; {cancelled}")
-                    delay = self._backoff(misses - 1)
-                    self.log.info("job %s not found yet (SFAPI status cache); retry %d/%d in %.1f s",
-                                  jobid, misses, self.not_found_retries, delay)
+                            f"SFAPI job {jobid} on {machine} was still not found after "
+                            f"{self.not_found_retries + 1} queries{self._machine_note(machine)}; {cancelled}")
                 elif info.state is JobState.RUNNING:
                     res = self._apply(reservation, info)
                     self.log.info("SFAPI job %s running on %d nodes %s after %.1f s in the queue", jobid,
@@ -334,7 +326,6 @@ class SfapiBackend(ComputeBackend):
                         f"SFAPI job {jobid} on {machine} ended {info.slurm_state} before it was seen running; "
                         "see its Slurm output file in the submit directory")
                 else:
-                    delay = self.poll_interval_s
                     state = info.slurm_state + (f" ({info.reason})" if info.reason else "")
                     if state != last:
                         self.log.info("SFAPI job %s on %s is %s", jobid, machine, state)
@@ -344,7 +335,7 @@ class SfapiBackend(ComputeBackend):
                 cancelled = self._cancel_quietly(jobid, machine)
                 raise ReservationError(f"SFAPI job {jobid} on {machine} did not start within {timeout_s:g} s "
                                        f"(last state: {last}); {cancelled}")
-            time.sleep(min(delay, remaining))
+            time.sleep(min(self.poll_interval_s, remaining))
 
     def poll(self, reservation: Reservation) -> Reservation:
         """The job's current state; a young job SFAPI cannot see yet keeps its state.
@@ -355,19 +346,13 @@ class SfapiBackend(ComputeBackend):
         if reservation.state.finished:
             return reservation
         jobid, machine = reservation.job_id, self._machine(reservation)
-        info = self._lookup(jobid, machine)
+        young = time.time() - (reservation.submitted_at or 0.0) < self.not_found_grace_s
+        info = self._lookup_new(jobid, machine, 0 if young else min(3, self.not_found_retries))
         if info is None:
-            age = time.time() - (reservation.submitted_at or 0.0)
-            if age < self.not_found_grace_s:
+            if young:
                 return reservation
-            for k in range(min(3, self.not_found_retries)):
-                time.sleep(self._backoff(k))
-                info = self._lookup(jobid, machine)
-                if info is not None:
-                    break
-            else:
-                raise SfapiUnavailableError(f"SFAPI cannot find job {jobid} on {machine}"
-                                            f"{self._machine_note(machine)}")
+            raise SfapiUnavailableError(f"SFAPI cannot find job {jobid} on {machine}"
+                                        f"{self._machine_note(machine)}")
         return self._apply(reservation, info)
 
     def release(self, reservation: Reservation) -> Reservation:
@@ -402,8 +387,12 @@ class SfapiBackend(ComputeBackend):
     def _machine(self, reservation: Reservation) -> str:
         return reservation.host or self.job.machine
 
-    def _backoff(self, k: int) -> float:
-        return min(self.max_backoff_s, self.poll_interval_s * (2 ** k))
+    def _backoff(self, deadline: Optional[float] = None) -> Callable[[tenacity.RetryCallState], float]:
+        """Waits doubling from ``poll_interval_s`` up to ``max_backoff_s``, never past ``deadline``."""
+        grow = tenacity.wait_exponential(multiplier=self.poll_interval_s, max=self.max_backoff_s)
+        if deadline is None:
+            return grow
+        return lambda state: min(grow(state), max(0.0, deadline - time.monotonic()))
 
     def _client(self) -> Client:
         with self._lock:
@@ -452,43 +441,40 @@ class SfapiBackend(ComputeBackend):
         connection that sfapi_client does not retry itself is retried ``transient_retries`` times
         with backoff when ``retry_transient`` (idempotent calls only: never a submission).
         """
-        relogged = False
-        attempt = 0
-        while True:
-            try:
-                return fn()
-            except AuthlibBaseError as err:
-                raise self._auth_error(err) from None
-            except httpx.HTTPStatusError as err:
-                code = err.response.status_code
-                if code == 401 and not relogged:
-                    self.log.warning("SFAPI refused the access token (HTTP 401) while %s; logging in again", what)
-                    self._reset_client()
-                    relogged = True
-                    continue
-                if code in (401, 403):
-                    who = f"client id {self._client_id}" if self._client_id else "the SFAPI client"
-                    raise SfapiAuthError(f"SFAPI refused {who} (HTTP {code}) while {what}") from None
-                failure = f"SFAPI answered HTTP {code} while {what}"
-                if code < 500:
-                    raise SfapiError(failure) from None
-            except tenacity.RetryError as err:  # sfapi_client's own retries (429/5xx/connect) ran out
-                last = err.last_attempt.exception()
-                detail = (f"HTTP {last.response.status_code}" if isinstance(last, httpx.HTTPStatusError)
-                          else f"{type(last).__name__}: {last}")
-                raise SfapiUnavailableError(f"SFAPI kept failing while {what}: {detail}") from None
-            except httpx.TransportError as err:
-                failure = f"cannot reach SFAPI while {what}: {type(err).__name__}: {err}"
-            except ValidationError as err:
-                raise SfapiError(f"unexpected SFAPI answer while {what}: {err.error_count()} "
-                                 "validation errors") from None
-            # A 5xx sfapi_client does not retry itself, or a dropped connection: retry if idempotent.
-            if not retry_transient or attempt >= self.transient_retries:
-                raise SfapiUnavailableError(failure)
-            delay = self._backoff(attempt)
-            attempt += 1
-            self.log.warning("%s; retrying in %.1f s", failure, delay)
-            time.sleep(delay)
+        transient = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_is_transient), wait=self._backoff(), reraise=True,
+            stop=tenacity.stop_after_attempt(1 + (self.transient_retries if retry_transient else 0)),
+            before_sleep=lambda state: self.log.warning(
+                "%s; retrying in %.1f s", _failure(state.outcome.exception(), what), state.next_action.sleep))
+        relogin = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_is_unauthorized), stop=tenacity.stop_after_attempt(2),
+            reraise=True, before_sleep=lambda state: self._relogin(what))
+        try:
+            return relogin(transient, fn)
+        except AuthlibBaseError as err:
+            raise self._auth_error(err) from None
+        except httpx.HTTPStatusError as err:
+            code = err.response.status_code
+            if code in (401, 403):
+                who = f"client id {self._client_id}" if self._client_id else "the SFAPI client"
+                raise SfapiAuthError(f"SFAPI refused {who} (HTTP {code}) while {what}") from None
+            if code < 500:
+                raise SfapiError(_failure(err, what)) from None
+            raise SfapiUnavailableError(_failure(err, what)) from None
+        except tenacity.RetryError as err:  # sfapi_client's own retries (429/5xx/connect) ran out
+            last = err.last_attempt.exception()
+            detail = (f"HTTP {last.response.status_code}" if isinstance(last, httpx.HTTPStatusError)
+                      else f"{type(last).__name__}: {last}")
+            raise SfapiUnavailableError(f"SFAPI kept failing while {what}: {detail}") from None
+        except httpx.TransportError as err:
+            raise SfapiUnavailableError(_failure(err, what)) from None
+        except ValidationError as err:
+            raise SfapiError(f"unexpected SFAPI answer while {what}: {err.error_count()} "
+                             "validation errors") from None
+
+    def _relogin(self, what: str) -> None:
+        self.log.warning("SFAPI refused the access token (HTTP 401) while %s; logging in again", what)
+        self._reset_client()
 
     def _lookup(self, jobid: str, machine: str) -> Optional[_JobInfo]:
         """The job from squeue, else sacct; None while SFAPI reports "Job not found"."""
@@ -499,6 +485,20 @@ class SfapiBackend(ComputeBackend):
                 rows = pm.jobs(jobids=[jobid], command=JobCommand.sacct)
             return _JobInfo.from_row(rows[0]) if rows else None
         return self._call(f"reading the state of job {jobid}", query)
+
+    def _lookup_new(self, jobid: str, machine: str, retries: int,
+                    deadline: Optional[float] = None) -> Optional[_JobInfo]:
+        """``_lookup``, asked again with backoff while "Job not found" (SFAPI's status cache lags new jobs)."""
+        stop = tenacity.stop_after_attempt(retries + 1)
+        if deadline is not None:
+            stop = stop | (lambda state: time.monotonic() >= deadline)
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_result(lambda info: info is None), stop=stop,
+            wait=self._backoff(deadline), retry_error_callback=lambda state: None,
+            before_sleep=lambda state: self.log.info(
+                "job %s not found yet (SFAPI status cache); retry %d/%d in %.1f s", jobid,
+                state.attempt_number, retries, state.next_action.sleep),
+        )(self._lookup, jobid, machine)
 
     def _apply(self, reservation: Reservation, info: _JobInfo) -> Reservation:
         update: dict = {"state": info.state, "scheduler_state": info.slurm_state}
@@ -547,6 +547,22 @@ class SfapiBackend(ComputeBackend):
         if pm.status == StatusValue.active:
             return ""
         return f" ({machine} is {pm.status.value}: {'; '.join(pm.notes or []) or pm.description})"
+
+
+def _is_transient(err: BaseException) -> bool:
+    """A dropped connection or a 5xx: worth asking again if the call is idempotent."""
+    return isinstance(err, httpx.TransportError) or (
+        isinstance(err, httpx.HTTPStatusError) and err.response.status_code >= 500)
+
+
+def _is_unauthorized(err: BaseException) -> bool:
+    return isinstance(err, httpx.HTTPStatusError) and err.response.status_code == 401
+
+
+def _failure(err: BaseException, what: str) -> str:
+    if isinstance(err, httpx.HTTPStatusError):
+        return f"SFAPI answered HTTP {err.response.status_code} while {what}"
+    return f"cannot reach SFAPI while {what}: {type(err).__name__}: {err}"
 
 
 def cancel_sfapi_job(settings: SfapiSettings, reservation: Reservation, wait_s: float = 10.0,
