@@ -6,10 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import uvicorn
+from . import API_PREFIX, TOKEN_PATH, EmulatorState, create_app, import_extra
 
-from .app import API_PREFIX, TOKEN_PATH, create_app
-from .state import EmulatorState
+uvicorn = import_extra("uvicorn")
 
 
 def main(argv=None) -> int:
@@ -30,7 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     if args.new_client:
-        from .keys import generate_client_credentials
+        from . import generate_client_credentials
 
         creds = generate_client_credentials()
         creds.write_key_file(args.new_client)
