@@ -7,6 +7,8 @@ from pydantic import Field
 
 from detstream import profile as _profile
 
+from . import _logos
+
 
 class DetectorProfile(Block):
     """Frame size, sector layout and rate of a detector whose receivers each send one strip."""
@@ -14,6 +16,8 @@ class DetectorProfile(Block):
     _block_type_name = "detstream Detector Profile"
     _block_type_slug = "detstream-detector-profile"
     _description = "Geometry of a detector streamed by detstream (frame size, sectors, pixel type)."
+    _documentation_url = "https://github.com/OpenChemistry/stempy"  # the reader of this detector's raw format
+    _logo_url = _logos.SETTINGS
 
     name: str = Field(default="4dcamera", description="Detector name; one session per detector at a time.")
     frame_rows: int = Field(default=576, gt=0, description="Frame height in pixels.")
@@ -23,6 +27,7 @@ class DetectorProfile(Block):
     frame_rate_hz: float = Field(default=87_000.0, ge=0, description="Nominal frame rate.")
 
     def to_profile(self) -> _profile.DetectorProfile:
+        """The same geometry as the Prefect-free profile that sessions and services take."""
         return _profile.DetectorProfile(
             name=self.name, frame_rows=self.frame_rows, frame_cols=self.frame_cols,
             sectors=self.sectors, dtype=self.dtype, frame_rate_hz=self.frame_rate_hz)

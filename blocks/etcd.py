@@ -9,6 +9,8 @@ from pydantic import Field, SecretStr
 
 from detstream.config import DEFAULT_PREFIX
 
+from . import _logos
+
 
 class EtcdCoordinator(Block):
     """Connection to the etcd cluster that holds detstream's session keys."""
@@ -17,6 +19,7 @@ class EtcdCoordinator(Block):
     _block_type_slug = "detstream-etcd-coordinator"
     _description = "etcd endpoints, key prefix and credentials for detstream streaming sessions."
     _documentation_url = "https://etcd.io/docs/v3.5/dev-guide/api_grpc_gateway/"
+    _logo_url = _logos.CREDENTIALS
 
     endpoints: list[str] = Field(
         default_factory=list,

@@ -10,6 +10,8 @@ from pydantic import Field, SecretStr, model_validator
 from detstream.backends.jobscript import NerscJobSettings
 from detstream.backends.sfapi import SFAPI_BASE_URL, SFAPI_TOKEN_URL, SfapiSettings
 
+from . import _logos
+
 
 class SfapiCredentials(Block):
     """An SFAPI client (id + private key) that may submit and cancel jobs at NERSC."""
@@ -19,6 +21,7 @@ class SfapiCredentials(Block):
     _description = ("NERSC Superfacility API client id and private key (inline, or the path of an "
                     "sfapi_client key file with mode 600) used to reserve compute nodes.")
     _documentation_url = "https://docs.nersc.gov/services/sfapi/"
+    _logo_url = _logos.CREDENTIALS
 
     client_id: Optional[str] = Field(
         default=None, description="SFAPI client id from Iris; read from the key file's first line if empty.")
@@ -52,6 +55,7 @@ class NerscCompute(Block):
     _description = ("Machine, QOS, account, walltime and software environment of the Slurm job that "
                     "runs one detstream distributor per node; the node count comes from the session.")
     _documentation_url = "https://docs.nersc.gov/jobs/policy/"
+    _logo_url = _logos.SETTINGS
 
     job: NerscJobSettings = Field(
         default_factory=NerscJobSettings, title="Job settings",

@@ -1,0 +1,27 @@
+"""Prefect's standard checks for every detstream block: description, documentation, code example, logo."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+from prefect.testing.standard_test_suites import BlockStandardTestSuite
+
+from detstream.blocks import DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials
+
+
+@pytest.mark.parametrize("block", [DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials])
+class TestBlockStandards(BlockStandardTestSuite):
+    @pytest.fixture
+    def block(self, block):
+        return block
+
+    @pytest.fixture(autouse=True)
+    def _logo_reachable(self, request, block):
+        """The logo check downloads the logo: skipped, not failed, on a machine without internet."""
+        if request.node.originalname != "test_has_a_valid_image" or not block._logo_url:
+            return
+        try:
+            urllib.request.urlopen(str(block._logo_url), timeout=5).close()
+        except OSError as err:
+            pytest.skip(f"cannot download {block._logo_url} here: {err}")
