@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -12,6 +13,23 @@ from .profile import DetectorProfile, get_profile
 from .session_dir import SessionDir
 
 DEFAULT_PREFIX = "/detstream"
+
+# A service's etcd login reaches it in these variables, never on its command line (ps shows argv).
+ETCD_USERNAME_ENV = "DETSTREAM_ETCD_USERNAME"
+ETCD_PASSWORD_ENV = "DETSTREAM_ETCD_PASSWORD"
+ETCD_CA_FILE_ENV = "DETSTREAM_ETCD_CA_FILE"
+
+
+def etcd_login_env(username: Optional[str], password: Optional[str], ca_file: Optional[str]) -> dict[str, str]:
+    """The environment variables that hand this etcd login to a service the session starts."""
+    pairs = {ETCD_USERNAME_ENV: username, ETCD_PASSWORD_ENV: password, ETCD_CA_FILE_ENV: ca_file}
+    return {name: value for name, value in pairs.items() if value is not None}
+
+
+def etcd_login_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Coordinator keyword arguments from those variables (what a started service reads)."""
+    return {"username": environ.get(ETCD_USERNAME_ENV), "password": environ.get(ETCD_PASSWORD_ENV),
+            "ca_file": environ.get(ETCD_CA_FILE_ENV)}
 
 
 def check_prefix(prefix: str) -> str:

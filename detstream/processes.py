@@ -21,7 +21,10 @@ def detstream_argv(*args: str) -> list[str]:
 
 
 class ManagedProcess:
-    """A child in its own process group, logging to a file, stopped on ``stop()`` or at exit."""
+    """A child in its own process group, logging to a file, stopped on ``stop()`` or at exit.
+
+    ``env`` is added to this process's environment for the child (e.g. the etcd login).
+    """
 
     def __init__(self, argv: Sequence[str], log_path: Path, env: Optional[dict] = None,
                  cwd: Optional[Path] = None, name: Optional[str] = None):
@@ -34,7 +37,7 @@ class ManagedProcess:
 
     def start(self) -> "ManagedProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ if self.env is None else self.env)
+        env = {**os.environ, **(self.env or {})}
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

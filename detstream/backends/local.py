@@ -13,7 +13,7 @@ from .base import ComputeBackend, NodeLaunch, JobState, Reservation, Reservation
 
 
 class LocalBackend(ComputeBackend):
-    """Starts one ``detstream distributor`` process per node, in its own process group."""
+    """Starts one node-service process per node, in its own process group; ``env`` is added to theirs."""
 
     name = "local"
 

@@ -71,12 +71,14 @@ class Session:
     job_poll_s = 2.0  # how often the node wait asks the backend about the job
 
     def __init__(self, spec: SessionSpec, coordinator: Coordinator, backend: ComputeBackend,
-                 etcd_endpoint: str, overwrite: bool = False):
+                 etcd_endpoint: str, overwrite: bool = False, service_env: Optional[dict[str, str]] = None):
+        """``service_env`` is added to the environment of every service started here (the etcd login)."""
         self.spec = spec
         self.coord = coordinator
         self.backend = backend
         self.etcd_endpoint = etcd_endpoint
         self.overwrite = overwrite
+        self.service_env = service_env or {}
         self.sid = spec.session_id
         self.paths = spec.paths
         self.lock_lease: Optional[KeepAliveLease] = None
@@ -257,7 +259,7 @@ class Session:
         proc = ManagedProcess(
             detstream_argv(role, "--session", self.sid, "--etcd", self.etcd_endpoint,
                            "--prefix", self.spec.etcd_prefix, *args),
-            self.paths.log(role, name), name=f"{role}-{name}").start()
+            self.paths.log(role, name), env=self.service_env, name=f"{role}-{name}").start()
         self.local.append(proc)
         return proc
 
