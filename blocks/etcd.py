@@ -7,7 +7,7 @@ from typing import Optional
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from detstream.config import DEFAULT_PREFIX
+from detstream.config import DEFAULT_PREFIX, etcd_login_env
 
 from . import _logos
 
@@ -30,6 +30,10 @@ class EtcdCoordinator(Block):
     ca_file: Optional[str] = Field(default=None, description="CA bundle for https endpoints.")
     timeout_s: float = Field(default=10.0, description="Per-request timeout.")
 
+    def _login(self) -> dict:
+        return {"username": self.username, "ca_file": self.ca_file,
+                "password": self.password.get_secret_value() if self.password else None}
+
     def get_coordinator(self, endpoint: Optional[str] = None):
         """A detstream Coordinator for the first endpoint (or ``endpoint``)."""
         from detstream.coordination import Coordinator
@@ -37,7 +41,16 @@ class EtcdCoordinator(Block):
         ep = endpoint or (self.endpoints[0] if self.endpoints else None)
         if ep is None:
             raise ValueError("EtcdCoordinator has no endpoints; leave it out to use a private etcd")
-        return Coordinator(
-            ep, prefix=self.prefix, username=self.username,
-            password=self.password.get_secret_value() if self.password else None,
-            ca_file=self.ca_file, timeout=self.timeout_s)
+        return Coordinator(ep, prefix=self.prefix, timeout=self.timeout_s, **self._login())
+
+    def coordination(self):
+        """Context manager giving (endpoint, Coordinator): the first endpoint, or a private etcd if none."""
+        from detstream.session import coordination
+
+        if not self.endpoints:
+            return coordination(None, self.prefix)
+        return coordination(self.endpoints[0], self.prefix, timeout=self.timeout_s, **self._login())
+
+    def service_env(self) -> dict[str, str]:
+        """The login for the services a session starts, as environment variables (never their argv)."""
+        return etcd_login_env(**self._login()) if self.endpoints else {}

@@ -21,10 +21,6 @@ from .config import DEFAULT_PREFIX
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Stream detector frames into compute-node memory and count electrons on the fly.")
 
-ETCD_USER_ENV = "DETSTREAM_ETCD_USERNAME"
-ETCD_PASSWORD_ENV = "DETSTREAM_ETCD_PASSWORD"
-
-
 def _parse_scan(scan: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in scan.lower().split("x"))
@@ -41,10 +37,11 @@ def _service_logging(role: str) -> None:
 
 
 def _coordinator(etcd: str, prefix: str):
+    """The service's Coordinator; its etcd login comes from the environment (config.ETCD_*_ENV)."""
+    from .config import etcd_login_from_env
     from .coordination import Coordinator
 
-    return Coordinator(etcd, prefix=prefix, username=os.environ.get(ETCD_USER_ENV),
-                       password=os.environ.get(ETCD_PASSWORD_ENV))
+    return Coordinator(etcd, prefix=prefix, **etcd_login_from_env())
 
 
 def _serve(role: str, fn) -> None:
@@ -167,7 +164,7 @@ def run(
 
     extra = {"fallback": fallback} if workflow == "streaming" else {}
     if backend == "sfapi":
-        extra.update(_sfapi_params(sfapi_url, sfapi_key_file))
+        extra.update(_sfapi_blocks(sfapi_url, sfapi_key_file))
     flow_fn = streaming_session if workflow == "streaming" else file_transfer_session
     try:
         with console_progress(console):
@@ -179,7 +176,7 @@ def run(
                 counting=not no_counting, background_threshold=background_threshold,
                 xray_threshold=xray_threshold,
                 dark_reference=str(dark_reference) if dark_reference else None,
-                gain=str(gain) if gain else None, etcd_url=etcd)
+                gain=str(gain) if gain else None, **_etcd_params(etcd))
     except Exception as err:
         console.print(f"[bold red]session failed:[/] {err}")
         raise typer.Exit(1)
@@ -207,21 +204,39 @@ def _print_summary(console, summary: dict) -> None:
     console.print(table)
 
 
-def _sfapi_params(sfapi_url: Optional[str], key_file: Optional[Path]) -> dict:
-    """The flow's ``sfapi`` options: saved blocks (DETSTREAM_SFAPI_*_BLOCK) or a key file and URL.
-
-    An API on this machine (an emulator) runs the job's nodes here too, so they start with this
-    interpreter and listen on loopback.
-    """
+def _sfapi_blocks(sfapi_url: Optional[str], key_file: Optional[Path]) -> dict:
+    """The flow's SFAPI blocks: saved ones (DETSTREAM_SFAPI_CREDENTIALS_BLOCK, DETSTREAM_NERSC_COMPUTE_BLOCK),
+    else credentials from a key file and URL. An API on this machine (an emulator) runs the job's
+    nodes here too, so they start with this interpreter and listen on loopback."""
     from urllib.parse import urlsplit
 
-    opts: dict = {"credentials_block": os.environ.get("DETSTREAM_SFAPI_CREDENTIALS_BLOCK"),
-                  "compute_block": os.environ.get("DETSTREAM_NERSC_COMPUTE_BLOCK"),
-                  "key_file": str(key_file) if key_file else None, "api_url": sfapi_url}
+    from .backends.sfapi import SFAPI_BASE_URL, SFAPI_TOKEN_URL
+    from .blocks import NerscCompute, SfapiCredentials
+
+    credentials = os.environ.get("DETSTREAM_SFAPI_CREDENTIALS_BLOCK")
+    compute = os.environ.get("DETSTREAM_NERSC_COMPUTE_BLOCK")
+    blocks: dict = {"sfapi_credentials": SfapiCredentials.load(credentials) if credentials else None,
+                    "nersc_compute": NerscCompute.load(compute) if compute else NerscCompute()}
+    if blocks["sfapi_credentials"] is None and key_file:
+        api = urlsplit(sfapi_url or SFAPI_BASE_URL)
+        token = f"{api.scheme}://{api.netloc}/c2id/token" if sfapi_url else SFAPI_TOKEN_URL
+        blocks["sfapi_credentials"] = SfapiCredentials(key_file=str(key_file), api_base_url=api.geturl(),
+                                                       token_url=token)
     if sfapi_url and urlsplit(sfapi_url).hostname in ("127.0.0.1", "localhost", "::1"):
-        opts["job"] = {"command": [sys.executable, "-m", "detstream"], "bind_host": "127.0.0.1",
-                       "advertise_host": "127.0.0.1"}
-    return {"sfapi": opts}
+        job = blocks["nersc_compute"].job.model_copy(update={
+            "command": [sys.executable, "-m", "detstream"], "bind_host": "127.0.0.1", "advertise_host": "127.0.0.1"})
+        blocks["nersc_compute"] = NerscCompute(job=job)
+    return blocks
+
+
+def _etcd_params(url: Optional[str]) -> dict:
+    """The flow's etcd: ``url`` with the login in DETSTREAM_ETCD_* (as services read it), else a private one."""
+    if not url:
+        return {}
+    from .blocks import EtcdCoordinator
+    from .config import etcd_login_from_env
+
+    return {"etcd": EtcdCoordinator(endpoints=[url], **etcd_login_from_env())}
 
 
 @app.command("render-job")
@@ -272,7 +287,7 @@ def compare(
 
     try:
         report = compare_workflows(scan_width=w, scan_height=h, repeat=repeat, nodes=nodes,
-                                   output_dir=str(output), etcd_url=etcd,
+                                   output_dir=str(output), **_etcd_params(etcd),
                                    json_path=str(json_out) if json_out else None)
     except Exception as err:
         console.print(f"[bold red]comparison failed:[/] {err}")
@@ -344,7 +359,7 @@ def deploy(
     output: Path = typer.Option(Path("runs"), help="Where the deployed sessions write (made absolute)."),
     pool: Optional[str] = typer.Option(None, help="Work pool (default: the file's); created as a process pool."),
 ):
-    """Register the flows' Prefect deployments (work pool and per-detector queue created if missing).
+    """Register the flows' Prefect deployments (work pool, per-detector queue, block types created if missing).
 
     The Prefect API is PREFECT_API_URL's. Each entrypoint is a module path in the installed
     detstream package, so a process worker in an environment with detstream runs them as is.
@@ -367,8 +382,10 @@ def deploy(
     from prefect.schedules import Cron
     from prefect.utilities.importtools import import_object
 
-    from .flows import _params
+    from . import blocks
 
+    for name in blocks.__all__:  # the run form's block pickers list saved blocks of these types
+        getattr(blocks, name).register_type_and_schema()
     specs = config["deployments"]
     pool_of = {id(d): pool or d["work_pool"]["name"] for d in specs}
     for name in set(pool_of.values()):
@@ -390,8 +407,6 @@ def deploy(
             concurrency_limit=ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit,
             entrypoint_type=EntrypointType.MODULE_PATH)
         dep.entrypoint = d["entrypoint"]
-        # Prefect's schema loses the descriptions given in a flow signature; this one has them all.
-        dep._parameter_openapi_schema = _params.parameter_schema(fl)
         dep.apply(work_pool_name=pool_of[id(d)])
         table.add_row(f"{fl.name}/{d['name']}", d["work_pool"].get("work_queue_name") or "default",
                       ", ".join(f"{s['cron']} {s.get('timezone') or 'UTC'}" for s in d.get("schedules") or []) or "-")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from detstream.config import DEFAULT_PREFIX
 from detstream.states import SessionState
 
 log = logging.getLogger("detstream.flows")
 
-# flow run id -> StreamingSession, for hooks running in the flow's own process.
+# flow run id -> Session, for hooks running in the flow's own process.
 ACTIVE_SESSIONS: dict = {}
 
 
@@ -21,25 +20,34 @@ def release_on_failure(flow, flow_run, state) -> None:
     if session is not None:
         session.close(final, reason)
         return
-    params = flow_run.parameters or {}
-    etcd_url = params.get("etcd_url")
-    sid = params.get("session_id")
-    if not etcd_url or not sid:
-        return  # a private etcd died with the run; its services stop when their leases fail
-    from detstream.backends.local import kill_local_job
-    from detstream.coordination import Coordinator
-    from detstream.session import release_session
-
-    backends = {"local": kill_local_job}
-    if params.get("backend") == "sfapi":
-        from .sfapi_backend import cancel_from_parameters
-
-        try:
-            backends["sfapi"] = cancel_from_parameters(params)
-        except Exception:
-            log.exception("cannot build the SFAPI client to cancel session %s's job", sid)
+    sid = (flow_run.parameters or {}).get("session_id")
+    if not sid:
+        return  # a generated id was never recorded with the run: nothing to find it by
     try:
-        coord = Coordinator(etcd_url, prefix=params.get("etcd_prefix") or DEFAULT_PREFIX)
-        release_session(coord, sid, final, reason, backends=backends)
+        params = run_parameters(flow, flow_run.parameters)
+        from . import _params as P
+
+        etcd = P.etcd_of(params)
+        if not etcd.endpoints:
+            return  # a private etcd died with the run; its services stop when their leases fail
+        from detstream.backends.local import kill_local_job
+        from detstream.session import release_session
+
+        backends = {"local": kill_local_job}
+        if params["backend"] == "sfapi" and params.get("sfapi_credentials") is not None:
+            from detstream.backends.sfapi import cancel_sfapi_job
+
+            settings = params["sfapi_credentials"].settings()
+            backends["sfapi"] = lambda reservation: cancel_sfapi_job(settings, reservation)
+        with etcd.get_coordinator() as coord:
+            release_session(coord, sid, final, reason, backends=backends)
     except Exception:  # a hook must not mask the run's own failure
         log.exception("could not release session %s", sid)
+
+
+def run_parameters(flow, recorded: dict) -> dict:
+    """A run's recorded parameters as the flow takes them: saved blocks are loaded again (with their secrets)."""
+    refs = {name: {"$ref": {"block_document_id": value["_block_document_id"]}}
+            if isinstance(value, dict) and value.get("_block_document_id") else value
+            for name, value in recorded.items()}
+    return flow.validate_parameters(refs)

@@ -1,29 +1,27 @@
-"""Parameters shared by the session flows, and the spec and backend they make.
+"""Parameters shared by the session flows, declared once, and the spec, etcd and backend they make.
 
-The types below are also what the Prefect UI renders as a deployment's run form. Two Prefect
-details shape them: Prefect builds each parameter's schema field with an explicit
-``description`` (from the docstring, else None), which hides the description of an Annotated
-``Field``, so :func:`Doc` also puts it in ``json_schema_extra``, which Prefect merges; and a
-union renders as a toggle labelled by each member's ``title``, so the members carry titles.
+The types are also the deployment's run form: a description each (Doc), union members titled,
+blocks picked by name.
 """
 
 from __future__ import annotations
 
-import typing
-from typing import Annotated, Literal, Union
+import inspect
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, WithJsonSchema
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import SkipJsonSchema
 
 from detstream.backends.local import LocalBackend
+from detstream.blocks import DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials
+from detstream.config import DEFAULT_PREFIX
 from detstream.profile import PROFILES, get_profile
 from detstream.session import make_spec
 
-from .sfapi_backend import SfapiOptions
-
 
 def Doc(description: str, **constraints) -> FieldInfo:  # noqa: N802 (reads like Field)
-    """A pydantic Field whose description reaches Prefect's parameter schema (the UI form)."""
+    """A pydantic Field whose description reaches Prefect's parameter schema (which sets its own, None)."""
     return Field(description=description, json_schema_extra={"description": description}, **constraints)
 
 
@@ -32,16 +30,32 @@ def _titled_none(title: str):
     return Annotated[None, WithJsonSchema({"type": "null", "title": title})]
 
 
+class _ByReference:
+    """Lets the form give a saved block as ``{"$ref": ...}``: Prefect wants exactly one of the block's fields
+    or a reference to match, and a block whose fields all have defaults matched both, so here they are required."""
+
+    def __get_pydantic_json_schema__(self, core_schema, handler):
+        schema = handler(core_schema)
+        definition = handler.resolve_ref_schema(schema)
+        definition["required"] = list(definition.get("properties", {}))
+        return schema
+
+
+def _saved(block: type, title: str = "saved block"):
+    """A block type as a union member: the form offers the saved blocks of that type."""
+    return Annotated[block, Field(title=title), _ByReference()]
+
+
 Positions = Annotated[int, Field(gt=0, le=65535, title="positions")]
 ScanSide = Annotated[Union[Positions, _titled_none("from the replay files")], Doc(
     "Scan positions along this axis. For source=replay, 'from the replay files' reads it from the files.")]
-# The detector: a built-in profile picked from a list, or the name of a saved DetectorProfile
-# block typed in. Both arrive as a str; code may pass any name (resolve_profile looks it up).
+# The detector: a built-in profile picked from a list, or a saved DetectorProfile block picked
+# from the saved ones. Code may also pass a saved block's name (not offered by the form).
 BuiltinDetector = Annotated[Literal[tuple(PROFILES)], Field(title="built-in profile")]
-SavedDetector = Annotated[str, Field(min_length=1, title="saved DetectorProfile block")]
-Detector = Annotated[Union[BuiltinDetector, SavedDetector], Doc(
-    f"Detector profile: a built-in one ({', '.join(PROFILES)}) or the name of a saved "
-    "DetectorProfile block. One session per detector at a time.")]
+Detector = Annotated[Union[BuiltinDetector, _saved(DetectorProfile, "saved DetectorProfile block"),
+                           SkipJsonSchema[str]], Doc(
+    f"Detector profile: a built-in one ({', '.join(PROFILES)}) or a saved DetectorProfile "
+    "block. One session per detector at a time.")]
 Nodes = Annotated[int, Doc("Compute nodes (one distributor each).", gt=0)]
 Workers = Annotated[int, Doc("Counting processes per node.", gt=0)]
 Source = Annotated[Literal["simulated", "replay"], Doc(
@@ -59,51 +73,91 @@ NpyPath = Annotated[Union[Annotated[str, Field(title=".npy path")], _titled_none
     "Path to a .npy map of the frame's shape.")]
 BackendName = Annotated[Literal["local", "sfapi"], Doc(
     "Where the nodes come from: this machine (local), or NERSC through the Superfacility API (sfapi).")]
+Credentials = Annotated[Union[_saved(SfapiCredentials), _titled_none("none")], Doc(
+    "SFAPI client credentials, for backend=sfapi.")]
+Compute = Annotated[Union[_saved(NerscCompute), _titled_none("defaults")], Doc(
+    "The batch job for backend=sfapi; 'defaults': exclusive realtime CPU nodes on Perlmutter, 30 minutes.")]
+Etcd = Annotated[Union[_saved(EtcdCoordinator), _titled_none("etcd_url or private")], Doc(
+    "etcd endpoints, key prefix and login. 'etcd_url or private' uses etcd_url and etcd_prefix, "
+    "or without a URL starts an etcd for the session.")]
 EtcdUrl = Annotated[Union[Annotated[str, Field(title="URL")], _titled_none("private etcd")], Doc(
-    "etcd endpoint, e.g. http://etcd.example.org:2379; 'private etcd' starts one for the session.")]
-EtcdPrefix = Annotated[str, Doc("etcd key prefix.")]
-Seconds = Annotated[float, Doc("Timeout in seconds.", gt=0)]
-Sfapi = Annotated[Union[Annotated[SfapiOptions, Field(title="options")], _titled_none("none")], Doc(
-    "Superfacility API options, for backend=sfapi: saved blocks, or a key file and URL.")]
+    "etcd endpoint without login, e.g. http://etcd.example.org:2379, if no etcd block is given; "
+    "'private etcd' starts one for the session.")]
+EtcdPrefix = Annotated[str, Doc("etcd key prefix, with etcd_url or a private etcd (a block has its own).")]
+ReserveTimeout = Annotated[float, Doc(
+    "Seconds to wait for the nodes (a batch job to start, for backend=sfapi).", gt=0)]
+RegisterTimeout = Annotated[float, Doc("Seconds for every service to register in etcd once started.", gt=0)]
+StallTimeout = Annotated[float, Doc(
+    "Seconds without a new frame, once data flows, before the session fails as stalled.", gt=0)]
 Overwrite = Annotated[bool, Doc("Replace an existing output of the same session id.")]
 SessionId = Annotated[Union[Annotated[str, Field(title="id")], _titled_none("generated")], Doc(
     "Session id (generated if empty).")]
 
-# Clearer words for parameters whose shared type says little (Seconds), shown in the UI form.
-_DESCRIPTIONS = {
-    "reserve_timeout_s": "Seconds to wait for the nodes (a batch job to start, for backend=sfapi).",
-    "register_timeout_s": "Seconds for every service to register in etcd once started.",
-    "stall_timeout_s": "Seconds without a new frame, once data flows, before the session fails as stalled.",
-}
+
+def _shared(
+    scan_width: ScanSide = 32,
+    scan_height: ScanSide = 32,
+    detector: Detector = "4dcamera",
+    nodes: Nodes = 2,
+    workers_per_node: Workers = 1,
+    source: Source = "simulated",
+    replay_dir: ReplayDir = None,
+    seed: Seed = 0,
+    output_dir: OutputDir = "runs",
+    counting: Counting = True,
+    background_threshold: Background = 12.0,
+    xray_threshold: Xray = 2000.0,
+    dark_reference: NpyPath = None,
+    gain: NpyPath = None,
+    backend: BackendName = "local",
+    sfapi_credentials: Credentials = None,
+    nersc_compute: Compute = None,
+    etcd: Etcd = None,
+    etcd_url: EtcdUrl = None,
+    etcd_prefix: EtcdPrefix = DEFAULT_PREFIX,
+    reserve_timeout_s: ReserveTimeout = 300.0,
+    register_timeout_s: RegisterTimeout = 60.0,
+    stall_timeout_s: StallTimeout = 30.0,
+    session_id: SessionId = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """The parameters every session flow takes, in the form's order (a signature, never called)."""
+
+
+SHARED = inspect.signature(_shared, eval_str=True)
+
+
+def shared_parameters(*, after: Optional[str] = None, only: Optional[tuple[str, ...]] = None, **defaults):
+    """Decorator: a flow function with its own keyword-only parameters (placed after ``after``) also takes the
+    shared ones (``only`` these, other ``defaults``) in ``**params``; Prefect reads the combined signature."""
+    unknown = (set(defaults) | set(only or ()) | {after} - {None}) - set(SHARED.parameters)
+    if unknown:
+        raise TypeError(f"not shared session parameters: {sorted(unknown)}")
+
+    def decorate(fn):
+        own = inspect.signature(fn, eval_str=True)
+        shared = [p.replace(kind=p.KEYWORD_ONLY, default=defaults.get(p.name, p.default))
+                  for p in SHARED.parameters.values() if only is None or p.name in only]
+        mine = [p for p in own.parameters.values() if p.kind is p.KEYWORD_ONLY]
+        at = [p.name for p in shared].index(after) + 1 if after else len(shared)
+        fn.__signature__ = own.replace(parameters=[*shared[:at], *mine, *shared[at:]])
+        return fn
+    return decorate
 
 
 def parameter_schema(flow):
-    """Prefect's parameter schema for ``flow``, with a description on every parameter.
-
-    Parameters declared in a flow's signature as ``Annotated[..., Field(description=...)]``
-    (not through :func:`Doc`) lose that description in Prefect's schema; it is put back here,
-    and the timeouts get words of their own. ``detstream deploy`` registers this schema.
-    """
+    """The run form's schema: Prefect's own, which reads the shared declaration (as ``prefect deploy`` does)."""
     from prefect.utilities.callables import parameter_schema as prefect_schema
 
-    schema = prefect_schema(flow)
-    hints = typing.get_type_hints(flow.fn, include_extras=True)
-    for name, prop in schema.properties.items():
-        if name in _DESCRIPTIONS:
-            prop["description"] = _DESCRIPTIONS[name]
-        elif not prop.get("description"):
-            for meta in getattr(hints.get(name), "__metadata__", ()):
-                if isinstance(meta, FieldInfo) and meta.description:
-                    prop["description"] = meta.description
-    return schema
+    return prefect_schema(flow)
 
 
-def resolve_profile(detector: str):
-    """A built-in profile by name, else a saved DetectorProfile block of that name."""
+def resolve_profile(detector):
+    """A DetectorProfile block's profile, a built-in profile by name, else a saved block of that name."""
+    if isinstance(detector, DetectorProfile):
+        return detector.to_profile()
     if detector in PROFILES:
         return get_profile(detector)
-    from detstream.blocks import DetectorProfile
-
     try:
         return DetectorProfile.load(detector).to_profile()
     except ValueError:
@@ -111,7 +165,22 @@ def resolve_profile(detector: str):
         raise
 
 
-def spec_from(p: dict):
+def etcd_of(p: dict) -> EtcdCoordinator:
+    """The flow's etcd: its ``etcd`` block, else one for ``etcd_url`` (none: private) and ``etcd_prefix``."""
+    if p.get("etcd") is not None:
+        if p.get("etcd_url"):
+            raise ValueError("give etcd (a block) or etcd_url, not both")
+        return p["etcd"]
+    return EtcdCoordinator(endpoints=[p["etcd_url"]] if p.get("etcd_url") else [],
+                           prefix=p.get("etcd_prefix") or DEFAULT_PREFIX)
+
+
+def running_etcd(etcd: EtcdCoordinator, endpoint: str) -> EtcdCoordinator:
+    """The etcd block to hand a sub-flow: a private etcd named by the endpoint it was started on."""
+    return etcd if etcd.endpoints else etcd.model_copy(update={"endpoints": [endpoint]})
+
+
+def spec_from(p: dict, etcd: EtcdCoordinator):
     """The SessionSpec for a flow's parameters (validated before anything starts)."""
     return make_spec(
         scan_width=p["scan_width"], scan_height=p["scan_height"], profile=resolve_profile(p["detector"]),
@@ -121,18 +190,26 @@ def spec_from(p: dict):
                   "xray_threshold": p["xray_threshold"], "dark_reference": p["dark_reference"],
                   "gain": p["gain"]},
         seed=p["seed"], nodes=p["nodes"], workers_per_node=p["workers_per_node"],
-        etcd_prefix=p["etcd_prefix"], register_timeout_s=p["register_timeout_s"],
+        etcd_prefix=etcd.prefix, register_timeout_s=p["register_timeout_s"],
         stall_timeout_s=p["stall_timeout_s"])
 
 
-def make_backend(name: str, session_dir, sfapi=None):
-    """The compute backend a flow asked for."""
-    if name == "local":
-        return LocalBackend(log_dir=session_dir / "logs")
-    if name == "sfapi":
-        from prefect import get_run_logger
+def make_backend(p: dict, session_dir, service_env: dict[str, str]):
+    """The compute backend a flow asked for; local nodes get the etcd login in ``service_env``."""
+    from prefect import get_run_logger
 
-        from .sfapi_backend import sfapi_backend
+    if p["backend"] == "local":
+        return LocalBackend(log_dir=session_dir / "logs", env=service_env)
+    if p["backend"] != "sfapi":
+        raise ValueError(f"unknown backend {p['backend']!r}; known: local, sfapi")
+    from detstream.backends.sfapi import SfapiBackend
 
-        return sfapi_backend(sfapi, logger=get_run_logger())
-    raise ValueError(f"unknown backend {name!r}; known: local, sfapi")
+    if p.get("sfapi_credentials") is None:
+        raise ValueError("backend 'sfapi' needs sfapi_credentials (an SfapiCredentials block)")
+    if service_env:
+        get_run_logger().warning(
+            "the batch job's nodes get no etcd login from the flow (it would be written into the "
+            "batch script): set %s on the nodes, e.g. in a module or conda environment",
+            ", ".join(sorted(service_env)))
+    compute = p.get("nersc_compute") or NerscCompute()
+    return SfapiBackend(p["sfapi_credentials"].settings(), compute.job_settings(), logger=get_run_logger())

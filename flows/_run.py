@@ -10,12 +10,12 @@ from prefect.context import FlowRunContext
 from prefect.states import Failed
 
 from detstream import results
-from detstream.session import (SessionCancelled, SessionError, SessionIncomplete, StreamingSession,
-                               coordination)
+from detstream.session import Session, SessionCancelled, SessionError, SessionIncomplete
 from detstream.states import SessionState
 from detstream.tasks.nodes import release_nodes
 from detstream.tasks.results import publish_summary
 
+from . import _params as P
 from ._hooks import ACTIVE_SESSIONS
 
 
@@ -24,7 +24,7 @@ def run_key(fallback: str) -> str:
     return str(ctx.flow_run.id) if ctx and ctx.flow_run else fallback
 
 
-def salvage(session: StreamingSession, state: SessionState, reason: str) -> dict | None:
+def salvage(session: Session, state: SessionState, reason: str) -> dict | None:
     """After a failure or cancellation: merge what the nodes made durable, list what is missing."""
     if not session.opened:  # refused before it started: the folder may be another session's
         return None
@@ -54,10 +54,10 @@ def salvage(session: StreamingSession, state: SessionState, reason: str) -> dict
     return summary
 
 
-def run_session(make_session: Callable[[str, object], StreamingSession], spec, etcd_url,
-                steps: Callable[[StreamingSession], dict],
-                on_error: Callable[[StreamingSession, SessionError, str], dict] | None = None):
-    """Open etcd (private if no URL), build the session, run ``steps``, release on every exit.
+def run_session(session_cls: type[Session], params: dict, spec, etcd, steps: Callable[[Session], dict],
+                on_error: Callable[[Session, SessionError, str], dict] | None = None, **session_kwargs):
+    """Open ``etcd`` (private if it has no endpoint), build the session, run ``steps``, release on every
+    exit.
 
     Returns the summary when every frame was counted, and a Failed state named Incomplete
     (carrying :class:`SessionIncomplete` with the summary) when frames are missing.
@@ -66,8 +66,10 @@ def run_session(make_session: Callable[[str, object], StreamingSession], spec, e
     """
     logger = get_run_logger()
     key = run_key(spec.session_id)
-    with coordination(etcd_url, spec.etcd_prefix) as (endpoint, coord):
-        session = make_session(endpoint, coord)
+    with etcd.coordination() as (endpoint, coord):
+        env = etcd.service_env()
+        session = session_cls(spec, coord, P.make_backend(params, spec.session_dir, env), endpoint,
+                              overwrite=params["overwrite"], service_env=env, **session_kwargs)
         ACTIVE_SESSIONS[key] = session
         try:
             summary = steps(session)

@@ -11,47 +11,43 @@ from typing import Annotated, Optional
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import Field
 
 from detstream import compare
-from detstream.config import DEFAULT_PREFIX
 from detstream.output.summary import write_summary
-from detstream.session import coordination
 
 from . import _params as P
 from .file_transfer_session import file_transfer_session
 from .streaming_session import streaming_session
 
+# The session parameters a comparison passes on to both workflows.
+COMPARED = ("scan_width", "scan_height", "detector", "nodes", "workers_per_node", "seed", "output_dir",
+            "backend", "sfapi_credentials", "nersc_compute", "etcd", "etcd_url", "etcd_prefix")
+
 
 @flow(name="compare-workflows", log_prints=True)
+@P.shared_parameters(only=COMPARED, scan_width=64, scan_height=64, output_dir="runs/compare")
 def compare_workflows(
-    scan_width: P.ScanSide = 64,
-    scan_height: P.ScanSide = 64,
-    repeat: Annotated[int, Field(gt=0, le=50, description="Runs of each workflow (alternating).")] = 3,
-    detector: P.Detector = "4dcamera",
-    nodes: P.Nodes = 2,
-    workers_per_node: P.Workers = 1,
-    seed: P.Seed = 0,
-    output_dir: P.OutputDir = "runs/compare",
-    backend: P.BackendName = "local",
-    etcd_url: P.EtcdUrl = None,
-    etcd_prefix: P.EtcdPrefix = DEFAULT_PREFIX,
-    json_path: Annotated[Optional[str], Field(description="Also write the report here.")] = None,
-    keep_raw_files: Annotated[bool, Field(description="Keep the file path's raw files after each run (they are the size of the scan).")] = False,
+    *,
+    repeat: Annotated[int, P.Doc("Runs of each workflow (alternating).", gt=0, le=50)] = 3,
+    json_path: Annotated[Optional[str], P.Doc("Also write the report here.")] = None,
+    keep_raw_files: Annotated[bool, P.Doc(
+        "Keep the file path's raw files after each run (they are the size of the scan).")] = False,
+    **common,
 ) -> dict:
     """Time to counted result, throughput and stages of streaming vs file transfer, same scan."""
     logger = get_run_logger()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    common = dict(scan_width=scan_width, scan_height=scan_height, detector=detector, nodes=nodes,
-                  workers_per_node=workers_per_node, seed=seed, output_dir=output_dir, backend=backend,
-                  etcd_prefix=etcd_prefix)
+    scan_width, scan_height, output_dir = common["scan_width"], common["scan_height"], common["output_dir"]
+    etcd = P.etcd_of(common)
     runs = []
-    with coordination(etcd_url, etcd_prefix) as (endpoint, _):
+    with etcd.coordination() as (endpoint, _):
+        passed = {**{k: v for k, v in common.items() if k not in ("etcd", "etcd_url")},
+                  "etcd": P.running_etcd(etcd, endpoint)}
         for i in range(repeat):
             order = (streaming_session, file_transfer_session)
             for fl in order if i % 2 == 0 else order[::-1]:
                 tag = "st" if fl is streaming_session else "ft"
-                summary = fl(**common, etcd_url=endpoint, session_id=f"cmp-{stamp}-{tag}{i}")
+                summary = fl(**passed, session_id=f"cmp-{stamp}-{tag}{i}")
                 logger.info("run %d %s: %.2f s to counted result", i, summary["workflow"],
                             summary["time_to_result_s"])
                 runs.append(summary)

@@ -34,7 +34,7 @@ def _artifacts(server, flow_run_id) -> dict:
 
 def test_every_parameter_of_every_flow_is_described_for_the_form():
     """The schema `detstream deploy` registers: a description on every parameter, the detector
-    a list of built-in profiles or any block name, the scan two integers (or None for replay)."""
+    a list of built-in profiles or a saved block, the scan two integers (or None for replay)."""
     from detstream.flows import _params as P
     from detstream.flows import compare_workflows, file_transfer_session, streaming_session
 
@@ -71,7 +71,10 @@ def test_deploy_registers_the_deployments(prefect_deployments):
         props = d.parameter_openapi_schema["properties"]
         assert [k for k, v in props.items() if not v.get("description")] == [], name
         detector = props["detector"]["anyOf"]
-        assert {"4dcamera", "testcam"} <= set(detector[0]["enum"]) and detector[1]["type"] == "string"
+        assert {"4dcamera", "testcam"} <= set(detector[0]["enum"])
+        assert detector[1]["$ref"] == "#/definitions/DetectorProfile"  # the form's block picker
+        assert d.parameter_openapi_schema["definitions"]["DetectorProfile"]["block_type_slug"] == \
+            "detstream-detector-profile"
         assert props["scan_width"]["anyOf"][0]["type"] == "integer"
         assert props["scan_height"]["anyOf"][0]["type"] == "integer"
         assert props["backend"]["enum"] == ["local", "sfapi"]

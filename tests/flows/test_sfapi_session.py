@@ -22,16 +22,22 @@ def emulator(tmp_path):
 
 
 def _sfapi(emu, tmp_path, creds=None):
+    """The SFAPI blocks for the emulator: a key file, and nodes that run here on loopback."""
+    from detstream.backends.jobscript import NerscJobSettings
+    from detstream.blocks import NerscCompute, SfapiCredentials
+
     key = (creds or emu.credentials).write_key_file(tmp_path / f"key-{uuid.uuid4().hex[:6]}.pem")
-    return {"key_file": str(key), "api_url": emu.api_base_url, "token_url": emu.token_url,
-            "job": {"command": [sys.executable, "-m", "detstream"], "bind_host": "127.0.0.1",
-                    "advertise_host": "127.0.0.1", "walltime_minutes": 10}}
+    return {"sfapi_credentials": SfapiCredentials(key_file=str(key), api_base_url=emu.api_base_url,
+                                                  token_url=emu.token_url),
+            "nersc_compute": NerscCompute(job=NerscJobSettings(
+                command=[sys.executable, "-m", "detstream"], bind_host="127.0.0.1",
+                advertise_host="127.0.0.1", walltime_minutes=10))}
 
 
 def _params(tmp_path, etcd_server, emu, **kw):
     p = dict(etcd_url=etcd_server.endpoint, etcd_prefix=f"/t{uuid.uuid4().hex[:10]}",
              output_dir=str(tmp_path / "runs"), stall_timeout_s=20.0, backend="sfapi",
-             sfapi=_sfapi(emu, tmp_path), reserve_timeout_s=60.0, scan_width=8, scan_height=6,
+             **_sfapi(emu, tmp_path), reserve_timeout_s=60.0, scan_width=8, scan_height=6,
              session_id="sf" + uuid.uuid4().hex[:8])
     p.update(kw)
     return p
@@ -97,7 +103,7 @@ def test_bad_credentials_name_the_client_id(tmp_path, etcd_server, emulator):
     from detstream.flows import streaming_session
 
     impostor = generate_client_credentials(client_id=emulator.client_id)  # same id, unregistered key
-    params = _params(tmp_path, etcd_server, emulator, sfapi=_sfapi(emulator, tmp_path, impostor))
+    params = _params(tmp_path, etcd_server, emulator, **_sfapi(emulator, tmp_path, impostor))
     with pytest.raises(SessionError) as info:
         streaming_session(**params)
     assert emulator.client_id in str(info.value) and "rejected" in str(info.value)

@@ -27,21 +27,31 @@ FORM_PARAMETERS = ["scan_width", "scan_height", "detector", "nodes", "workers_pe
 TIMEOUT_MS = 60_000
 
 
+def _block_logos() -> set[str]:
+    """The logos of detstream's block types: images a block picker shows, loaded from where they are hosted."""
+    from detstream import blocks
+
+    return {str(getattr(blocks, name)._logo_url) for name in blocks.__all__}
+
+
 @pytest.fixture
 def browser(tmp_path):
     """A fresh headless Chromium profile; every request off this machine is blocked and
-    recorded (telemetry must be off: the test fails if the UI tried to reach out)."""
+    recorded (telemetry must be off: the test fails if the UI tried to reach out), except a
+    block type's logo, which is blocked only."""
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
     outside: list[str] = []
     page_errors: list[str] = []
+    logos = _block_logos()
 
     def route(r):
         host = urlsplit(r.request.url).hostname
         if host in ("127.0.0.1", "localhost"):
             return r.continue_()
-        outside.append(r.request.url)
+        if r.request.url not in logos:
+            outside.append(r.request.url)
         return r.abort()
 
     with sync_playwright() as pw:
@@ -166,3 +176,54 @@ def test_finished_run_shows_its_artifacts(prefect_deployments, deployment_runs, 
     page.get_by_text("frames_received", exact=True).wait_for()
     _shot(page, "summary-table-artifact.png")
     _no_error_shown(page, "the summary table artifact")
+
+
+def test_run_form_offers_saved_blocks(prefect_deployments, browser):
+    """A block parameter is picked from the saved blocks of its type, by name, in the flat form."""
+    from playwright.sync_api import expect
+    from pydantic import SecretStr
+
+    from detstream.blocks import EtcdCoordinator
+
+    server, page = prefect_deployments, browser
+    with server.settings():
+        from prefect.client.orchestration import get_client
+
+        EtcdCoordinator(endpoints=["http://etcd.example.org:2379"], username="alice",
+                        password=SecretStr("not-shown")).save("site-etcd", overwrite=True, _sync=True)
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(STREAMING)
+    page.goto(f"{server.url}/deployments/deployment/{dep.id}/run")
+    etcd = _prop(page, "etcd")
+    etcd.first.wait_for()
+    etcd.get_by_role("button", name="EtcdCoordinator").click()
+    etcd.locator("button.p-select-button__control").focus()
+    page.keyboard.press(" ")  # opens the list of saved EtcdCoordinator blocks
+    options = page.locator(".p-select-option[role=option]")
+    options.filter(has_text="site-etcd").first.wait_for()
+    _shot(page, "deployment-run-form-block-picker.png")
+    text = _no_error_shown(page, "the run form's block picker")
+    assert "not-shown" not in text
+    options.filter(has_text="site-etcd").first.hover()
+    page.mouse.down()  # a real press and release picks it (a synthetic click closes the list unpicked)
+    page.mouse.up()
+    expect(etcd.locator(".p-select-button__value")).to_have_text("site-etcd")
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_url(re.compile(rf".*/deployments/deployment/{dep.id}(\?.*)?$"))
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect_server import wait_for
+
+    def submitted():
+        with server.settings(), get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+        return [r for r in runs if r.parameters.get("etcd")]
+
+    run = wait_for(submitted, 30, "the flow run submitted from the form")[0]
+    with server.settings(), get_client(sync_client=True) as client:
+        client.delete_flow_run(run.id)  # no worker runs it; it is not wanted after this test
+    assert set(run.parameters["etcd"]) == {"$ref"}  # the block by reference: its password stays in the block
+    with server.settings():
+        from detstream.flows import streaming_session
+
+        etcd_block = streaming_session.validate_parameters(run.parameters)["etcd"]
+    assert etcd_block.password.get_secret_value() == "not-shown"
