@@ -39,6 +39,10 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+#: A scan side in positions: the wire header carries it as a 16-bit number.
+MAX_SCAN_SIDE = 65535
+
+
 class CountingParams(BaseModel):
     """Electron-counting parameters, as stempy.image.electron_count_frame takes them."""
 
@@ -68,8 +72,8 @@ class SessionSpec(BaseModel):
     session_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     detector_profile: DetectorProfile = Field(default_factory=lambda: get_profile("4dcamera"),
                                               description="Detector geometry; its name is the lock's detector.")
-    scan_width: int = Field(default=32, gt=0, le=65535)
-    scan_height: int = Field(default=32, gt=0, le=65535)
+    scan_width: int = Field(default=32, gt=0, le=MAX_SCAN_SIDE)
+    scan_height: int = Field(default=32, gt=0, le=MAX_SCAN_SIDE)
     scan_number: int = Field(default=1, ge=0)
     source: Literal["simulated", "replay"] = "simulated"
     replay_dir: Optional[Path] = None

@@ -44,6 +44,8 @@ import weakref
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import reaper
+
 __all__ = ["EmbeddedEtcd", "EtcdNotFoundError", "EtcdStartError", "find_etcd_binary"]
 
 log = logging.getLogger(__name__)
@@ -323,6 +325,9 @@ class EmbeddedEtcd:
                 shutil.rmtree(tmpdir, ignore_errors=True)
             raise
         runtime = _Runtime(proc, tmpdir, logfile, remove_dir=self._data_dir is None)
+        reaper.track_process(proc.pid)
+        if self._data_dir is None:
+            reaper.track_dir(tmpdir)
         self._runtime = runtime
         self._finalizer = weakref.finalize(self, runtime.stop, self.stop_timeout_s)
         log.debug("started etcd pid %s at %s (data %s)", proc.pid, client_url, tmpdir)

@@ -12,6 +12,8 @@ import weakref
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import reaper
+
 _LIVE: "weakref.WeakSet[ManagedProcess]" = weakref.WeakSet()
 
 
@@ -45,6 +47,7 @@ class ManagedProcess:
                 env=env, cwd=self.cwd, start_new_session=True,
             )
         _LIVE.add(self)
+        reaper.track_group(self.proc.pid)
         return self
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["SessionState", "TERMINAL_STATES"]
+__all__ = ["EXIT_CODES", "SessionState", "TERMINAL_STATES"]
 
 
 class SessionState(str, Enum):
@@ -38,3 +38,12 @@ TERMINAL_STATES = frozenset({
     SessionState.INCOMPLETE,
     SessionState.ABANDONED,
 })
+
+#: How ``detstream run`` and ``detstream salvage`` exit, by the session's end state.
+EXIT_CODES = {
+    SessionState.COMPLETED: 0,
+    SessionState.FAILED: 1,
+    SessionState.INCOMPLETE: 3,
+    SessionState.ABANDONED: 4,
+    SessionState.CANCELLED: 130,
+}

@@ -15,7 +15,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from detstream.backends.local import LocalBackend
 from detstream.blocks import DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials
-from detstream.config import DEFAULT_PREFIX
+from detstream.config import DEFAULT_PREFIX, MAX_SCAN_SIDE
 from detstream.profile import PROFILES, get_profile
 from detstream.session import make_spec
 
@@ -46,7 +46,7 @@ def _saved(block: type, title: str = "saved block"):
     return Annotated[block, Field(title=title), _ByReference()]
 
 
-Positions = Annotated[int, Field(gt=0, le=65535, title="positions")]
+Positions = Annotated[int, Field(gt=0, le=MAX_SCAN_SIDE, title="positions")]
 ScanSide = Annotated[Union[Positions, _titled_none("from the replay files")], Doc(
     "Scan positions along this axis. For source=replay, 'from the replay files' reads it from the files.")]
 # The detector: a built-in profile picked from a list, or a saved DetectorProfile block picked

@@ -70,6 +70,9 @@ class ComputeBackend(abc.ABC):
 
     name: str = "abstract"
 
+    def check_request(self, nodes: int, workers_per_node: int) -> None:
+        """Refuse, with a plain message, a request this backend can never satisfy (ValueError)."""
+
     @abc.abstractmethod
     def reserve(self, nodes: int, launch: NodeLaunch) -> Reservation:
         """Submit the reservation and return at once (state PENDING or RUNNING)."""

@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 
 from ..processes import ManagedProcess, detstream_argv
-from .base import ComputeBackend, NodeLaunch, JobState, Reservation, ReservationError
+from .base import ComputeBackend, JobState, NodeLaunch, Reservation, ReservationError
+
+# What one service process (a distributor or a counting worker, numba loaded) holds at its peak.
+PROCESS_MEMORY_MIB = 300
 
 
 class LocalBackend(ComputeBackend):
@@ -21,6 +24,22 @@ class LocalBackend(ComputeBackend):
         self.log_dir = Path(log_dir)
         self.env = env
         self._jobs: dict[str, list[ManagedProcess]] = {}
+
+    def check_request(self, nodes: int, workers_per_node: int) -> None:
+        """All nodes run on this machine: bound their processes by its cores and memory."""
+        import psutil
+
+        cores = os.cpu_count() or 1
+        per_node = 1 + workers_per_node  # the distributor and its counting workers
+        by_cores = max(8, 4 * cores)
+        by_memory = int(psutil.virtual_memory().available // (PROCESS_MEMORY_MIB << 20))
+        allowed = min(by_cores, by_memory)
+        if nodes * per_node > allowed:
+            raise ValueError(
+                f"the local backend runs every node on this machine: {nodes} nodes x {per_node} processes "
+                f"(1 distributor + {workers_per_node} counting workers) = {nodes * per_node}, but this machine "
+                f"({cores} cores, {psutil.virtual_memory().available / 2**30:.1f} GiB available) takes at most "
+                f"{allowed}; ask for fewer nodes or workers, or use a cluster backend")
 
     def reserve(self, nodes: int, launch: NodeLaunch) -> Reservation:
         if nodes < 1:

@@ -95,6 +95,7 @@ class Session:
     def open(self) -> None:
         """Validate, take the detector lock, record the spec; fails at once if the detector is busy."""
         validate_spec(self.spec)
+        self.backend.check_request(self.spec.nodes, self.spec.workers_per_node)
         out = self.paths.root
         if out.exists() and any(out.iterdir()) and not self.overwrite:
             raise FileExistsError(f"session {self.sid} already has output in {out}; pass overwrite=True "

@@ -16,8 +16,8 @@ from detstream import compare
 from detstream.output.summary import write_summary
 
 from . import _params as P
-from .file_transfer_session import file_transfer_session
-from .streaming_session import streaming_session
+from .file_transfer import file_transfer_session
+from .streaming import streaming_session
 
 # The session parameters a comparison passes on to both workflows.
 COMPARED = ("scan_width", "scan_height", "detector", "nodes", "workers_per_node", "seed", "output_dir",

@@ -42,7 +42,7 @@ def streaming_session(*, fallback: Fallback = "none", fallback_backend: Fallback
         return collect_results(session)
 
     def fall_back(session, err, endpoint):
-        from .file_transfer_session import file_transfer_session
+        from .file_transfer import file_transfer_session
 
         reason = err.fallback_reason
         session.coord.set_state(session.sid, SessionState.FAILED, f"falling back to file-transfer: {reason}")

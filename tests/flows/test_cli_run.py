@@ -1,0 +1,169 @@
+"""``detstream run`` as a user meets it: plain refusals, exit codes by end state, Ctrl-C, and
+nothing left running after the orchestrator is killed (then ``detstream salvage``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from detstream.coordination import Coordinator
+from detstream.states import EXIT_CODES, SessionState
+
+cli = CliRunner()
+
+
+def _app():
+    from detstream.flows.cli import app
+
+    return app
+
+
+def test_too_many_local_nodes_are_refused_plainly():
+    result = cli.invoke(_app(), ["run", "--nodes", "500"])
+    assert result.exit_code == 2
+    assert "local backend" in result.output and "500 nodes" in result.output
+
+
+def test_a_scan_outside_the_wire_range_is_refused_plainly():
+    result = cli.invoke(_app(), ["run", "--scan", "100000x100000"])
+    assert result.exit_code == 2 and "1 to 65535" in result.output
+
+
+def test_a_busy_detector_is_refused_before_prefect_starts(etcd_server):
+    coord = Coordinator(etcd_server.endpoint)
+    with coord.lease(10) as lease:
+        coord.lock_detector("testcam", "the-running-one", lease)
+        try:
+            result = cli.invoke(_app(), ["run", "--etcd", etcd_server.endpoint, "--detector", "testcam"])
+        finally:
+            coord.unlock_detector("testcam", "the-running-one")
+    assert result.exit_code == EXIT_CODES[SessionState.FAILED]
+    assert "testcam is busy" in result.output and "the-running-one" in result.output
+    assert "temporary server" not in result.output
+
+
+class _Run:
+    """`detstream run` in its own process, on the test etcd, with a known session id."""
+
+    def __init__(self, tmp_path, etcd_server, *args):
+        self.sid = "cli" + uuid.uuid4().hex[:8]
+        self.prefix_coord = Coordinator(etcd_server.endpoint)
+        self.out = tmp_path / "runs"
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+        env.pop("PREFECT_API_URL", None)
+        self.log = open(tmp_path / f"{self.sid}.log", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "detstream.flows.cli", "run", "--etcd", etcd_server.endpoint,
+             "--session-id", self.sid, "--output", str(self.out), *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        self.started = time.time()
+
+    def wait_frames(self, n: int, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while sum(self.prefix_coord.received(self.sid, 1).values()) < n:
+            assert self.proc.poll() is None, f"run ended early: {self.output()}"
+            assert time.monotonic() < deadline, f"fewer than {n} frames in {timeout_s} s"
+            time.sleep(0.05)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def run(tmp_path, etcd_server):
+    runs = []
+
+    def start(*args):
+        runs.append(_Run(tmp_path, etcd_server, *args))
+        return runs[-1]
+    yield start
+    for r in runs:
+        r.close()
+        for p in _session_processes(r.sid):
+            p.kill()
+
+
+def _session_processes(sid: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if sid in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _orphan_prefect_servers(since: float) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        try:
+            if "prefect.server.api.server:create_app" in " ".join(p.info["cmdline"] or []) \
+                    and p.info["create_time"] >= since and p.ppid() != os.getpid():
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.mark.chaos
+def test_a_producer_lost_mid_scan_exits_with_the_incomplete_code(run):
+    r = run("--scan", "48x48")
+    r.wait_frames(256)
+    producer = r.prefix_coord.services(r.sid, "producer")["sector-2"]["pid"]
+    os.kill(producer, signal.SIGKILL)
+    assert r.proc.wait(timeout=180) == EXIT_CODES[SessionState.INCOMPLETE], r.output()
+    summary = json.loads((r.out / r.sid / "summary.json").read_text())
+    assert summary["state"] == "incomplete" and 0 < summary["frames_counted"] < 48 * 48
+    assert "session incomplete" in r.output()
+
+
+@pytest.mark.chaos
+def test_ctrl_c_says_the_session_was_cancelled(run):
+    r = run("--scan", "48x48")
+    r.wait_frames(128)
+    r.proc.send_signal(signal.SIGINT)
+    assert r.proc.wait(timeout=120) == EXIT_CODES[SessionState.CANCELLED], r.output()
+    assert "session cancelled" in r.output()
+    assert r.prefix_coord.get_state(r.sid) == "cancelled"
+
+
+@pytest.mark.chaos
+def test_nothing_outlives_a_killed_orchestrator_and_salvage_accounts_for_every_frame(run, etcd_server, wait_until):
+    r = run("--scan", "48x48")
+    r.wait_frames(256)
+    killed_at = time.monotonic()
+    r.proc.kill()
+    r.proc.wait()
+    wait_until(lambda: not _session_processes(r.sid) and not _orphan_prefect_servers(r.started),
+               timeout_s=30, what="every process of the killed run to stop")
+    assert time.monotonic() - killed_at < 30
+    wait_until(lambda: r.prefix_coord.lock_holder("4dcamera") is None, timeout_s=15, what="the lock lease to expire")
+
+    from detstream.cli import app as core
+
+    result = cli.invoke(core, ["salvage", str(r.out / r.sid), "--etcd", etcd_server.endpoint])
+    assert result.exit_code == EXIT_CODES[SessionState.ABANDONED], result.output
+    summary = json.loads((r.out / r.sid / "summary.json").read_text())
+    assert summary["state"] == "abandoned"
+    assert summary["frames_counted"] + summary["frames_missing"] == 48 * 48
+    assert not set(summary["missing_positions"]) & set(summary["partial_positions"])
+    assert r.prefix_coord.get_state(r.sid) == "abandoned"
+    assert not list((r.out / r.sid / "parts").rglob("*.partial"))
