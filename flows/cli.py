@@ -165,7 +165,7 @@ def _sfapi_blocks(sfapi_url: Optional[str], key_file: Optional[Path]) -> dict:
     nodes here too, so they start with this interpreter and listen on loopback."""
     from urllib.parse import urlsplit
 
-    from detstream.backends.sfapi import SFAPI_BASE_URL, SFAPI_TOKEN_URL
+    from detstream.backends.sfapi_settings import SFAPI_BASE_URL, SFAPI_TOKEN_URL
     from detstream.blocks import NerscCompute, SfapiCredentials
 
     credentials = os.environ.get("DETSTREAM_SFAPI_CREDENTIALS_BLOCK")
