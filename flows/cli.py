@@ -125,7 +125,7 @@ def _refuse_if_busy(console, etcd: str, detector: str) -> None:
     """A busy detector is refused at once, before Prefect's temporary server starts."""
     from detstream.config import DEFAULT_PREFIX, etcd_login_from_env
     from detstream.coordination import Coordinator
-    from detstream.etcd_client import CoordinationError
+    from detstream.etcd import CoordinationError
     from detstream.states import EXIT_CODES, SessionState
 
     try:
