@@ -8,7 +8,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, model_validator
 
 from detstream.backends.jobscript import NerscJobSettings
-from detstream.backends.sfapi import SFAPI_BASE_URL, SFAPI_TOKEN_URL, SfapiSettings
+from detstream.backends.sfapi_settings import SFAPI_BASE_URL, SFAPI_TOKEN_URL, SfapiSettings
 
 from . import _logos
 

@@ -1,6 +1,6 @@
 """The session key schema: which etcd key holds a session's lock, spec, state, events, job, services, scans, result.
 
-Only what lives where; the transport (etcd3gw, auth, encoding, leases) is `detstream.etcd_client`.
+Only what lives where; the transport (etcd3gw, auth, encoding, leases) is `detstream.etcd`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 from typing import Any, Mapping, Optional, Union
 
 from .config import DEFAULT_PREFIX, check_prefix
-from .etcd_client import (
+from .etcd import (
     AuthenticationError,
     CoordinationError,
     EtcdClient,

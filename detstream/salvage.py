@@ -13,7 +13,7 @@ from typing import Optional
 from . import results
 from .config import SessionSpec
 from .coordination import Coordinator
-from .etcd_client import CoordinationError
+from .etcd import CoordinationError
 from .states import TERMINAL_STATES, SessionState
 
 log = logging.getLogger("detstream.salvage")

@@ -125,7 +125,7 @@ def _refuse_if_busy(console, etcd: str, detector: str) -> None:
     """A busy detector is refused at once, before Prefect's temporary server starts."""
     from detstream.config import DEFAULT_PREFIX, etcd_login_from_env
     from detstream.coordination import Coordinator
-    from detstream.etcd_client import CoordinationError
+    from detstream.etcd import CoordinationError
     from detstream.states import EXIT_CODES, SessionState
 
     try:
@@ -165,7 +165,7 @@ def _sfapi_blocks(sfapi_url: Optional[str], key_file: Optional[Path]) -> dict:
     nodes here too, so they start with this interpreter and listen on loopback."""
     from urllib.parse import urlsplit
 
-    from detstream.backends.sfapi import SFAPI_BASE_URL, SFAPI_TOKEN_URL
+    from detstream.backends.sfapi_settings import SFAPI_BASE_URL, SFAPI_TOKEN_URL
     from detstream.blocks import NerscCompute, SfapiCredentials
 
     credentials = os.environ.get("DETSTREAM_SFAPI_CREDENTIALS_BLOCK")

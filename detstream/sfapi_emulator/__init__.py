@@ -20,7 +20,7 @@ EXTRA_MODULES = frozenset({"fastapi", "starlette", "uvicorn", "cryptography", "j
 
 _EXPORTS = {
     "API_PREFIX": "app", "TOKEN_PATH": "app", "create_app": "app",
-    "Job": "jobs", "JobRunner": "jobs", "SbatchError": "jobs", "parse_sbatch_options": "jobs",
+    "Job": "jobs", "JobRunner": "jobs", "SbatchError": "sbatch", "parse_sbatch_options": "sbatch",
     "ClientCredentials": "keys", "generate_client_credentials": "keys", "new_client_id": "keys",
     "EmulatorServer": "server", "AuthError": "state", "EmulatorState": "state",
 }
@@ -28,8 +28,9 @@ __all__ = sorted(_EXPORTS, key=str.lower)
 
 if TYPE_CHECKING:
     from .app import API_PREFIX, TOKEN_PATH, create_app
-    from .jobs import Job, JobRunner, SbatchError, parse_sbatch_options
+    from .jobs import Job, JobRunner
     from .keys import ClientCredentials, generate_client_credentials, new_client_id
+    from .sbatch import SbatchError, parse_sbatch_options
     from .server import EmulatorServer
     from .state import AuthError, EmulatorState
 

@@ -24,7 +24,8 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
-from .jobs import PENDING, RUNNING, JobRunner, SbatchError
+from .jobs import PENDING, RUNNING, JobRunner
+from .sbatch import SbatchError
 
 log = logging.getLogger(__name__)
 

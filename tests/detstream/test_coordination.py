@@ -17,7 +17,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from detstream import etcd_client
 from detstream.config import SessionSpec
 from detstream.coordination import (
     AuthenticationError,
@@ -26,6 +25,7 @@ from detstream.coordination import (
     DetectorBusy,
     enable_auth,
 )
+from detstream.etcd import watch as etcd_watch
 from detstream.etcd_server import EmbeddedEtcd, EtcdNotFoundError, EtcdStartError, find_etcd_binary
 
 # --------------------------------------------------------------------------- helpers
@@ -162,7 +162,7 @@ def test_keepalive_keeps_keys_past_the_ttl(coordinator, wait_until):
 
 def test_wait_for_services_returns_as_soon_as_the_count_arrives(etcd_server, coordinator, monkeypatch, wait_until):
     # With the resync fallback pushed out of reach, only the watch can deliver the registrations.
-    monkeypatch.setattr(etcd_client, "_RESYNC_S", 600.0)
+    monkeypatch.setattr(etcd_watch, "_RESYNC_S", 600.0)
     baseline = _watchers(etcd_server.endpoint)
     result: dict = {}
 

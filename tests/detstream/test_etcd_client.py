@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from detstream import etcd_client
 from detstream.config import SessionSpec
-from detstream.etcd_client import (
+from detstream.etcd import (
     EtcdClient,
     delete_op,
     from_json,
@@ -20,6 +19,7 @@ from detstream.etcd_client import (
     to_json,
     value_is,
 )
+from detstream.etcd.client import _MAX_TXN_OPS
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_txn_takes_a_missing_key_once_and_reports_the_holder(client, etcd_prefix
 
 
 def test_delete_keys_beyond_one_transactions_limit(client, etcd_prefix):
-    keys = [f"{etcd_prefix}/many/{i:04d}" for i in range(etcd_client._MAX_TXN_OPS * 2 + 5)]
+    keys = [f"{etcd_prefix}/many/{i:04d}" for i in range(_MAX_TXN_OPS * 2 + 5)]
     client.txn([], [put_op(k, "x") for k in keys[:100]], what="fill")
     for k in keys[100:]:
         client.put(k, "x")

@@ -15,9 +15,12 @@ import pytest
 import requests
 from etcd3gw import exceptions as etcd_exc
 
-from detstream import etcd_client
 from detstream.coordination import AuthenticationError, CoordinationError, Coordinator, enable_auth
-from detstream.etcd_client import EtcdClient, _is_outage, _PrefixView
+from detstream.etcd import EtcdClient
+from detstream.etcd import watch as etcd_watch
+from detstream.etcd.encoding import _b64, _prefix_end
+from detstream.etcd.errors import _is_outage
+from detstream.etcd.watch import _PrefixView
 from detstream.etcd_server import EmbeddedEtcd
 
 ROOT_PW, ALICE_PW = "root-pw-Hk52", "alice-pw-Tw09"
@@ -260,15 +263,15 @@ def test_etcd_gone_longer_than_the_budget_is_an_error_naming_the_endpoint(etcd, 
 @pytest.mark.chaos
 def test_a_prefix_wait_rides_out_an_outage_and_watches_again(etcd, wait_until, monkeypatch):
     opened: list[int] = []
-    real_watcher = etcd_client.Watcher
+    real_watcher = etcd_watch.Watcher
 
     def counting_watcher(*args, **kwargs):
         watcher = real_watcher(*args, **kwargs)
         opened.append(kwargs["start_revision"])
         return watcher
 
-    monkeypatch.setattr(etcd_client, "Watcher", counting_watcher)
-    monkeypatch.setattr(etcd_client, "_RESYNC_S", 0.2)  # re-read often, so the outage is met at once
+    monkeypatch.setattr(etcd_watch, "Watcher", counting_watcher)
+    monkeypatch.setattr(etcd_watch, "_RESYNC_S", 0.2)  # re-read often, so the outage is met at once
     writer = EtcdClient(etcd.endpoint)
     waiter = EtcdClient(etcd.endpoint, outage_budget_s=60)
     found = _in_background(lambda: waiter.wait_prefix("/w/", lambda cur: sorted(cur) or None, timeout_s=120))
@@ -277,7 +280,7 @@ def test_a_prefix_wait_rides_out_an_outage_and_watches_again(etcd, wait_until, m
     wait_until(lambda: waiter.retries >= 2, what="the wait's re-read to be retrying")
     etcd.start()
     wait_until(lambda: len(opened) == 2, what="the watch to be opened again after the outage")
-    monkeypatch.setattr(etcd_client, "_RESYNC_S", 600.0)  # from the waiter's next turn, only the watch
+    monkeypatch.setattr(etcd_watch, "_RESYNC_S", 600.0)  # from the waiter's next turn, only the watch
     writer.put("/w/a", "1")
     assert found.result(timeout=30) == (["/w/a"], {"/w/a": b"1"})
     assert len(opened) == 2
@@ -407,8 +410,7 @@ def test_a_lease_remembers_only_the_keys_still_written_with_it(coordinator):
         assert lease.keys == {} and other.keys == {}
         coordinator.register_service("s1", "distributor", "n2", {"pid": 3}, lease)
         scope = coordinator.session_key("s1").encode()
-        ranged = {"request_delete_range": {"key": etcd_client._b64(scope), "range_end": etcd_client._b64(
-            etcd_client._prefix_end(scope))}}
+        ranged = {"request_delete_range": {"key": _b64(scope), "range_end": _b64(_prefix_end(scope))}}
         coordinator.etcd.txn([], [ranged], what="delete a range")
         assert lease.keys == {}
 
@@ -437,7 +439,7 @@ def test_auth_and_permission_failures_fail_at_once(auth_etcd):
 @pytest.mark.chaos
 def test_an_authenticated_client_rides_out_a_restart(auth_etcd, wait_until, caplog):
     """A restarted etcd has forgotten every token: the client logs in again by itself."""
-    caplog.set_level(logging.DEBUG, logger="detstream.etcd_client")
+    caplog.set_level(logging.DEBUG, logger="detstream.etcd")
     alice = EtcdClient(auth_etcd.endpoint, username="alice", password=ALICE_PW, outage_budget_s=60)
     alice.put("/ds/k", "v")
     auth_etcd.stop()

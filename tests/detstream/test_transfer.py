@@ -12,14 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from detstream.transfer import (
-    LocalCopyTransfer,
-    RetriedFile,
-    Transfer,
-    TransferError,
-    cached_pages,
-    evict,
-)
+from detstream.pagecache import cached_pages, evict
+from detstream.transfer import LocalCopyTransfer, RetriedFile, Transfer, TransferError
 
 CHUNK = 64 << 10  # small chunks so every file takes several reads
 

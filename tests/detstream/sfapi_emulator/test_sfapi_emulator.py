@@ -20,7 +20,8 @@ from sfapi_client.compute import Machine
 from sfapi_client.jobs import JobState
 
 from detstream.sfapi_emulator import generate_client_credentials
-from detstream.sfapi_emulator.jobs import format_duration, parse_sbatch_options, parse_time_limit
+from detstream.sfapi_emulator.jobs import format_duration
+from detstream.sfapi_emulator.sbatch import parse_sbatch_options, parse_time_limit
 from detstream.sfapi_emulator.srun import expand_nodelist, parse_args, plan_tasks
 from conftest import wait_until
 

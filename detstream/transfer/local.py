@@ -1,241 +1,29 @@
-"""Moving recorded files to the compute site's storage: the transfer stage of the file workflow.
+"""``LocalCopyTransfer``: copy files into another directory on this machine, verified against storage.
 
-The baseline that streaming replaces writes each sector to raw v5 files, moves the files to
-the compute site, then counts them in a batch job. ``Transfer`` is that move as an interface;
-``LocalCopyTransfer`` is the single-machine implementation (copy, fsync, drop from the page
-cache, read back from storage, verify). rsync over ssh and Globus are later implementations
-of the same interface: they take the same file list and destination and return the same
-``TransferReport``, so the flow does not change when the transport does.
-
-Every copy is written under a temporary name in the destination directory and appears under
-its final name only once verified, so a file under its final name is always whole. A source
-is removed (``remove_source``) only after its copy is verified and in place.
+Each copy is written under a temporary name and renamed into place only once read back and verified,
+so a file under its final name is always whole; a source is removed only after that.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
-import mmap
 import os
 import stat
 import time
-from abc import ABC, abstractmethod
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
-import numpy as np
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
-from .atomic import AtomicFile
-from .storage import fsync_dir
+from ..atomic import AtomicFile
+from ..pagecache import evict, storage_read_bytes
+from ..storage import fsync_dir
+from .base import (FileTransfer, PathLike, ProgressCallback, RetriedFile, Transfer, TransferError,
+                   TransferProgress, TransferReport)
 
 log = logging.getLogger("detstream.transfer")
-
-__all__ = [
-    "FileTransfer",
-    "LocalCopyTransfer",
-    "RetriedFile",
-    "Transfer",
-    "TransferError",
-    "TransferProgress",
-    "TransferReport",
-    "cached_pages",
-    "evict",
-    "storage_read_bytes",
-]
-
-PathLike = Union[str, os.PathLike]
-
-
-class TransferError(Exception):
-    """A transfer that did not complete; the message names the file or directory and why.
-
-    ``path`` is the file or directory at fault, ``attempts`` how many copies were tried (0 when
-    the transfer was refused before copying), ``reasons`` why each failed attempt failed and
-    ``report`` the files that were moved before the failure.
-    """
-
-    def __init__(self, message: str, path: Optional[PathLike] = None, attempts: int = 0,
-                 reasons: Sequence[str] = ()):
-        super().__init__(message)
-        self.path = None if path is None else Path(path)
-        self.attempts = attempts
-        self.reasons = list(reasons)
-        self.report: Optional["TransferReport"] = None  # what completed before the failure
-
-
-@dataclass(frozen=True)
-class TransferProgress:
-    """Where a transfer is, passed to ``on_progress`` after every chunk and every file.
-
-    ``bytes_done`` counts whole files done plus the current attempt's bytes, so it goes back
-    when a file is retried.
-    """
-
-    file: str
-    attempt: int
-    file_bytes_done: int
-    file_bytes: int
-    files_done: int
-    files_total: int
-    bytes_done: int
-    bytes_total: int
-
-
-@dataclass
-class FileTransfer:
-    """One file moved: its size, the checksum both ends agreed on, attempts and time taken."""
-
-    name: str
-    source: str
-    destination: str
-    bytes: int
-    checksum: str  # "<algorithm>:<hex digest>"
-    attempts: int
-    seconds: float
-    source_removed: bool = False
-
-
-@dataclass
-class RetriedFile:
-    """One failed attempt that was retried, and why it failed."""
-
-    name: str
-    attempt: int
-    reason: str
-
-
-@dataclass
-class TransferReport:
-    """What a transfer did: per file, totals, and every retried attempt with its reason."""
-
-    method: str
-    dest_dir: str
-    algorithm: str
-    files: list[FileTransfer] = field(default_factory=list)
-    retried: list[RetriedFile] = field(default_factory=list)
-    started_at: float = 0.0
-    finished_at: float = 0.0
-    # Bytes this process read from storage (not the page cache) during the transfer, from
-    # /proc/self/io; None where the kernel does not say. Proves the read-back hit storage.
-    storage_read_bytes: Optional[int] = None
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.bytes for f in self.files)
-
-    @property
-    def total_files(self) -> int:
-        return len(self.files)
-
-    @property
-    def seconds(self) -> float:
-        return max(0.0, self.finished_at - self.started_at)
-
-    @property
-    def throughput_bytes_s(self) -> float:
-        return self.total_bytes / self.seconds if self.seconds > 0 else 0.0
-
-    def as_dict(self) -> dict:
-        """JSON-able form, totals included."""
-        d = asdict(self)
-        d.update(total_bytes=self.total_bytes, total_files=self.total_files,
-                 seconds=self.seconds, throughput_bytes_s=self.throughput_bytes_s)
-        return d
-
-
-ProgressCallback = Callable[[TransferProgress], None]
-
-
-class Transfer(ABC):
-    """Moves files into a directory at another site and proves they arrived intact.
-
-    Implementations: ``LocalCopyTransfer`` (same machine, another directory); rsync over ssh
-    and Globus are later implementations of this same interface.
-    """
-
-    method: str = "abstract"
-
-    @abstractmethod
-    def transfer(self, files: Sequence[PathLike], dest_dir: PathLike, remove_source: bool = False,
-                 on_progress: Optional[ProgressCallback] = None, *,
-                 overwrite: bool = False) -> TransferReport:
-        """Copy ``files`` into ``dest_dir`` (same base names), verify each copy, and return a
-        report; with ``remove_source`` a source is deleted once its copy is verified.
-
-        Raises TransferError naming the file or directory at fault. A destination that
-        already exists is refused unless ``overwrite``.
-        """
-
-
-# --------------------------------------------------------------------------------------------
-# Page cache and storage probes
-# --------------------------------------------------------------------------------------------
-
-
-def evict(fd: int) -> None:
-    """Drop a file's clean pages from the page cache, so the next read comes from storage.
-
-    Dirty pages are not dropped: fsync first.
-    """
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def storage_read_bytes() -> Optional[int]:
-    """Bytes this process has caused to be read from storage (``read_bytes`` in /proc/self/io),
-    or None where the kernel does not report it. Page-cache hits do not count."""
-    try:
-        with open("/proc/self/io", "rb") as f:
-            for line in f:
-                if line.startswith(b"read_bytes:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-_libc = None
-
-
-def cached_pages(path: PathLike) -> tuple[int, int]:
-    """(pages of ``path`` in the page cache, pages in the file), from mincore(2).
-
-    Lets a test or benchmark check that a file was evicted, i.e. that the next stage will read
-    it from storage.
-    """
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-        _libc.mincore.restype = ctypes.c_int
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return 0, 0
-        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
-    try:
-        pages = -(-size // mmap.PAGESIZE)
-        vec = ctypes.create_string_buffer(pages)
-        view = np.frombuffer(mm, dtype=np.uint8)  # only to learn the mapping's address
-        try:
-            if _libc.mincore(ctypes.c_void_p(view.ctypes.data), size, vec) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mincore on {path}: {os.strerror(err)}")
-        finally:
-            del view
-        resident = int(np.count_nonzero(np.frombuffer(vec.raw, dtype=np.uint8) & 1))
-        return resident, pages
-    finally:
-        mm.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Local copy
-# --------------------------------------------------------------------------------------------
 
 
 def _why(e: OSError) -> str:
