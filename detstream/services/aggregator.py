@@ -234,7 +234,6 @@ class Aggregator:
             ready = dict(self._poller.poll(poll_ms))
             if self.acks and len(self._window) >= self.window_frames:
                 self.stats.window_full_s += time.monotonic() - t_poll
-            got = False
             for n in range(self.nodes):
                 if self.acks and self._node[n].alive and self.ack_in[n] in ready:
                     self._read_acks(n)
@@ -242,9 +241,7 @@ class Aggregator:
                     self._read_monitor(n)
                 if self._node[n].alive and self.outbound[n] in ready:
                     self._flush(n)
-            for s in readable:
-                if s in ready:
-                    got |= self._read_inbound(s)
+            got = self._read_inbound([s for s in readable if s in ready])
             now = time.monotonic()
             if got or not readable:   # paused by the window or done reading: not a stall
                 last_data = now
@@ -290,35 +287,47 @@ class Aggregator:
             self._polled[sock] = flags
 
     def _readable(self) -> list:
-        """The inbound sockets to read now: all of them unless the window is full (or, without
-        acks, a node's backlog is), then only the sectors some window entry still lacks."""
-        if not self.acks:
-            if max(len(b) for b in self._backlog) >= self.hwm:
-                return []
-            return [self.inbound, *self.sector_inbound]
-        if len(self._window) < self.window_frames:
+        """The inbound sockets to read now: none while a node's backlog is full (backpressure);
+        with acks and the window full, only the sectors some window entry still lacks."""
+        if self._backlog_full():
+            return []
+        if not self.acks or len(self._window) < self.window_frames:
             return [self.inbound, *self.sector_inbound]
         if len(self._window) >= 2 * self.window_frames:  # lagging sectors that skip positions
             return []
         return [self.sector_inbound[s] for s in range(self.sectors) if self._lagging[s]]
 
-    def _read_inbound(self, sock) -> bool:
-        """Read what is queued, up to a batch; past a full window, only while the socket's
-        sector lags (its blocks complete what the window holds)."""
-        sector = self._sector_of.get(sock)
+    def _read_inbound(self, socks: list, batch: int = 1024) -> bool:
+        """Read up to ``batch`` messages, one socket after the other as the producers' pipes are
+        fair-queued, so that no sector runs ahead of the others by a batch."""
         got = False
-        for _ in range(256):
-            if self.acks and len(self._window) >= self.window_frames:
-                if (sector is None or not self._lagging[sector]
-                        or len(self._window) >= 2 * self.window_frames):
-                    break
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+        for _ in range(batch):
+            if not socks:
                 break
-            got = True
-            self._handle(parts)
+            for sock in list(socks):
+                if not self._may_read(sock):
+                    socks.remove(sock)
+                    continue
+                try:
+                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    socks.remove(sock)
+                    continue
+                got = True
+                self._handle(parts)
         return got
+
+    def _backlog_full(self) -> bool:
+        hwm = self.hwm
+        return any(len(b) >= hwm for b in self._backlog)
+
+    def _may_read(self, sock) -> bool:
+        if self._backlog_full():
+            return False
+        if not self.acks or len(self._window) < self.window_frames:
+            return True
+        sector = self._sector_of.get(sock)
+        return sector is not None and self._lagging[sector] > 0 and len(self._window) < 2 * self.window_frames
 
     # -- producers' messages ---------------------------------------------------------------
     def _handle(self, parts) -> None:

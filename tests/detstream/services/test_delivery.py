@@ -431,17 +431,20 @@ def test_a_stopped_node_is_fenced_and_its_late_copies_are_dropped(services, wait
 
 @pytest.mark.chaos
 def test_a_counting_worker_paused_at_the_end_of_the_scan_still_counts_everything(services, wait_until):
-    """A slow consumer at the end: node 0's counting worker stopped until the producers are done;
-    the window holds the rest, nothing is lost or re-routed, and every frame is counted once."""
-    s = services(nodes=2, width=48, height=48, node_timeout_s=60.0).start()
+    """A slow consumer at the end: node 0's counting worker stopped until the producers are done.
+    Queues and window are made deep enough to take the rest of the scan, so the producers finish
+    and the aggregator has every END while node 0 still holds frames it cannot count; the
+    aggregator waits for them (no tail dropped at exit), nothing is lost or re-routed."""
+    s = services(nodes=2, width=64, height=64, node_timeout_s=60.0, send_hwm=16384, window_frames=4096)
+    s.start()
     share = s.share(0)
-    wait_until(lambda: s.received(0) >= share * 3 // 4, timeout_s=60, what="node 0 three quarters through")
+    wait_until(lambda: s.received(0) >= share // 4, timeout_s=60, what="node 0 a quarter through")
     worker = [p for p in _tree(s.procs["distributor-node-0"])[1:] if "spawn_main" in " ".join(p.cmdline())]
     assert len(worker) == 1
     worker[0].send_signal(signal.SIGSTOP)
     try:
-        s.wait_exit([f"producer-{k}" for k in range(4)], wait_until)  # the window took the rest
-        assert s.procs["aggregator-0"].alive, "the scan ended before the worker was paused"
+        s.wait_exit([f"producer-{k}" for k in range(4)], wait_until)
+        assert s.procs["aggregator-0"].alive and s.procs["distributor-node-0"].alive
     finally:
         worker[0].send_signal(signal.SIGCONT)
     s.wait_exit(list(s.procs), wait_until)
