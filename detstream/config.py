@@ -86,6 +86,18 @@ class SessionSpec(BaseModel):
     register_timeout_s: float = Field(default=60.0, gt=0, description="Wait for services to register.")
     stall_timeout_s: float = Field(default=60.0, gt=0, description="No progress for this long ends the scan.")
     send_hwm: int = Field(default=64, gt=0, description="ZeroMQ high-water mark, in messages.")
+    acks: bool = Field(default=True, description="Acknowledged delivery: nodes acknowledge durable "
+                       "frames, the aggregator re-routes a lost node's unacknowledged frames. Off: "
+                       "fire-and-forget, kept for comparison.")
+    window_frames: Optional[int] = Field(default=None, gt=0, description="Frames the aggregator keeps "
+                                         "sent but unacknowledged; a full window stops its reads. "
+                                         "Default: 2 x segment_frames per node.")
+    segment_frames: int = Field(default=256, gt=0, description="A node commits (and acknowledges) its "
+                                "part segment every this many counted frames...")
+    segment_seconds: float = Field(default=0.5, gt=0, description="...or this long after the segment's "
+                                   "first frame, whichever comes first.")
+    node_timeout_s: float = Field(default=10.0, gt=0, description="A node that holds unacknowledged frames "
+                                  "and shows no progress for this long is lost.")
 
     @field_validator("etcd_prefix")
     @classmethod
@@ -105,6 +117,11 @@ class SessionSpec(BaseModel):
     @property
     def detector(self) -> str:
         return self.detector_profile.name
+
+    @property
+    def delivery_window(self) -> int:
+        """The aggregator's window in frames: room for every node to fill a segment twice over."""
+        return self.window_frames or 2 * self.segment_frames * self.nodes
 
     @property
     def frames_expected(self) -> int:

@@ -37,8 +37,11 @@ def _sum_counters(dicts) -> dict:
 
 
 def durable_parts(spec: SessionSpec) -> list[Path]:
-    """Every part file that was completed (parts are renamed into place only when whole)."""
-    return sorted(spec.paths.parts.rglob("*.h5")) if spec.paths.parts.exists() else []
+    """Every part a merge should read: each node's index, and the durable segments of a node that
+    died before writing one (parts and segments are renamed into place only when whole)."""
+    from .services.segments import part_files
+
+    return part_files(spec.paths.parts) if spec.paths.parts.exists() else []
 
 
 def discard_unfinished_parts(spec: SessionSpec) -> list[str]:
@@ -117,17 +120,20 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
     parts = durable_parts(spec) if spec.counting.enabled else []
     if spec.counting.enabled:
         check_room(paths.counts, parts, spec.frames_expected)
+        # After a re-route two nodes may both have counted a position: the first copy is kept.
         report = merge_parts(parts, paths.counts, spec.scan_width, spec.scan_height,
-                             spec.profile.frame_shape, overwrite=overwrite)
+                             spec.profile.frame_shape, overwrite=overwrite, on_duplicate="first")
         outputs["hdf5"] = str(paths.counts)
         events_total = report.total_events
         hdf5_closed = time.time()
         write_png(paths.image, report.bright_field)
         outputs["image"] = str(paths.image)
         not_counted = report.missing
+        duplicates = report.duplicates
     else:
         hdf5_closed = time.time()
         not_counted = _uncounted(spec, nodes)
+        duplicates = 0
     timings = dict(timings)
     timings["merge_s"] = hdf5_closed - t0
     first_sent = min((p["first_send"] for p in producers if p.get("first_send")), default=None)
@@ -155,6 +161,7 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         "complete": not not_counted,
         "missing_positions": missing,
         "partial_positions": partial,
+        "duplicates_dropped": duplicates,
         "salvaged": {"parts": [str(p) for p in parts], "nodes_reported": len(nodes),
                      "unfinished_part_files_removed": discarded},
         "events": events_total,

@@ -5,17 +5,32 @@ A message is two ZeroMQ frames ``[header, payload]``. Version 1 header, little e
 | field          | type | note                                            |
 |----------------|------|-------------------------------------------------|
 | version        | u8   | 1                                               |
-| kind           | u8   | 0 = sector data, 1 = end of scan                |
+| kind           | u8   | 0 = sector data, 1 = end of scan, 2 = FIN       |
 | sector         | u16  | sector (module) index                           |
 | scan_number    | u32  | camera's scan number                            |
 | frame_number   | u32  | camera's frame counter                          |
 | scan_width     | u16  | scan size x                                     |
 | scan_height    | u16  | scan size y                                     |
 | x, y           | u16  | scan position; position index = y * width + x   |
-| count          | u64  | data: per-sector sequence number; end: frames sent |
+| count          | u64  | data: per-sector sequence number; end: frames sent; FIN: positions acked |
 
 The first seven fields are the camera's raw v5 header; version, kind and count are ours.
-An end-of-scan message has an empty payload.
+End-of-scan and FIN messages have an empty payload. FIN goes from the aggregator to a node
+once every position it sent anywhere is acknowledged: the node may then exit.
+
+Acknowledgements travel the other way, node to aggregator, on a socket of their own, as
+``[control header, payload]``; control header, little endian:
+
+| field    | type | note                                                         |
+|----------|------|--------------------------------------------------------------|
+| version  | u8   | 1                                                            |
+| kind     | u8   | 1 = ACK (payload: uint32 positions now durable), 2 = HEARTBEAT |
+| node     | u16  | the sender's node index                                      |
+| received | u64  | frames the node has assembled so far                         |
+| counted  | u64  | frames the node has counted so far                           |
+
+Adding the FIN kind and the control messages left the sector header's layout as it was, so
+its version stays 1.
 """
 
 from __future__ import annotations
@@ -23,6 +38,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Optional
+
+import numpy as np
 
 WIRE_VERSION = 1
 _HEADER = struct.Struct("<BBHIIHHHHQ")
@@ -32,6 +50,15 @@ HEADER_SIZE = _HEADER.size
 class Kind(IntEnum):
     DATA = 0
     END = 1
+    FIN = 2
+
+
+class Control(IntEnum):
+    ACK = 1
+    HEARTBEAT = 2
+
+
+_CONTROL = struct.Struct("<BBHQQ")
 
 
 class MalformedMessage(ValueError):
@@ -93,3 +120,45 @@ def data_header(sector: int, scan_number: int, frame_number: int, scan_width: in
 
 def end_header(sector: int, scan_number: int, scan_width: int, scan_height: int, frames_sent: int) -> bytes:
     return _HEADER.pack(WIRE_VERSION, Kind.END, sector, scan_number, 0, scan_width, scan_height, 0, 0, frames_sent)
+
+
+def fin_header(scan_number: int, scan_width: int, scan_height: int, acked: int) -> bytes:
+    return _HEADER.pack(WIRE_VERSION, Kind.FIN, 0, scan_number, 0, scan_width, scan_height, 0, 0, acked)
+
+
+@dataclass(frozen=True, slots=True)
+class ControlMessage:
+    """A node's ACK (positions now durable) or HEARTBEAT, with its progress counters."""
+
+    kind: Control
+    node: int
+    received: int
+    counted: int
+    positions: np.ndarray  # uint32; empty for a heartbeat
+
+
+def control_message(kind: Control, node: int, received: int, counted: int,
+                    positions: Optional[np.ndarray] = None) -> list:
+    """The two frames of an ACK or HEARTBEAT."""
+    payload = b"" if positions is None else np.ascontiguousarray(positions, dtype="<u4").tobytes()
+    return [_CONTROL.pack(WIRE_VERSION, int(kind), node, received, counted), payload]
+
+
+def parse_control(parts) -> ControlMessage:
+    """Parse an ACK or HEARTBEAT; raise MalformedMessage naming what is wrong."""
+    if len(parts) != 2:
+        raise MalformedMessage("wrong_part_count", f"{len(parts)} parts, expected 2 (header, payload)")
+    head, payload = (p.buffer if hasattr(p, "buffer") else p for p in parts)
+    if len(head) < 1 or bytes(head[:1])[0] != WIRE_VERSION:
+        raise MalformedMessage("unknown_version", f"control header version "
+                               f"{bytes(head[:1])[0] if len(head) else None}, expected {WIRE_VERSION}")
+    if len(head) != _CONTROL.size:
+        raise MalformedMessage("short_header", f"control header is {len(head)} bytes, expected {_CONTROL.size}")
+    _, kind, node, received, counted = _CONTROL.unpack(head)
+    try:
+        kind = Control(kind)
+    except ValueError:
+        raise MalformedMessage("unknown_kind", f"control kind {kind}") from None
+    if len(payload) % 4 or (kind is Control.HEARTBEAT and len(payload)):
+        raise MalformedMessage("payload_size", f"{kind.name} with a {len(payload)}-byte payload")
+    return ControlMessage(kind, node, received, counted, np.frombuffer(payload, dtype="<u4"))

@@ -41,6 +41,7 @@ class MergeReport:
     total_events: int
     bright_field: np.ndarray | None = None  # (scan_height, scan_width)
     disk: DiskEstimate | None = None
+    duplicates: int = 0  # later copies of a position dropped (on_duplicate="first")
 
     @property
     def n_positions(self) -> int:
@@ -57,6 +58,7 @@ class MergeReport:
             "n_missing": len(self.missing),
             "missing": self.missing[:max_missing],
             "total_events": self.total_events,
+            "duplicates": self.duplicates,
             "disk": None
             if self.disk is None
             else {"center": list(self.disk.center), "radius": self.disk.radius},
@@ -77,12 +79,17 @@ def merge_parts(
     radius: float | None = None,
     accumulators: Sequence[BlockAccumulator] = (),
     block_positions: int = 8192,
+    on_duplicate: str = "error",
 ) -> MergeReport:
     """Merge part files into one stempy file (temp + rename), reading each part once, a block
     at a time. Positions in no part are written empty and listed in ``missing``; a position in
-    two parts is an error naming both. With ``bright_field`` the virtual bright-field image is
+    two parts is an error naming both, or with ``on_duplicate="first"`` (parts of a session
+    whose frames were re-routed after a node was lost) its first copy is kept and the others
+    counted in ``duplicates``. With ``bright_field`` the virtual bright-field image is
     computed in the same pass; the disk, unless given, comes from the parts' summed patterns.
     """
+    if on_duplicate not in ("error", "first"):
+        raise ValueError(f"on_duplicate must be 'error' or 'first', not {on_duplicate!r}")
     frame_shape = check_frame_shape(frame_shape)
     n = scan_size(scan_width, scan_height)
     n_pixels = frame_shape[0] * frame_shape[1]
@@ -92,6 +99,8 @@ def merge_parts(
 
     parts = [read_part(p) for p in part_paths]
     owner = np.full(n, -1, dtype=np.int64)
+    keep: list[np.ndarray | None] = []  # per part, which stored frames to write (None: all)
+    duplicates = 0
     for k, part in enumerate(parts):
         if part.frame_shape != frame_shape:
             raise ValueError(f"{part.path}: frame shape {part.frame_shape}, expected {frame_shape}")
@@ -101,6 +110,15 @@ def merge_parts(
                 f"{part.path}: scan position {int(pos.max())} outside a "
                 f"{scan_width}x{scan_height} scan"
             )
+        if on_duplicate == "first":
+            once = np.zeros(pos.size, bool)
+            once[np.unique(pos, return_index=True)[1]] = True
+            mask = once & (owner[pos] < 0)
+            duplicates += int(pos.size - mask.sum())
+            keep.append(None if mask.all() else mask)
+            owner[pos[mask]] = k
+            continue
+        keep.append(None)
         uniq, counts = np.unique(pos, return_counts=True)
         if np.any(counts > 1):
             raise ValueError(f"{part.path}: scan position {int(uniq[counts > 1][0])} appears twice")
@@ -135,8 +153,14 @@ def merge_parts(
     total_events = 0
     with h5_output(out, overwrite=overwrite) as f:
         frames = create_counts_layout(f, scan_width, scan_height, frame_shape, attrs)
-        for part in parts:
+        for part, mask in zip(parts, keep):
+            start = 0
             for positions, flat, offs in part.iter_blocks(block_positions):
+                stored = len(positions)
+                if mask is not None:
+                    positions, flat, offs = _select_frames(positions, flat, offs,
+                                                           mask[start : start + stored])
+                start += stored
                 if flat.size and int(flat.max()) >= n_pixels:
                     raise ValueError(
                         f"{part.path}: event index {int(flat.max())} outside a frame of "
@@ -168,5 +192,16 @@ def merge_parts(
         total_events=total_events,
         bright_field=None if bf is None else bf.image,
         disk=disk,
+        duplicates=duplicates,
     )
+
+
+def _select_frames(
+    positions: np.ndarray, flat: np.ndarray, offs: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The frames of a block where ``mask`` is True, as ``(positions, flat_events, offsets)``."""
+    pieces = [flat[offs[i] : offs[i + 1]] for i in np.flatnonzero(mask)]
+    lengths = np.diff(offs)[mask]
+    out = np.concatenate(pieces) if pieces else flat[:0]
+    return positions[mask], out, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 

@@ -70,7 +70,8 @@ def _worker_main(shm_name: str, slots: int, profile_json: str, counting_json: st
     try:
         while True:
             if not tasks.poll(1000):
-                if os.getppid() != parent_pid:  # the distributor is gone: so are we
+                if os.getppid() != parent_pid:  # the distributor is gone (killed): so are we,
+                    _remove_ipc_dir(task_ep)    # and its socket folder with us
                     return
                 continue
             msg = tasks.recv()
@@ -89,6 +90,20 @@ def _worker_main(shm_name: str, slots: int, profile_json: str, counting_json: st
         results.close()
         ctx.term()
         shm.close()
+
+
+def _remove_ipc_dir(endpoint: str) -> None:
+    """Remove an ``ipc://`` endpoint's folder and its socket files (other workers may race us)."""
+    folder = os.path.dirname(endpoint[len("ipc://"):])
+    for name in ("tasks", "results"):
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
 
 
 class CountingPool:
@@ -148,6 +163,7 @@ class CountingPool:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.results.poll(int(remaining * 1000)):
                 dead = [p.name for p in self._procs if not p.is_alive()]
+                self.shm.unlink()  # not left in /dev/shm by a pool that never started
                 self.close()
                 raise RuntimeError(f"{ready} of {self.workers} counting workers started "
                                    f"(exited: {dead or 'none'})")
@@ -217,12 +233,4 @@ class CountingPool:
             del self.ring
             self.shm.close()
             self.shm = None
-        for name in ("tasks", "results"):
-            try:
-                os.unlink(os.path.join(self._ipc_dir, name))
-            except FileNotFoundError:
-                pass
-        try:
-            os.rmdir(self._ipc_dir)
-        except OSError:
-            pass
+        _remove_ipc_dir(f"ipc://{self._ipc_dir}/tasks")

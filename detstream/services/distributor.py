@@ -5,6 +5,13 @@ scan positions (``position % nodes == node_index``), copies a complete frame onc
 shared-memory slot for the counting workers, and appends their sparse results to its part
 file. It finishes when every sector's END marker has arrived and every frame is counted, when
 the stream stalls, or when told to stop; frames it never completed are listed, not dropped.
+
+With acks, it also binds a PUSH socket for acknowledgements: it acknowledges positions once
+counted and committed in a part segment (every ``segment_frames`` frames or
+``segment_seconds``), sends a heartbeat with its counts every ``heartbeat_s``, takes any
+position the aggregator sends (the aggregator re-routes a lost node's frames), and finishes
+on the aggregator's FIN -- or, if the aggregator hangs up first (it fenced this node, or died),
+then.
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ from typing import Callable, Optional
 import numpy as np
 import zmq
 
+from zmq.utils.monitor import recv_monitor_message
+
+from .. import wire
 from ..memory import peak_rss_mib
 from ..config import CountingParams
 from ..profile import DetectorProfile
-from ..wire import Kind, MalformedMessage
+from ..wire import Control, Kind, MalformedMessage
 from .aggregator import route
 from .counting_pool import CountingPool
 from .validation import MessageValidator, RejectLog
@@ -35,12 +45,14 @@ class DistributorResult:
     frames_expected: int
     frames_received: int = 0
     frames_counted: int = 0
+    frames_acked: int = 0
     events: int = 0
     bytes_received: int = 0
     missing: list[int] = field(default_factory=list)
     partial: list[int] = field(default_factory=list)
     rejected: dict = field(default_factory=dict)
     end_markers: int = 0
+    fin: bool = False
     finish_reason: str = ""
     first_recv: Optional[float] = None
     last_recv: Optional[float] = None
@@ -49,6 +61,7 @@ class DistributorResult:
     peak_rss_mib: float = 0.0
     worker_peak_rss_mib: list[float] = field(default_factory=list)
     part_path: Optional[str] = None
+    segments: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -63,7 +76,8 @@ class Distributor:
                  node_index: int, nodes: int, counting: CountingParams, workers: int = 1,
                  part_writer=None, bind: str = "tcp://127.0.0.1:*", hwm: int = 64,
                  max_partial_frames: int = 256, stall_timeout_s: float = 60.0,
-                 ctx: Optional[zmq.Context] = None):
+                 ctx: Optional[zmq.Context] = None, acks: bool = False, segment_frames: int = 256,
+                 segment_seconds: float = 0.5, heartbeat_s: float = 0.5, linger_s: float = 2.0):
         if not 0 <= node_index < nodes:
             raise ValueError(f"node index {node_index} outside 0..{nodes - 1}")
         self.profile = profile
@@ -77,14 +91,33 @@ class Distributor:
         # apart; below a few times that, frames still being completed would be evicted.
         self.max_partial = max(max_partial_frames, 4 * hwm)
         self.stall_timeout_s = stall_timeout_s
+        self.acks = acks
+        self.segment_frames = segment_frames
+        self.segment_seconds = segment_seconds
+        self.heartbeat_s = heartbeat_s
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
         # Workers are spawned before this process's sockets exist.
-        self.pool = CountingPool(profile, counting, workers)
-        self.ctx = ctx or zmq.Context.instance()
+        try:
+            self.pool = CountingPool(profile, counting, workers, ctx=self.ctx)
+        except BaseException:
+            if self._own_ctx:
+                self.ctx.term()
+            raise
         self.inbound = self.ctx.socket(zmq.PULL)
         self.inbound.setsockopt(zmq.RCVHWM, hwm)
         self.inbound.setsockopt(zmq.LINGER, 0)
         self.inbound.bind(bind)
         self.endpoint = self.inbound.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.ack_endpoint: Optional[str] = None
+        self.ack_out = self.monitor = None
+        if acks:
+            self.ack_out = self.ctx.socket(zmq.PUSH)
+            self.ack_out.setsockopt(zmq.SNDHWM, 10_000)
+            self.ack_out.setsockopt(zmq.LINGER, int(linger_s * 1000))
+            self.monitor = self.ack_out.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+            self.ack_out.bind(bind)
+            self.ack_endpoint = self.ack_out.getsockopt_string(zmq.LAST_ENDPOINT)
         mine = len(range(node_index, self.positions, nodes))
         self.result = DistributorResult(node_index=node_index, frames_expected=mine)
         self._pending: dict[int, list] = {}      # position -> sector frames (None until arrived)
@@ -92,6 +125,12 @@ class Distributor:
         self._done = np.zeros(self.positions, dtype=bool)
         self._ends: dict[int, int] = {}          # sector -> blocks the aggregator sent us
         self._blocks_per_sector = [0] * profile.sectors
+        self._undurable: list[int] = []          # counted, not yet committed and acknowledged
+        self._undurable_since = 0.0
+        self._acks_out: deque = deque()          # ACK messages the socket has not taken yet
+        self._last_heartbeat = 0.0
+        self._aggregator_seen = self._aggregator_gone = False
+        self._closed = False
 
     # -- receiving -------------------------------------------------------------------------
     def _handle(self, parts) -> None:
@@ -112,8 +151,12 @@ class Distributor:
                 self._ends[s] = header.count
                 self.result.end_markers += 1
             return
+        if header.kind is Kind.FIN:
+            self.result.fin = True
+            return
         pos = header.position
-        if route(pos, self.nodes) != self.node_index:
+        # With acks the aggregator is the routing authority: it re-routes a lost node's positions.
+        if not self.acks and route(pos, self.nodes) != self.node_index:
             self.rejects.reject(MalformedMessage(
                 "wrong_node", f"position {pos} belongs to node {route(pos, self.nodes)}"))
             return
@@ -157,6 +200,8 @@ class Distributor:
                     part.buffer, dtype=self.profile.np_dtype).reshape(self.profile.sector_shape)
             self.result.assemble_seconds += time.perf_counter() - t0
             self.pool.submit(slot, pos)
+            if self.acks and not self.pool.workers:  # counting off: assembled is as far as it goes
+                self._made(pos)
 
     def _collect(self) -> None:
         for pos, events in self.pool.collect():
@@ -164,9 +209,59 @@ class Distributor:
             self.result.events += len(events)
             if self.part_writer is not None:
                 self.part_writer.add(pos, events)
+            if self.acks:
+                self._made(pos)
+
+    def _input_done(self) -> bool:
+        return self.result.fin if self.acks else len(self._ends) == self.profile.sectors
 
     def _finished(self) -> bool:
-        return (len(self._ends) == self.profile.sectors and not self._ready and self.pool.idle)
+        return self._input_done() and not self._ready and self.pool.idle
+
+    # -- acknowledging ---------------------------------------------------------------------
+    def _made(self, pos: int) -> None:
+        if not self._undurable:
+            self._undurable_since = time.monotonic()
+        self._undurable.append(pos)
+
+    def _deliver(self, now: float, force: bool = False) -> None:
+        """Commit the segment when due and acknowledge its positions; send a heartbeat when due."""
+        if self._undurable and (force or len(self._undurable) >= self.segment_frames
+                                or now - self._undurable_since >= self.segment_seconds):
+            commit = getattr(self.part_writer, "commit", None)
+            if commit is not None:
+                commit()
+            positions = np.asarray(self._undurable, dtype=np.uint32)
+            self._undurable = []
+            self.result.frames_acked += len(positions)
+            self._acks_out.append(self._control(Control.ACK, positions))
+        while self._acks_out:
+            try:
+                self.ack_out.send_multipart(self._acks_out[0], zmq.NOBLOCK)
+            except zmq.Again:  # no aggregator yet, or its queue is full: keep them, in order
+                break
+            self._acks_out.popleft()
+        if now - self._last_heartbeat >= self.heartbeat_s:
+            self._last_heartbeat = now
+            try:
+                self.ack_out.send_multipart(self._control(Control.HEARTBEAT), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def _control(self, kind: Control, positions=None) -> list:
+        r = self.result
+        return wire.control_message(kind, self.node_index, r.frames_received, r.frames_counted, positions)
+
+    def _read_monitor(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._aggregator_seen = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED and self._aggregator_seen:
+                self._aggregator_gone = True
 
     # -- main loop -------------------------------------------------------------------------
     def run(self, should_stop: Optional[Callable[[], Optional[str]]] = None,
@@ -175,12 +270,14 @@ class Distributor:
         """Receive and count until finished; ``should_stop`` returns a reason to stop, or None."""
         poller = zmq.Poller()
         poller.register(self.pool.results, zmq.POLLIN)
+        if self.monitor is not None:
+            poller.register(self.monitor, zmq.POLLIN)
         reading = False
         last_data = time.monotonic()
         last_tick = 0.0
         reason = ""
         while not self._finished():
-            want = len(self._ready) < 4 and len(self._ends) < self.profile.sectors
+            want = len(self._ready) < 4 and not self._input_done()
             if want and not reading:
                 poller.register(self.inbound, zmq.POLLIN)
             elif reading and not want:
@@ -190,17 +287,22 @@ class Distributor:
             if self.pool.results in ready:
                 self._collect()
             if self.inbound in ready:
-                for _ in range(256):
-                    try:
-                        parts = self.inbound.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._handle(parts)
-                    if len(self._ready) >= 4:
-                        break
+                self._read_inbound()
                 last_data = time.monotonic()
             self._dispatch()
             now = time.monotonic()
+            if self.acks:
+                self._deliver(now)
+                if self.monitor in ready:
+                    self._read_monitor()
+                if self._aggregator_gone:
+                    # A FIN sent just before may still be on its way: take what has arrived.
+                    if self.inbound.poll(200):
+                        self._read_inbound()
+                    if not self.result.fin:
+                        reason = "aggregator hung up before FIN"
+                        log.warning(reason)
+                    break
             if now - last_tick >= progress_interval_s:
                 last_tick = now
                 if on_progress is not None:
@@ -220,14 +322,29 @@ class Distributor:
             self._dispatch()
             if self.pool.results.poll(100):
                 self._collect()
+        if self.acks:
+            self._deliver(time.monotonic(), force=True)
         self.result.finish_reason = reason or "complete"
         return self._finish()
+
+    def _read_inbound(self) -> None:
+        for _ in range(256):
+            try:
+                parts = self.inbound.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._handle(parts)
+            if len(self._ready) >= 4:
+                break
 
     def _finish(self) -> DistributorResult:
         r = self.result
         r.partial = sorted(set(r.partial) | set(self._pending))
-        mine = np.arange(self.node_index, self.positions, self.nodes)
-        r.missing = mine[~self._done[mine]].tolist()
+        if self.acks:  # positions go where the aggregator sends them; it accounts for every one
+            r.missing = []
+        else:
+            mine = np.arange(self.node_index, self.positions, self.nodes)
+            r.missing = mine[~self._done[mine]].tolist()
         r.rejected = self.rejects.as_dict()
         r.counting_seconds = self.pool.counting_seconds
         if self.pool.enabled and r.frames_counted != r.frames_received:
@@ -235,7 +352,17 @@ class Distributor:
         return r
 
     def close(self) -> None:
+        """Stop the workers, close the sockets (acks linger briefly) and end an owned context."""
+        if self._closed:
+            return
+        self._closed = True
         self.pool.close()
         self.result.worker_peak_rss_mib = self.pool.worker_peak_rss_mib
         self.result.peak_rss_mib = peak_rss_mib()
         self.inbound.close()
+        if self.ack_out is not None:
+            self.ack_out.disable_monitor()
+            self.monitor.close(0)
+            self.ack_out.close()
+        if self._own_ctx:
+            self.ctx.term()

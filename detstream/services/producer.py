@@ -1,7 +1,9 @@
 """Producer: one per sector. Sends each sector block as ``[header, payload]`` to the aggregator.
 
 The payload goes zero-copy (pyzmq ``copy=False``); a PUSH socket with a send high-water mark
-blocks when the aggregator falls behind, which is the backpressure that bounds memory.
+holds the producer back when the aggregator falls behind, which is the backpressure that
+bounds memory. A held-back send waits in slices of ``stop_check_s`` (SNDTIMEO), checking
+``should_stop`` between them, and gives up after ``send_timeout_s``: no send blocks forever.
 At end of scan it sends an END marker carrying how many blocks it sent.
 """
 
@@ -37,25 +39,45 @@ class ProducerStats:
         }
 
 
+def _send(sock: zmq.Socket, parts, should_stop: Optional[Callable[[], bool]],
+          send_timeout_s: Optional[float]) -> bool:
+    """Send, waiting out backpressure one SNDTIMEO slice at a time; False if told to stop."""
+    blocked_since = None
+    while True:
+        try:
+            sock.send_multipart(parts, copy=False)
+            return True
+        except zmq.Again:
+            now = time.monotonic()
+            blocked_since = blocked_since or now
+            if should_stop is not None and should_stop():
+                return False
+            if send_timeout_s is not None and now - blocked_since > send_timeout_s:
+                raise TimeoutError(f"the aggregator took nothing for {send_timeout_s:g} s") from None
+
+
 def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                  ctx: Optional[zmq.Context] = None, tee=None,
                  on_progress: Optional[Callable[[int], None]] = None,
                  should_stop: Optional[Callable[[], bool]] = None,
-                 linger_s: float = 600.0, stop_check_s: float = 0.5) -> ProducerStats:
+                 linger_s: float = 60.0, stop_check_s: float = 0.5,
+                 send_timeout_s: Optional[float] = None) -> ProducerStats:
     """Stream ``source``'s sector ``sector`` to the aggregator at ``endpoint``.
 
     ``tee``, if given, receives ``write(meta, block)`` for every block (the file path's writer).
-    ``should_stop`` is checked between blocks, at most every ``stop_check_s``; when it returns
-    True the END marker still goes out.
+    ``should_stop`` is checked between blocks, at most every ``stop_check_s``, and while a send
+    is held back; when it returns True between blocks the END marker still goes out.
     """
     own_ctx = ctx is None
     ctx = ctx or zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
+    sock.setsockopt(zmq.SNDTIMEO, max(1, int(stop_check_s * 1000)))
     sock.connect(endpoint)
     stats = ProducerStats(sector=sector)
     next_check = 0.0
+    stopped = False
     try:
         for seq, (meta, block) in enumerate(source.iter_sector(sector)):
             if should_stop is not None and time.monotonic() >= next_check:
@@ -67,21 +89,31 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                                       meta.scan_height, meta.x, meta.y, seq)
             if stats.first_send is None:
                 stats.first_send = time.time()
-            sock.send_multipart([header, block], copy=False)
+            if not _send(sock, [header, block], should_stop, send_timeout_s):
+                log.warning("stop requested after %d blocks of sector %d (held back)", seq, sector)
+                stopped = True
+                break
             if tee is not None:
                 tee.write(meta, block)
             stats.frames_sent += 1
             stats.bytes_sent += block.nbytes if hasattr(block, "nbytes") else len(block)
             if on_progress is not None and stats.frames_sent % 256 == 0:
                 on_progress(stats.frames_sent)
-        sock.send_multipart([wire.end_header(sector, source.scan_number, source.scan_width,
-                                             source.scan_height, stats.frames_sent), b""])
+        if not stopped:
+            end = wire.end_header(sector, source.scan_number, source.scan_width, source.scan_height,
+                                  stats.frames_sent)
+            stopped = not _send(sock, [end, b""], should_stop, send_timeout_s)
         stats.last_send = time.time()
+    except BaseException:
+        stopped = True
+        raise
     finally:
+        if stopped:
+            sock.setsockopt(zmq.LINGER, 0)  # nobody is reading: do not wait for them
         sock.close()
         if own_ctx:
-            # Blocks until queued blocks are delivered (LINGER): zero-copy payloads point into
-            # the source's memory, which must outlive them.
+            # Waits until queued blocks are delivered (LINGER, bounded): zero-copy payloads point
+            # into the source's memory, which must outlive them.
             ctx.term()
     if on_progress is not None:
         on_progress(stats.frames_sent)

@@ -22,6 +22,7 @@ from ..states import TERMINAL_STATES
 from .aggregator import Aggregator
 from .distributor import Distributor
 from .producer import run_producer
+from .segments import SegmentedPart
 
 log = logging.getLogger("detstream.serve")
 
@@ -53,31 +54,46 @@ def service_info(endpoint: Optional[str], **extra) -> dict:
 
 def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: str = "127.0.0.1",
                       advertise_host: Optional[str] = None) -> dict:
-    """Run this node's distributor for session ``sid`` until its share of the scan is done."""
+    """Run this node's distributor for session ``sid`` until its share of the scan is done.
+
+    With acks its part is written as segments (parts/node-<i>/seg-*.h5) acknowledged once in
+    place, and at the end indexed as parts/node-<i>.h5; without, as parts/node-<i>.h5 directly.
+    """
     from ..output.parts import PartWriter
 
     spec = SessionSpec.model_validate(coord.get_spec(sid))
     if not 0 <= node_index < spec.nodes:
         raise ValueError(f"node index {node_index} outside 0..{spec.nodes - 1} for session {sid}")
     name = f"node-{node_index}"
+    parts_dir = spec.paths.parts
     part_path = spec.paths.part(name)
     part_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = PartWriter(part_path, spec.profile.frame_shape) if spec.counting.enabled else None
+    writer = None
+    if spec.counting.enabled:
+        writer = (SegmentedPart(parts_dir, name, spec.profile.frame_shape) if spec.acks
+                  else PartWriter(part_path, spec.profile.frame_shape))
+    # A partial frame the aggregator may still complete must not be evicted: room for its window.
+    max_partial = max(256, spec.delivery_window) if spec.acks else 256
     dist = Distributor(spec.profile, spec.scan_width, spec.scan_height, node_index, spec.nodes,
                        spec.counting, workers=spec.workers_per_node, part_writer=writer,
-                       bind=f"tcp://{bind_host}:*", hwm=spec.send_hwm,
-                       stall_timeout_s=spec.stall_timeout_s)
-    endpoint = dist.endpoint
-    if advertise_host:
-        endpoint = endpoint.replace(bind_host, advertise_host, 1)
+                       bind=f"tcp://{bind_host}:*", hwm=spec.send_hwm, max_partial_frames=max_partial,
+                       stall_timeout_s=spec.stall_timeout_s, acks=spec.acks,
+                       segment_frames=spec.segment_frames, segment_seconds=spec.segment_seconds)
+    info = service_info(_advertise(dist.endpoint, bind_host, advertise_host), node_index=node_index)
+    if dist.ack_endpoint:
+        info["ack_endpoint"] = _advertise(dist.ack_endpoint, bind_host, advertise_host)
     try:
         with coord.lease(SERVICE_LEASE_TTL_S) as lease:
-            coord.register_service(sid, "distributor", name, service_info(endpoint, node_index=node_index), lease)
+            coord.register_service(sid, "distributor", name, info, lease)
             result = dist.run(
                 should_stop=stop_requested(coord, sid),
                 on_progress=lambda r: coord.set_received(sid, spec.scan_number, name, r.frames_received))
             dist.close()
-            if writer is not None:
+            if isinstance(writer, SegmentedPart):
+                writer.write_index(extra={"node_index": node_index, "finish_reason": result.finish_reason})
+                result.part_path = str(part_path)
+                result.segments = [str(p) for p in writer.segments]
+            elif writer is not None:
                 writer.close(extra={"node_index": node_index})
                 result.part_path = str(part_path)
             report = result.as_dict()
@@ -88,6 +104,19 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
             return report
     finally:
         dist.close()
+        if writer is not None:
+            writer.abort()  # the open segment (or part) only; nothing after a clean close
+
+
+def _advertise(endpoint: str, bind_host: str, advertise_host: Optional[str]) -> str:
+    return endpoint.replace(bind_host, advertise_host, 1) if advertise_host else endpoint
+
+
+def _registered_nodes(coord: Coordinator, sid: str):
+    """The node indices whose leased distributor key is still there (node_check for the aggregator)."""
+    def check() -> set:
+        return {int(info["node_index"]) for info in coord.services(sid, "distributor").values()}
+    return check
 
 
 def serve_aggregator(coord: Coordinator, sid: str, bind_host: str = "127.0.0.1",
@@ -96,16 +125,18 @@ def serve_aggregator(coord: Coordinator, sid: str, bind_host: str = "127.0.0.1",
     spec = SessionSpec.model_validate(coord.get_spec(sid))
     nodes = coord.wait_for_services(sid, "distributor", spec.nodes, spec.register_timeout_s)
     ordered = sorted(nodes.values(), key=lambda info: info["node_index"])
+    acks = [info["ack_endpoint"] for info in ordered] if spec.acks else None
     agg = Aggregator(spec.profile, spec.scan_width, spec.scan_height,
                      [info["endpoint"] for info in ordered], bind=f"tcp://{bind_host}:*",
-                     hwm=spec.send_hwm)
-    endpoint = agg.endpoint
-    if advertise_host:
-        endpoint = endpoint.replace(bind_host, advertise_host, 1)
+                     hwm=spec.send_hwm, ack_endpoints=acks, window_frames=spec.delivery_window,
+                     node_timeout_s=spec.node_timeout_s)
+    info = service_info(_advertise(agg.endpoint, bind_host, advertise_host),
+                        sector_endpoints=[_advertise(e, bind_host, advertise_host) for e in agg.sector_endpoints])
     try:
         with coord.lease(SERVICE_LEASE_TTL_S) as lease:
-            coord.register_service(sid, "aggregator", "0", service_info(endpoint), lease)
-            stats = agg.run(should_stop=stop_requested(coord, sid), stall_timeout_s=spec.stall_timeout_s)
+            coord.register_service(sid, "aggregator", "0", info, lease)
+            stats = agg.run(should_stop=stop_requested(coord, sid), stall_timeout_s=spec.stall_timeout_s,
+                            node_check=_registered_nodes(coord, sid))
             report = stats.as_dict()
             write_report(report_path(spec, "aggregator", "0"), report)
             return report
@@ -119,8 +150,10 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
     if not 0 <= sector < spec.profile.sectors:
         raise ValueError(f"sector {sector} outside 0..{spec.profile.sectors - 1}")
     source = source_for_spec(spec)
-    agg = coord.wait_for_services(sid, "aggregator", 1, spec.register_timeout_s)
-    endpoint = next(iter(agg.values()))["endpoint"]
+    agg = next(iter(coord.wait_for_services(sid, "aggregator", 1, spec.register_timeout_s).values()))
+    # Its own socket at the aggregator, so that the aggregator can hold back the sectors ahead.
+    sector_endpoints = agg.get("sector_endpoints")
+    endpoint = sector_endpoints[sector] if sector_endpoints else agg["endpoint"]
     name = f"sector-{sector}"
     with coord.lease(SERVICE_LEASE_TTL_S) as lease:
         coord.register_service(sid, "producer", name, service_info(None, sector=sector, target=endpoint), lease)
@@ -131,7 +164,8 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
         coord.wait_barrier(sid, "producers", spec.profile.sectors, spec.register_timeout_s)
         log.info("sector %d: streaming %d frames to %s", sector, source.frames, endpoint)
         stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm,
-                             should_stop=lambda: stop_requested(coord, sid)() is not None)
+                             should_stop=lambda: stop_requested(coord, sid)() is not None,
+                             send_timeout_s=spec.stall_timeout_s)
         report = stats.as_dict()
         write_report(report_path(spec, "producer", name), report)
         return report

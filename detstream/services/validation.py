@@ -31,9 +31,9 @@ class MessageValidator:
                 f"header scan {header.scan_width}x{header.scan_height}, session scan "
                 f"{self.scan_width}x{self.scan_height}")
         size = len(parts[1].buffer) if hasattr(parts[1], "buffer") else len(parts[1])
-        if header.kind is Kind.END:
+        if header.kind is not Kind.DATA:
             if size:
-                raise MalformedMessage("payload_size", f"end-of-scan marker with a {size}-byte payload")
+                raise MalformedMessage("payload_size", f"{header.kind.name} marker with a {size}-byte payload")
             return header
         if header.x >= self.scan_width or header.y >= self.scan_height:
             raise MalformedMessage(
