@@ -203,7 +203,8 @@ class Session:
             failed = [p for p in self.local if p.poll() not in (None, 0)]
             if failed:
                 names = ", ".join(f"{p.name} (exit {p.poll()}): {p.log_tail(3)}" for p in failed)
-                raise SessionError(f"service failed: {names}", fallback_reason=f"service failed: {names}")
+                raise SessionError(f"service failed: {names}{self._disk_note()}",
+                                   fallback_reason=f"service failed: {names}")
             if not local_done and self.local and all(p.poll() == 0 for p in self.local):
                 local_done = True
                 if on_local_done is not None:
@@ -232,7 +233,15 @@ class Session:
             time.sleep(poll_s)  # a last report may be landing as the job ends
             if not self._nodes_reported(expected):
                 raise SessionError(f"compute job {job.job_id} ended ({job.state.value}) "
-                                   f"before every node reported{self._node_errors()}")
+                                   f"before every node reported{self._node_errors()}{self._disk_note()}")
+
+    def _disk_note(self) -> str:
+        """A service that cannot write (not even its log) often means the session's disk is full: say so."""
+        try:
+            free = shutil.disk_usage(self.paths.root).free
+        except OSError:
+            return ""
+        return f"; the disk holding {self.paths.root} is full ({free} bytes free)" if free < (1 << 20) else ""
 
     def _node_errors(self) -> str:
         """The last error line of each node's log in the session folder, if any (e.g. a full disk)."""
