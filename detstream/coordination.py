@@ -342,6 +342,17 @@ class Coordinator:
         kvs, _ = self.etcd.range(prefix, prefix=True)
         return {kv.key[len(prefix) :]: int(kv.value) for kv in kvs}
 
+    # ----------------------------------------------------------------- completion
+    def put_node_done(self, sid: str, node: str, record: Mapping[str, Any]) -> None:
+        """A node's end of the scan: counts, missing, part path (completion comes back here)."""
+        self.etcd.put(self.session_key(sid, "nodes", key_segment(node, "node"), "done"), to_json(record))
+
+    def nodes_done(self, sid: str) -> dict[str, dict]:
+        """{node: its done record} for every node that has finished its share."""
+        prefix = self.session_key(sid, "nodes") + "/"
+        kvs, _ = self.etcd.range(prefix, prefix=True)
+        return {kv.key[len(prefix):].split("/", 1)[0]: kv.json() for kv in kvs if kv.key.endswith("/done")}
+
     # ----------------------------------------------------------------- cleanup and inspection
     def cleanup_session(self, sid: str) -> list[str]:
         """Drop a session's ephemeral keys and any detector lock it holds; return the keys deleted.

@@ -273,8 +273,7 @@ def serve_file_counter(coord, sid: str, node_index: int,
     """Run node ``node_index``'s count stage for session ``sid``, as serve_distributor runs a
     streaming node: spec from etcd, registered (leased) as role ``file-counter``, received
     counts kept up to date, report written as ``services/distributor-node-<i>.json``."""
-    from .serve import (SERVICE_LEASE_TTL_S, service_info, report_path, stop_requested,
-                        write_report)
+    from .serve import SERVICE_LEASE_TTL_S, finish_node, service_info, stop_requested
 
     spec = SessionSpec.model_validate(coord.get_spec(sid))
     if not 0 <= node_index < spec.nodes:
@@ -292,6 +291,6 @@ def serve_file_counter(coord, sid: str, node_index: int,
                                                      r.frames_received))
         coord.set_received(sid, spec.scan_number, name, result.frames_received)
         report = result.as_dict()
-        # Named as a distributor's report so results.collect() reads both workflows alike.
-        write_report(report_path(spec, "distributor", name), report)
+        # Reported as a distributor's, so the session and results.collect() read both workflows alike.
+        finish_node(coord, spec, name, report)
         return report

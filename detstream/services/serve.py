@@ -98,7 +98,7 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
                 result.part_path = str(part_path)
             report = result.as_dict()
             coord.set_received(sid, spec.scan_number, name, result.frames_received)
-            write_report(report_path(spec, "distributor", name), report)
+            finish_node(coord, spec, name, report)
             log.info("node %d done (%s): %d/%d frames, %d events", node_index, result.finish_reason,
                      result.frames_received, result.frames_expected, result.events)
             return report
@@ -106,6 +106,16 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
         dist.close()
         if writer is not None:
             writer.abort()  # the open segment (or part) only; nothing after a clean close
+
+
+def finish_node(coord: Coordinator, spec: SessionSpec, name: str, report: dict) -> None:
+    """A node's end: its full report in the session folder, its done record in etcd (what the
+    session waits on)."""
+    write_report(report_path(spec, "distributor", name), report)
+    coord.put_node_done(spec.session_id, name, {
+        k: report.get(k) for k in ("node_index", "frames_received", "frames_counted", "events", "finish_reason",
+                                   "part_path")} | {"missing": len(report.get("missing") or []),
+                                                    "partial": len(report.get("partial") or [])})
 
 
 def _advertise(endpoint: str, bind_host: str, advertise_host: Optional[str]) -> str:

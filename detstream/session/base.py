@@ -20,6 +20,7 @@ from ..backends.base import ComputeBackend, JobState, NodeLaunch, Reservation, R
 from ..config import SessionSpec
 from ..coordination import Coordinator, DetectorBusy, KeepAliveLease
 from ..processes import ManagedProcess, detstream_argv
+from ..services.serve import SERVICE_LEASE_TTL_S
 from ..progress import report as report_progress
 from ..states import TERMINAL_STATES, SessionState
 from .spec import validate_spec, with_simulator_dark
@@ -68,6 +69,7 @@ class Session:
 
     workflow: ClassVar[str]
     node_service: ClassVar[str]  # the `detstream` command each reserved node runs
+    node_role: ClassVar[str]  # the role its service registers under in etcd
     job_poll_s = 2.0  # how often the node wait asks the backend about the job
 
     def __init__(self, spec: SessionSpec, coordinator: Coordinator, backend: ComputeBackend,
@@ -182,9 +184,9 @@ class Session:
                      cancelled: Optional[Callable[[], bool]] = None, poll_s: float = 0.5,
                      finish_timeout_s: float = 120.0,
                      on_local_done: Optional[Callable[[], None]] = None) -> ScanProgress:
-        """Wait until every node has reported; raise on cancellation, a failed service, the job
-        ending early, or a stall. ``on_local_done`` runs once when every local service has exited 0."""
-        expected = {self.paths.report("distributor", f"node-{i}").name for i in range(self.spec.nodes)}
+        """Wait until the scan is finished (see :meth:`scan_finished`); raise on cancellation, a failed
+        service, the job ending with nodes unaccounted for, or a stall. ``on_local_done`` runs once
+        when every local service has exited 0."""
         last_count, last_change = -1, time.monotonic()
         local_done = False
         last_job_poll = 0.0
@@ -198,7 +200,7 @@ class Session:
             if self.lock_lost is not None:
                 raise SessionError(f"detector {self.spec.detector} was taken by session {self.lock_lost} "
                                    "while etcd had lost this session's lease")
-            if self._nodes_reported(expected):
+            if self.scan_finished():
                 return self.progress()
             failed = [p for p in self.local if p.poll() not in (None, 0)]
             if failed:
@@ -211,7 +213,7 @@ class Session:
                     on_local_done()
             if self.reservation is not None and time.monotonic() - last_job_poll >= self.job_poll_s:
                 last_job_poll = time.monotonic()
-                self._check_job(expected, poll_s)
+                self._check_job(poll_s)
             if prog.frames_received != last_count:
                 last_count, last_change = prog.frames_received, time.monotonic()
             elif time.monotonic() - last_change > self.spec.stall_timeout_s + finish_timeout_s:
@@ -219,19 +221,32 @@ class Session:
                                    fallback_reason="stalled")
             time.sleep(poll_s)
 
-    def _nodes_reported(self, expected: set[str]) -> bool:
-        return expected <= {p.name for p in self.paths.reports("distributor")}
+    def scan_finished(self) -> bool:
+        """Every node has published its done record in etcd, or is gone (its lease expired) while
+        every local service has finished: a lost node's share was re-routed, or is missing."""
+        nodes = {f"node-{i}" for i in range(self.spec.nodes)}
+        open_nodes = nodes - set(self.coord.nodes_done(self.sid))
+        if not open_nodes:
+            return True
+        if not self.local or any(p.poll() != 0 for p in self.local):
+            return False
+        return not open_nodes & set(self.coord.services(self.sid, self.node_role))
 
-    def _check_job(self, expected: set[str], poll_s: float) -> None:
-        """Fail if the compute job has ended while some node has not reported."""
+    def _check_job(self, poll_s: float) -> None:
+        """Fail if the compute job has ended with nodes unaccounted for and nothing local to wait on."""
         try:
             job = self.backend.poll(self.reservation)
         except ReservationError as err:  # state unknown for now (e.g. API hiccup), not failed
             log.warning("could not poll job %s: %s", self.reservation.job_id, err)
             return
         if job.state.finished:
-            time.sleep(poll_s)  # a last report may be landing as the job ends
-            if not self._nodes_reported(expected):
+            if any(p.poll() is None for p in self.local):
+                return  # the aggregator may still be re-routing a lost node's share
+            # A last done record may be landing, and a killed node's lease takes its TTL to expire.
+            deadline = time.monotonic() + SERVICE_LEASE_TTL_S + 2 * poll_s
+            while not self.scan_finished() and time.monotonic() < deadline:
+                time.sleep(poll_s)
+            if not self.scan_finished():
                 raise SessionError(f"compute job {job.job_id} ended ({job.state.value}) "
                                    f"before every node reported{self._node_errors()}{self._disk_note()}")
 
@@ -255,10 +270,6 @@ class Session:
             if errors:
                 found.append(f"{log_path.stem}: {errors[-1]}")
         return "; " + "; ".join(found) if found else ""
-
-    def node_reports(self) -> list[dict]:
-        return [json.loads(self.paths.report("distributor", f"node-{i}").read_text())
-                for i in range(self.spec.nodes)]
 
     # -- helpers for the workflows' own steps ------------------------------------------------
     def _record_job(self) -> None:

@@ -23,6 +23,7 @@ class FileTransferSession(Session):
 
     workflow = "file-transfer"
     node_service = "count-files"
+    node_role = "file-counter"
 
     def __init__(self, *args, transfer: Optional[Transfer] = None, remove_source: bool = True, **kw):
         super().__init__(*args, **kw)

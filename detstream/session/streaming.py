@@ -14,6 +14,7 @@ class StreamingSession(Session):
 
     workflow = "streaming"
     node_service = "distributor"
+    node_role = "distributor"
 
     def start_services(self) -> dict:
         """Wait for every node's distributor, then start the aggregator and the producers."""

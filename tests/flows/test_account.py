@@ -176,3 +176,46 @@ def test_a_full_disk_while_a_part_is_written_names_the_part(tmp_path, etcd_serve
         with pytest.raises((SessionError, SessionIncomplete),
                            match=rf"No space left on device|disk holding {small_disk}.* is full"):
             streaming_session(**params)
+
+
+@pytest.mark.parametrize("nodes, victim", [(2, "node-1"), (4, "node-2")])
+def test_a_node_killed_mid_scan_is_survived_with_every_frame(tmp_path, etcd_server, nodes, victim):
+    from detstream.flows import streaming_session
+
+    params = _params(tmp_path, etcd_server, detector="4dcamera", scan_width=48, scan_height=48, nodes=nodes)
+    coord = Coordinator(etcd_server.endpoint, prefix=params["etcd_prefix"])
+    sid = params["session_id"]
+
+    def kill_a_node():
+        os.kill(coord.services(sid, "distributor")[victim]["pid"], signal.SIGKILL)
+
+    with _When(lambda p: p.frames_received >= 256, kill_a_node) as fault:
+        summary = streaming_session(**params)
+    assert fault.done
+    assert summary["state"] == "completed" and summary["frames_missing"] == 0
+    _assert_account(tmp_path / "runs" / sid / "summary.json", summary["outputs"]["hdf5"], 48 * 48)
+    assert coord.get_state(sid) == "completed"
+    _session_keys_released(coord, sid)
+
+
+def test_an_aggregator_killed_mid_scan_salvages_what_was_counted(tmp_path, etcd_server):
+    from detstream.flows import streaming_session
+    from detstream.session import SessionError
+
+    params = _params(tmp_path, etcd_server, detector="4dcamera", scan_width=48, scan_height=48)
+    coord = Coordinator(etcd_server.endpoint, prefix=params["etcd_prefix"])
+    sid = params["session_id"]
+
+    def kill_the_aggregator():
+        os.kill(coord.services(sid, "aggregator")["0"]["pid"], signal.SIGKILL)
+
+    with _When(lambda p: p.frames_received >= 256, kill_the_aggregator):
+        with pytest.raises(SessionError, match="aggregator"):
+            streaming_session(**params)
+    on_disk = json.loads((tmp_path / "runs" / sid / "summary.json").read_text())
+    assert on_disk["state"] in ("incomplete", "failed")
+    assert (on_disk["state"] == "incomplete") == (on_disk["frames_counted"] > 0)
+    if on_disk["frames_counted"]:
+        _assert_account(tmp_path / "runs" / sid / "summary.json", tmp_path / "runs" / sid / "counted.h5", 48 * 48)
+    assert coord.get_state(sid) == on_disk["state"]
+    _session_keys_released(coord, sid)
