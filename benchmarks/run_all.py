@@ -46,6 +46,8 @@ BENCHMARKS: list[Benchmark] = [
               "peak RSS per service, small vs large scan, counting on"),
     Benchmark("compare", "bench_compare", (), ("--scans", "8x8", "--repeat", "1"),
               "streaming vs file transfer, time to counted result (64x64 and 128x128, 3 runs each)"),
+    Benchmark("faults", "bench_faults", (), ("--scan", "24x24", "--after", "64"),
+              "fault table: frames lost, time to detection and to the session's end, per fault"),
 ]
 
 

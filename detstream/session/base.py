@@ -89,7 +89,8 @@ class Session:
         self.timings: dict[str, float] = {}
         self.fallback_reason: Optional[str] = None
         self.opened = False  # past open(): the session folder and etcd keys are this session's
-        self.lock_lost: Optional[str] = None  # who took the detector while etcd had lost our lease
+        self.lock_lost: Optional[str] = None
+        self._seen_nodes: set[str] = set()  # nodes whose service has registered at some point  # who took the detector while etcd had lost our lease
         self.closed = False
         self._t0 = time.time()
 
@@ -222,15 +223,19 @@ class Session:
             time.sleep(poll_s)
 
     def scan_finished(self) -> bool:
-        """Every node has published its done record in etcd, or is gone (its lease expired) while
-        every local service has finished: a lost node's share was re-routed, or is missing."""
+        """Every node has published its done record in etcd, or is gone (it registered, then its
+        lease expired) while every local service has finished: a lost node's share was
+        re-routed, or is missing."""
         nodes = {f"node-{i}" for i in range(self.spec.nodes)}
         open_nodes = nodes - set(self.coord.nodes_done(self.sid))
         if not open_nodes:
             return True
+        alive = set(self.coord.services(self.sid, self.node_role))
+        self._seen_nodes |= alive
         if not self.local or any(p.poll() != 0 for p in self.local):
             return False
-        return not open_nodes & set(self.coord.services(self.sid, self.node_role))
+        # Gone means registered once and its lease now expired: not a node still starting.
+        return open_nodes <= self._seen_nodes - alive
 
     def _check_job(self, poll_s: float) -> None:
         """Fail if the compute job has ended with nodes unaccounted for and nothing local to wait on."""

@@ -1,0 +1,177 @@
+"""The fault table: each fault injected into a real session at a fixed point (after N frames
+received, as etcd reports them), with the frames lost, the time from the fault to its
+detection, and the time from the fault to the session's end.
+
+Run: python benchmarks/bench_faults.py [--scan 48x48] [--after 256] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+
+def _first_end_event(coord, sid: str, since: float):
+    """Time of the first terminal state recorded after ``since`` (the session noticing the fault)."""
+    for e in coord.events(sid):
+        if e["time"] >= since and e["state"] in ("failed", "incomplete", "cancelled", "abandoned"):
+            return e["time"]
+    return None
+
+
+class _Fault:
+    """A progress listener that runs ``action`` once, when the session has received ``after`` frames."""
+
+    def __init__(self, after: int, action):
+        self.after, self.action, self.at = after, action, None
+
+    def __call__(self, p) -> None:
+        if self.at is None and p.frames_received >= self.after:
+            self.at = time.time()
+            self.action()
+
+
+def _run_session(work: Path, etcd, scan: tuple[int, int], nodes: int, after: int, make_action) -> dict:
+    from detstream import progress
+    from detstream.coordination import Coordinator
+    from detstream.flows import streaming_session
+
+    sid = "fault" + uuid.uuid4().hex[:8]
+    prefix = f"/bench{uuid.uuid4().hex[:8]}"
+    coord = Coordinator(etcd.endpoint, prefix=prefix)
+    fault = _Fault(after, make_action(coord, sid))
+    progress.LISTENERS.append(fault)
+    error = None
+    try:
+        streaming_session(detector="4dcamera", scan_width=scan[0], scan_height=scan[1], nodes=nodes,
+                          etcd_url=etcd.endpoint, etcd_prefix=prefix, output_dir=str(work), session_id=sid,
+                          stall_timeout_s=20.0)
+    except Exception as err:  # the faults that end a session raise; the account is still written
+        error = f"{type(err).__name__}: {err}"[:200]
+    finally:
+        progress.LISTENERS.remove(fault)
+    ended = time.time()
+    summary = json.loads((work / sid / "summary.json").read_text())
+    agg_path = work / sid / "services" / "aggregator-0.json"
+    agg = json.loads(agg_path.read_text()) if agg_path.exists() else {}
+    detected = None
+    if agg.get("nodes_lost"):
+        detected = agg["nodes_lost"][0]["detected_at"]
+    elif fault.at is not None:
+        detected = _first_end_event(coord, sid, fault.at)
+    shutil.rmtree(work / sid, ignore_errors=True)
+    return {"state": summary["state"], "frames_lost": summary["frames_missing"],
+            "frames_counted": summary["frames_counted"],
+            "detection_s": None if detected is None or fault.at is None else detected - fault.at,
+            "to_end_s": None if fault.at is None else ended - fault.at, "error": error}
+
+
+def _kill(role: str, name: str, sig=signal.SIGKILL):
+    def make(coord, sid):
+        return lambda: os.kill(coord.services(sid, role)[name]["pid"], sig)
+    return make
+
+
+def _pause(role: str, name: str, seconds: float):
+    def make(coord, sid):
+        def act():
+            pid = coord.services(sid, role)[name]["pid"]
+            os.kill(pid, signal.SIGSTOP)
+            threading.Timer(seconds, os.kill, (pid, signal.SIGCONT)).start()
+        return act
+    return make
+
+
+def _etcd_restart(etcd, seconds: float):
+    def make(coord, sid):
+        def act():
+            etcd.stop()
+            threading.Timer(seconds, etcd.start).start()
+        return act
+    return make
+
+
+def _orchestrator_kill(work: Path, etcd, scan: tuple[int, int], after: int) -> dict:
+    """kill -9 of `detstream run`: time until nothing of it runs, then `detstream salvage`."""
+    import psutil
+
+    from detstream.coordination import Coordinator
+
+    sid = "orch" + uuid.uuid4().hex[:8]
+    coord = Coordinator(etcd.endpoint)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.Popen([sys.executable, "-m", "detstream.flows.cli", "run", "--etcd", etcd.endpoint,
+                             "--session-id", sid, "--output", str(work), "--scan", f"{scan[0]}x{scan[1]}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    while sum(coord.received(sid, 1).values()) < after:
+        if proc.poll() is not None:
+            return {"error": "run ended before the fault"}
+        time.sleep(0.05)
+    fault_at = time.time()
+    proc.kill()
+    proc.wait()
+
+    def leftovers():
+        return [p for p in psutil.process_iter(["cmdline"]) if sid in " ".join(p.info["cmdline"] or [])]
+    while leftovers() and time.time() - fault_at < 60:
+        time.sleep(0.1)
+    gone_at = time.time()
+    subprocess.run([sys.executable, "-m", "detstream", "salvage", str(work / sid), "--etcd", etcd.endpoint],
+                   capture_output=True)
+    summary = json.loads((work / sid / "summary.json").read_text())
+    shutil.rmtree(work / sid, ignore_errors=True)
+    return {"state": summary["state"], "frames_lost": summary["frames_missing"],
+            "frames_counted": summary["frames_counted"], "detection_s": gone_at - fault_at,
+            "to_end_s": time.time() - fault_at, "error": None,
+            "note": "detection = every process of the run gone; end = salvage written"}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scan", default="48x48")
+    ap.add_argument("--after", type=int, default=256, help="Frames received before the fault.")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+    from detstream.etcd_server import EmbeddedEtcd
+
+    scan = tuple(int(v) for v in args.scan.split("x"))
+    work = Path(tempfile.mkdtemp(prefix="detstream-bench-faults-"))
+    rows = {}
+    try:
+        with EmbeddedEtcd(data_dir=work / "etcd") as etcd:
+            faults = {
+                "kill -9 distributor (1 of 2)": (2, _kill("distributor", "node-1")),
+                "kill -9 distributor (1 of 4)": (4, _kill("distributor", "node-2")),
+                "SIGSTOP distributor 3 s, SIGCONT": (2, _pause("distributor", "node-1", 3.0)),
+                "kill -9 producer": (2, _kill("producer", "sector-1")),
+                "kill -9 aggregator": (2, _kill("aggregator", "0")),
+                "etcd restart, 5 s": (2, _etcd_restart(etcd, 5.0)),
+            }
+            for name, (nodes, make) in faults.items():
+                rows[name] = _run_session(work / "runs", etcd, scan, nodes, args.after, make)
+                print(f"{name}: {rows[name]}", flush=True)
+            rows["kill -9 orchestrator (detstream run)"] = _orchestrator_kill(work / "runs", etcd, scan, args.after)
+            print(f"kill -9 orchestrator: {rows['kill -9 orchestrator (detstream run)']}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"benchmark": "faults", "scan": args.scan, "after_frames": args.after, "faults": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
