@@ -303,6 +303,7 @@ class Aggregator:
         return self.stats
 
     def _watch(self, sock, flags: int) -> None:
+        """Poll ``sock`` for ``flags`` (0: not at all), touching the poller only on a change."""
         if self._polled.get(sock, 0) != flags:
             if flags:
                 self._poller.register(sock, flags)
@@ -434,6 +435,7 @@ class Aggregator:
             log.warning("%d positions never received every sector (%s)", len(incomplete), why)
 
     def _drop(self, pos: int, why: str) -> None:
+        """Take a position out of the window unacknowledged, as lost for ``why``."""
         entry = self._window.pop(pos)
         self._removed(entry)
         self._lost_why.setdefault(why, set()).add(pos)
@@ -453,6 +455,7 @@ class Aggregator:
             self._full_backlogs += 1
 
     def _flush(self, node: int) -> None:
+        """Hand a node's backlog to its socket, as far as the socket takes it."""
         backlog, sock = self._backlog[node], self.outbound[node]
         while backlog:
             try:
@@ -464,6 +467,7 @@ class Aggregator:
                 self._full_backlogs -= 1
 
     def _drain_backlogs(self, timeout_s: float) -> None:
+        """At the end without acks: wait (bounded) until every backlog is in the sockets."""
         deadline = time.monotonic() + timeout_s
         while any(self._backlog[n] and self._node[n].alive for n in range(self.nodes)):
             for n in range(self.nodes):
@@ -477,12 +481,14 @@ class Aggregator:
 
     # -- acknowledgements and node loss ----------------------------------------------------
     def _gave_work(self, node: int) -> None:
+        """A whole position is now the node's to acknowledge; its no-progress clock may start."""
         state = self._node[node]
         if state.complete_unacked == 0:
             state.busy_since = time.monotonic()
         state.complete_unacked += 1
 
     def _read_acks(self, node: int) -> None:
+        """Take a node's ACKs and heartbeats; new counts or an ACK are progress."""
         state = self._node[node]
         for _ in range(256):
             try:
@@ -502,6 +508,7 @@ class Aggregator:
                 self._acknowledge(node, msg.positions)
 
     def _acknowledge(self, node: int, positions: np.ndarray) -> None:
+        """Release acknowledged positions from the window (stale or repeated ones are ignored)."""
         window, acked = self._window, self._acked
         for pos in positions.tolist():
             entry = window.pop(pos, None)
@@ -522,6 +529,7 @@ class Aggregator:
                     self._have[k] -= 1
 
     def _read_monitor(self, node: int) -> None:
+        """A dropped connection to a node means the node is lost."""
         while True:
             try:
                 event = recv_monitor_message(self.monitors[node], zmq.NOBLOCK)
@@ -532,6 +540,7 @@ class Aggregator:
                 return
 
     def _check_progress(self, now: float) -> None:
+        """Lose a node that holds whole unacknowledged positions and has shown no progress."""
         for n, state in enumerate(self._node):
             if (state.alive and state.complete_unacked
                     and now - max(state.last_progress, state.busy_since) > self.node_timeout_s):
@@ -539,6 +548,7 @@ class Aggregator:
                               f"{state.complete_unacked} frames unacknowledged")
 
     def _check_registered(self, node_check: Callable[[], Optional[set]]) -> None:
+        """Lose a node whose leased service key has gone."""
         try:
             registered = node_check()
         except Exception as err:  # etcd unreachable for a moment: decide nothing on it

@@ -213,6 +213,7 @@ class Distributor:
                 self._made(pos)
 
     def _input_done(self) -> bool:
+        """Nothing more will come: FIN with acks, every sector's END without."""
         return self.result.fin if self.acks else len(self._ends) == self.profile.sectors
 
     def _finished(self) -> bool:
@@ -220,6 +221,7 @@ class Distributor:
 
     # -- acknowledging ---------------------------------------------------------------------
     def _made(self, pos: int) -> None:
+        """A position counted (or assembled, counting off): acknowledged at the next commit."""
         if not self._undurable:
             self._undurable_since = time.monotonic()
         self._undurable.append(pos)
@@ -249,10 +251,12 @@ class Distributor:
                 pass
 
     def _control(self, kind: Control, positions=None) -> list:
+        """An ACK or HEARTBEAT carrying this node's counts."""
         r = self.result
         return wire.control_message(kind, self.node_index, r.frames_received, r.frames_counted, positions)
 
     def _read_monitor(self) -> None:
+        """Note the aggregator connecting to the ack socket, and hanging up."""
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
@@ -328,6 +332,7 @@ class Distributor:
         return self._finish()
 
     def _read_inbound(self) -> None:
+        """Handle what is queued, up to a batch, stopping once enough frames wait for a slot."""
         for _ in range(256):
             try:
                 parts = self.inbound.recv_multipart(zmq.NOBLOCK, copy=False)

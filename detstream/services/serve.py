@@ -110,6 +110,7 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
 
 
 def _advertise(endpoint: str, bind_host: str, advertise_host: Optional[str]) -> str:
+    """The endpoint as others reach it: the bound host replaced by the advertised one."""
     return endpoint.replace(bind_host, advertise_host, 1) if advertise_host else endpoint
 
 

@@ -365,6 +365,7 @@ def _tree(proc: ManagedProcess) -> list[psutil.Process]:
         return []
 
 
+@pytest.mark.e2e
 def test_every_position_once_with_acks_and_fin(services, wait_until):
     s = services(nodes=2, width=32, height=32).start()
     s.wait_exit(list(s.procs), wait_until)
