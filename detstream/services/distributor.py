@@ -296,7 +296,10 @@ class Distributor:
             self._dispatch()
             now = time.monotonic()
             if self.acks:
-                self._deliver(now)
+                # Past every END with nothing left to count, what is counted need not wait for
+                # the segment to fill: the aggregator's FIN waits on it.
+                drained = len(self._ends) == self.profile.sectors and not self._ready and self.pool.idle
+                self._deliver(now, force=drained)
                 if self.monitor in ready:
                     self._read_monitor()
                 if self._aggregator_gone:
