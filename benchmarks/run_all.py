@@ -48,6 +48,8 @@ BENCHMARKS: list[Benchmark] = [
               "streaming vs file transfer, time to counted result (64x64 and 128x128, 3 runs each)"),
     Benchmark("faults", "bench_faults", (), ("--scan", "24x24", "--after", "64"),
               "fault table: frames lost, time to detection and to the session's end, per fault"),
+    Benchmark("delivery", "bench_delivery", (), ("--scan", "16x16", "--repeats", "1", "--counting", "off"),
+              "acknowledged delivery (acks, window, segments) vs fire-and-forget, CPU s per GB"),
 ]
 
 
@@ -182,7 +184,28 @@ def _fmt_compare(r: dict) -> tuple[str, str]:
     return "streaming vs file: " + ", ".join(heads), md
 
 
+def _fmt_delivery(r: dict) -> tuple[str, str]:
+    head = "; ".join(f"{mode}: acks cost {m['cpu_cost']:+.1%} CPU s/GB" for mode, m in r["modes"].items())
+    rows = ["| counting | acks | CPU s per GB (to exit) | CPU s per GB (streaming) | GB/s | window peak (frames) |",
+            "|---|---|---|---|---|---|"]
+    for mode, m in r["modes"].items():
+        for label in ("off", "on"):
+            v = m[label]
+            rows.append(f"| {mode} | {label} | {v['cpu_s_per_gb']:.2f} | {v['cpu_s_per_gb_streaming']:.2f} "
+                        f"| {v['gb_s']:.2f} | {v['window_peak'] if v['window_peak'] is not None else '-'} |")
+    costs = "\n".join(f"- {mode}: {m['cpu_cost']:+.1%} CPU s/GB (pairs: "
+                       f"{', '.join(f'{c:+.1%}' for c in m['pair_costs'])}); per service off -> on: "
+                       + "; ".join(f"{role} {v['off']:.2f} -> {v['on']:.2f}"
+                                   for role, v in m["per_role_cpu_s_per_gb"].items())
+                       for mode, m in r["modes"].items())
+    md = (f"{r['scan']} scan, {r['nodes']} nodes, acks on/off alternating, median of {r['repeats']}; "
+          f"target at most {r['target_cost']:.0%} more CPU per GB: {'met' if r['meets_target'] else 'not met'}."
+          f"\n\n" + "\n".join(rows) + "\n\n" + costs)
+    return head, md
+
+
 FORMATTERS: dict[str, Callable[[dict], tuple[str, str]]] = {
+    "delivery": _fmt_delivery,
     "counting": _fmt_counting,
     "pipeline": _fmt_pipeline,
     "memory": _fmt_memory,

@@ -54,6 +54,7 @@ class Kind(IntEnum):
 
 
 class Control(IntEnum):
+    """Kinds of node-to-aggregator control message."""
     ACK = 1
     HEARTBEAT = 2
 
@@ -123,6 +124,7 @@ def end_header(sector: int, scan_number: int, scan_width: int, scan_height: int,
 
 
 def fin_header(scan_number: int, scan_width: int, scan_height: int, acked: int) -> bytes:
+    """FIN: every position is acknowledged, the node may exit; ``acked`` is how many it acknowledged."""
     return _HEADER.pack(WIRE_VERSION, Kind.FIN, 0, scan_number, 0, scan_width, scan_height, 0, 0, acked)
 
 

@@ -23,9 +23,11 @@ Sends never block: a node's socket that is full queues the message in that node'
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -54,6 +56,18 @@ def next_alive(position: int, alive: Sequence[bool]) -> Optional[int]:
         if alive[(home + i) % n]:
             return (home + i) % n
     return None
+
+
+@contextmanager
+def fewer_collections(gen0: int = 100_000):
+    """Run the cyclic garbage collector less often: the window keeps thousands of containers
+    alive (no cycles among them), which the default threshold would walk ~500 times a scan."""
+    old = gc.get_threshold()
+    gc.set_threshold(gen0, *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
 
 
 @dataclass
@@ -173,7 +187,11 @@ class Aggregator:
         now = time.monotonic()
         self._node = [_Node(now) for _ in range(self.nodes)]
         self._window: dict[int, _Entry] = {}
-        self._lagging = [0] * self.sectors        # window entries still missing sector s
+        # Entries lacking sector s = len(window) - (have[s] - complete entries removed): O(1).
+        self._have = [0] * self.sectors
+        self._removed_complete = 0
+        self._full_backlogs = 0          # nodes whose backlog has reached the HWM
+        self._alive = [True] * self.nodes
         self._acked = np.zeros(self.positions if self.acks else 0, dtype=bool)
         self._lost_why: dict[str, set] = {}
         # per_sector_node[s][n]: data blocks of sector s sent to node n (the END marker's count).
@@ -196,7 +214,7 @@ class Aggregator:
 
     @property
     def alive(self) -> list[bool]:
-        return [n.alive for n in self._node]
+        return list(self._alive)
 
     # -- main loop -------------------------------------------------------------------------
     def run(self, should_stop: Optional[Callable[[], bool]] = None, poll_ms: int = 100,
@@ -211,6 +229,12 @@ class Aggregator:
         every ``node_check_s``, never per message. The stall clock starts with the first
         message and runs only while the aggregator is willing to read.
         """
+        with fewer_collections():
+            return self._run(should_stop, poll_ms, on_progress, stall_timeout_s, node_check,
+                             node_check_s, fin_wait_s)
+
+    def _run(self, should_stop, poll_ms, on_progress, stall_timeout_s, node_check, node_check_s,
+             fin_wait_s) -> AggregatorStats:
         last_tick = last_check = 0.0
         last_data = time.monotonic()
         inputs_done = stopped = False
@@ -279,6 +303,7 @@ class Aggregator:
         return self.stats
 
     def _watch(self, sock, flags: int) -> None:
+        """Poll ``sock`` for ``flags`` (0: not at all), touching the poller only on a change."""
         if self._polled.get(sock, 0) != flags:
             if flags:
                 self._poller.register(sock, flags)
@@ -295,7 +320,11 @@ class Aggregator:
             return [self.inbound, *self.sector_inbound]
         if len(self._window) >= 2 * self.window_frames:  # lagging sectors that skip positions
             return []
-        return [self.sector_inbound[s] for s in range(self.sectors) if self._lagging[s]]
+        return [self.sector_inbound[k] for k in range(self.sectors) if self._lagging(k)]
+
+    def _lagging(self, sector: int) -> int:
+        """How many window entries still lack a block of ``sector``."""
+        return len(self._window) - self._have[sector] + self._removed_complete
 
     def _read_inbound(self, socks: list, batch: int = 1024) -> bool:
         """Read up to ``batch`` messages, one socket after the other as the producers' pipes are
@@ -318,16 +347,15 @@ class Aggregator:
         return got
 
     def _backlog_full(self) -> bool:
-        hwm = self.hwm
-        return any(len(b) >= hwm for b in self._backlog)
+        return self._full_backlogs > 0
 
     def _may_read(self, sock) -> bool:
-        if self._backlog_full():
+        if self._full_backlogs:
             return False
         if not self.acks or len(self._window) < self.window_frames:
             return True
         sector = self._sector_of.get(sock)
-        return sector is not None and self._lagging[sector] > 0 and len(self._window) < 2 * self.window_frames
+        return sector is not None and self._lagging(sector) > 0 and len(self._window) < 2 * self.window_frames
 
     # -- producers' messages ---------------------------------------------------------------
     def _handle(self, parts) -> None:
@@ -376,21 +404,22 @@ class Aggregator:
             if self._acked[pos]:
                 self.rejects.reject(MalformedMessage("duplicate_sector", f"sector {s} of acknowledged position {pos}"))
                 return None
-            node = next_alive(pos, self.alive)
-            if node is None:
-                self._lost_why.setdefault("no_node", set()).add(pos)
-                return None
+            node = pos % self.nodes
+            if not self._alive[node]:
+                node = next_alive(pos, self._alive)
+                if node is None:
+                    self._lost_why.setdefault("no_node", set()).add(pos)
+                    return None
             entry = self._window[pos] = _Entry(node, self.sectors)
             self.stats.positions_routed[node] += 1
-            for k in range(self.sectors):
-                self._lagging[k] += 1
-            self.stats.window_peak = max(self.stats.window_peak, len(self._window))
+            if len(self._window) > self.stats.window_peak:
+                self.stats.window_peak = len(self._window)
         elif entry.parts[s] is not None:
             self.rejects.reject(MalformedMessage("duplicate_sector", f"sector {s} of position {pos} twice"))
             return None
         entry.parts[s] = parts
         entry.have += 1
-        self._lagging[s] -= 1
+        self._have[s] += 1
         if entry.have == self.sectors:
             self._gave_work(entry.node)
         return entry.node
@@ -406,12 +435,9 @@ class Aggregator:
             log.warning("%d positions never received every sector (%s)", len(incomplete), why)
 
     def _drop(self, pos: int, why: str) -> None:
+        """Take a position out of the window unacknowledged, as lost for ``why``."""
         entry = self._window.pop(pos)
-        for k in range(self.sectors):
-            if entry.parts[k] is None:
-                self._lagging[k] -= 1
-        if entry.have == self.sectors:
-            self._node[entry.node].complete_unacked -= 1
+        self._removed(entry)
         self._lost_why.setdefault(why, set()).add(pos)
 
     # -- sending ---------------------------------------------------------------------------
@@ -425,8 +451,11 @@ class Aggregator:
             except zmq.Again:
                 pass
         backlog.append(parts)
+        if len(backlog) == self.hwm:
+            self._full_backlogs += 1
 
     def _flush(self, node: int) -> None:
+        """Hand a node's backlog to its socket, as far as the socket takes it."""
         backlog, sock = self._backlog[node], self.outbound[node]
         while backlog:
             try:
@@ -434,8 +463,11 @@ class Aggregator:
             except zmq.Again:
                 return
             backlog.popleft()
+            if len(backlog) == self.hwm - 1:
+                self._full_backlogs -= 1
 
     def _drain_backlogs(self, timeout_s: float) -> None:
+        """At the end without acks: wait (bounded) until every backlog is in the sockets."""
         deadline = time.monotonic() + timeout_s
         while any(self._backlog[n] and self._node[n].alive for n in range(self.nodes)):
             for n in range(self.nodes):
@@ -449,12 +481,14 @@ class Aggregator:
 
     # -- acknowledgements and node loss ----------------------------------------------------
     def _gave_work(self, node: int) -> None:
+        """A whole position is now the node's to acknowledge; its no-progress clock may start."""
         state = self._node[node]
         if state.complete_unacked == 0:
             state.busy_since = time.monotonic()
         state.complete_unacked += 1
 
     def _read_acks(self, node: int) -> None:
+        """Take a node's ACKs and heartbeats; new counts or an ACK are progress."""
         state = self._node[node]
         for _ in range(256):
             try:
@@ -474,6 +508,7 @@ class Aggregator:
                 self._acknowledge(node, msg.positions)
 
     def _acknowledge(self, node: int, positions: np.ndarray) -> None:
+        """Release acknowledged positions from the window (stale or repeated ones are ignored)."""
         window, acked = self._window, self._acked
         for pos in positions.tolist():
             entry = window.pop(pos, None)
@@ -481,14 +516,20 @@ class Aggregator:
                 continue
             acked[pos] = True
             self.stats.positions_acked[node] += 1
-            if entry.have == self.sectors:
-                self._node[entry.node].complete_unacked -= 1
-            else:  # a node cannot count what it has not all of; keep the books straight anyway
-                for k in range(self.sectors):
-                    if entry.parts[k] is None:
-                        self._lagging[k] -= 1
+            self._removed(entry)
+
+    def _removed(self, entry: _Entry) -> None:
+        """Keep the counts straight for an entry taken out of the window."""
+        if entry.have == self.sectors:
+            self._node[entry.node].complete_unacked -= 1
+            self._removed_complete += 1
+        else:
+            for k, part in enumerate(entry.parts):
+                if part is not None:
+                    self._have[k] -= 1
 
     def _read_monitor(self, node: int) -> None:
+        """A dropped connection to a node means the node is lost."""
         while True:
             try:
                 event = recv_monitor_message(self.monitors[node], zmq.NOBLOCK)
@@ -499,6 +540,7 @@ class Aggregator:
                 return
 
     def _check_progress(self, now: float) -> None:
+        """Lose a node that holds whole unacknowledged positions and has shown no progress."""
         for n, state in enumerate(self._node):
             if (state.alive and state.complete_unacked
                     and now - max(state.last_progress, state.busy_since) > self.node_timeout_s):
@@ -506,6 +548,7 @@ class Aggregator:
                               f"{state.complete_unacked} frames unacknowledged")
 
     def _check_registered(self, node_check: Callable[[], Optional[set]]) -> None:
+        """Lose a node whose leased service key has gone."""
         try:
             registered = node_check()
         except Exception as err:  # etcd unreachable for a moment: decide nothing on it
@@ -520,13 +563,15 @@ class Aggregator:
     def _lose(self, node: int, why: str) -> None:
         """Fence a lost node (close its sockets) and send its unacknowledged frames elsewhere."""
         state = self._node[node]
-        state.alive = False
+        state.alive = self._alive[node] = False
         for sock in (self.outbound[node], self.ack_in[node], self.monitors[node]):
             self._watch(sock, 0)
         self.outbound[node].disable_monitor()
         self.monitors[node].close(0)
         self.outbound[node].close(0)
         self.ack_in[node].close(0)
+        if len(self._backlog[node]) >= self.hwm:
+            self._full_backlogs -= 1
         self._backlog[node].clear()
         mine = [p for p, e in self._window.items() if e.node == node]
         self.stats.nodes_lost.append({"node": node, "reason": why, "detected_at": time.time(),
@@ -536,7 +581,7 @@ class Aggregator:
             entry = self._window[pos]
             if entry.have == self.sectors:
                 state.complete_unacked -= 1
-            target = next_alive(pos, self.alive)
+            target = next_alive(pos, self._alive)
             if target is None:
                 self._drop(pos, "no_node")
                 continue

@@ -213,6 +213,7 @@ class Distributor:
                 self._made(pos)
 
     def _input_done(self) -> bool:
+        """Nothing more will come: FIN with acks, every sector's END without."""
         return self.result.fin if self.acks else len(self._ends) == self.profile.sectors
 
     def _finished(self) -> bool:
@@ -220,6 +221,7 @@ class Distributor:
 
     # -- acknowledging ---------------------------------------------------------------------
     def _made(self, pos: int) -> None:
+        """A position counted (or assembled, counting off): acknowledged at the next commit."""
         if not self._undurable:
             self._undurable_since = time.monotonic()
         self._undurable.append(pos)
@@ -249,10 +251,12 @@ class Distributor:
                 pass
 
     def _control(self, kind: Control, positions=None) -> list:
+        """An ACK or HEARTBEAT carrying this node's counts."""
         r = self.result
         return wire.control_message(kind, self.node_index, r.frames_received, r.frames_counted, positions)
 
     def _read_monitor(self) -> None:
+        """Note the aggregator connecting to the ack socket, and hanging up."""
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
@@ -292,7 +296,10 @@ class Distributor:
             self._dispatch()
             now = time.monotonic()
             if self.acks:
-                self._deliver(now)
+                # Past every END with nothing left to count, what is counted need not wait for
+                # the segment to fill: the aggregator's FIN waits on it.
+                drained = len(self._ends) == self.profile.sectors and not self._ready and self.pool.idle
+                self._deliver(now, force=drained)
                 if self.monitor in ready:
                     self._read_monitor()
                 if self._aggregator_gone:
@@ -328,6 +335,7 @@ class Distributor:
         return self._finish()
 
     def _read_inbound(self) -> None:
+        """Handle what is queued, up to a batch, stopping once enough frames wait for a slot."""
         for _ in range(256):
             try:
                 parts = self.inbound.recv_multipart(zmq.NOBLOCK, copy=False)

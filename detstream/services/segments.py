@@ -37,6 +37,7 @@ class SegmentedPart:
         self._writer: Optional[PartWriter] = None
 
     def add(self, position: int, events: np.ndarray) -> None:
+        """Add a counted frame to the open segment (opened on the first frame)."""
         if self._writer is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self.directory / f"seg-{len(self.segments):06d}.h5"

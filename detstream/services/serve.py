@@ -119,6 +119,7 @@ def finish_node(coord: Coordinator, spec: SessionSpec, name: str, report: dict) 
 
 
 def _advertise(endpoint: str, bind_host: str, advertise_host: Optional[str]) -> str:
+    """The endpoint as others reach it: the bound host replaced by the advertised one."""
     return endpoint.replace(bind_host, advertise_host, 1) if advertise_host else endpoint
 
 

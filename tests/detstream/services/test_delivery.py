@@ -133,7 +133,7 @@ def fake_cluster():
     stop = threading.Event()
     made = {}
 
-    def make(nodes=2, w=4, h=2, window=8, node_timeout_s=30.0):
+    def make(nodes=2, w=4, h=2, window=8, node_timeout_s=30.0, node_check=None):
         fakes = [FakeNode(ctx, i) for i in range(nodes)]
         agg = Aggregator(PROFILE, w, h, [f.endpoints()[0] for f in fakes], ctx=ctx,
                          ack_endpoints=[f.endpoints()[1] for f in fakes], window_frames=window,
@@ -145,8 +145,8 @@ def fake_cluster():
             s.connect(ep)
             senders.append(s)
         stats = {}
-        t = threading.Thread(target=lambda: stats.update(agg.run(should_stop=stop.is_set, fin_wait_s=0.2).as_dict()),
-                             daemon=True)
+        t = threading.Thread(target=lambda: stats.update(agg.run(
+            should_stop=stop.is_set, fin_wait_s=0.2, node_check=node_check, node_check_s=0.1).as_dict()), daemon=True)
         made.update(agg=agg, fakes=fakes, senders=senders, thread=t, stats=stats, w=w, h=h)
         t.start()
         return made
@@ -221,6 +221,30 @@ def test_a_lost_node_s_positions_go_to_the_next_node_partial_ones_included(fake_
     assert [(n["node"], n["reason"]) for n in st["nodes_lost"]] == [(1, "disconnected")]
     assert st["rerouted_positions"] == [1, 3] and st["lost_positions"] == []
     assert st["positions_acked_per_node"] == [8, 0] and st["fin_sent_to"] == [0]
+
+
+@pytest.mark.parametrize("how", ["key", "silence"])
+def test_a_node_is_lost_when_its_key_goes_or_it_makes_no_progress(fake_cluster, wait_until, how):
+    """Two more ways to learn of a lost node: its leased etcd key vanishes (node_check), or it
+    holds whole positions without acknowledging anything for node_timeout_s."""
+    registered = {0, 1}
+    c = fake_cluster(nodes=2, w=2, h=1, window=64, node_timeout_s=1.0 if how == "silence" else 30.0,
+                     node_check=lambda: set(registered))
+    n0, n1 = c["fakes"]
+    _send(c, 0, range(4))
+    _send(c, 1, range(4))
+    wait_until(n1.has(4), what="node 1 to get position 1")
+    n0.ack([0])
+    if how == "key":
+        registered.discard(1)
+    wait_until(n0.has(8), what="position 1 re-routed to node 0")
+    n0.ack([1])
+    _end(c)
+    wait_until(lambda: c["stats"], what="the aggregator to finish")
+    lost = c["stats"]["nodes_lost"]
+    assert [n["node"] for n in lost] == [1] and c["stats"]["lost_positions"] == []
+    assert lost[0]["reason"] == ("service key gone" if how == "key" else
+                                 "no progress for 1 s with 1 frames unacknowledged")
 
 
 def test_with_every_node_lost_the_unacknowledged_positions_are_listed(fake_cluster, wait_until):
@@ -365,6 +389,7 @@ def _tree(proc: ManagedProcess) -> list[psutil.Process]:
         return []
 
 
+@pytest.mark.e2e
 def test_every_position_once_with_acks_and_fin(services, wait_until):
     s = services(nodes=2, width=32, height=32).start()
     s.wait_exit(list(s.procs), wait_until)
