@@ -206,7 +206,8 @@ class Session:
             failed = [p for p in self.local if p.poll() not in (None, 0)]
             if failed:
                 names = ", ".join(f"{p.name} (exit {p.poll()}): {p.log_tail(3)}" for p in failed)
-                raise SessionError(f"service failed: {names}{self._disk_note()}",
+                silent = any(not p.log_tail(3).strip() for p in failed)
+                raise SessionError(f"service failed: {names}{self._disk_note(always=silent)}",
                                    fallback_reason=f"service failed: {names}")
             if not local_done and self.local and all(p.poll() == 0 for p in self.local):
                 local_done = True
@@ -255,13 +256,16 @@ class Session:
                 raise SessionError(f"compute job {job.job_id} ended ({job.state.value}) "
                                    f"before every node reported{self._node_errors()}{self._disk_note()}")
 
-    def _disk_note(self) -> str:
-        """A service that cannot write (not even its log) often means the session's disk is full: say so."""
+    def _disk_note(self, always: bool = False) -> str:
+        """A service that could not write, not even its log, often met a full disk: say how full
+        the session's disk is (always, when ``always``; else only when it is nearly full)."""
         try:
             free = shutil.disk_usage(self.paths.root).free
         except OSError:
             return ""
-        return f"; the disk holding {self.paths.root} is full ({free} bytes free)" if free < (1 << 20) else ""
+        if free < (1 << 20):
+            return f"; the disk holding {self.paths.root} is full ({free} bytes free)"
+        return f"; the disk holding {self.paths.root} has {free / 2**20:.1f} MiB free" if always else ""
 
     def _node_errors(self) -> str:
         """The last error line of each node's log in the session folder, if any (e.g. a full disk)."""

@@ -174,7 +174,7 @@ def test_a_full_disk_while_a_part_is_written_names_the_part(tmp_path, etcd_serve
     params = _params(tmp_path, etcd_server, detector="4dcamera", output_dir=str(small_disk / "runs"))
     with _When(lambda p: p.frames_received >= 64, lambda: _fill(small_disk, 0)):
         with pytest.raises((SessionError, SessionIncomplete),
-                           match=rf"No space left on device|disk holding {small_disk}.* is full"):
+                           match=rf"No space left on device|disk holding {small_disk}"):
             streaming_session(**params)
 
 
