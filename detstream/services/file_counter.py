@@ -273,7 +273,7 @@ def serve_file_counter(coord, sid: str, node_index: int,
     """Run node ``node_index``'s count stage for session ``sid``, as serve_distributor runs a
     streaming node: spec from etcd, registered (leased) as role ``file-counter``, received
     counts kept up to date, report written as ``services/distributor-node-<i>.json``."""
-    from .serve import SERVICE_LEASE_TTL_S, finish_node, service_info, stop_requested
+    from .serve import SERVICE_LEASE_TTL_S, EtcdLink, finish_node, service_info
 
     spec = SessionSpec.model_validate(coord.get_spec(sid))
     if not 0 <= node_index < spec.nodes:
@@ -284,13 +284,13 @@ def serve_file_counter(coord, sid: str, node_index: int,
     with coord.lease(SERVICE_LEASE_TTL_S) as lease:
         coord.register_service(sid, ROLE, name,
                                service_info(None, node_index=node_index, data_dir=str(data_dir)), lease)
-        result = count_files(
-            spec, data_dir, node_index, spec.nodes, part_path,
-            should_stop=stop_requested(coord, sid),
-            on_progress=lambda r: coord.set_received(sid, spec.scan_number, name,
-                                                     r.frames_received))
-        coord.set_received(sid, spec.scan_number, name, result.frames_received)
+        link = EtcdLink(coord, sid, spec.scan_number, name)
+        try:
+            result = count_files(spec, data_dir, node_index, spec.nodes, part_path,
+                                 should_stop=link.should_stop, on_progress=lambda r: link.progress(r.frames_received))
+        finally:
+            link.close()
         report = result.as_dict()
         # Reported as a distributor's, so the session and results.collect() read both workflows alike.
-        finish_node(coord, spec, name, report)
+        finish_node(coord, spec, name, report, result.frames_received)
         return report

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +19,7 @@ from ..memory import peak_rss_mib
 from ..config import SessionSpec
 from ..sources import source_for_spec
 from ..coordination import Coordinator
+from ..etcd import CoordinationError
 from ..states import TERMINAL_STATES
 from .aggregator import Aggregator
 from .distributor import Distributor
@@ -46,6 +48,57 @@ def stop_requested(coord: Coordinator, sid: str):
         state = coord.get_state(sid)
         return f"session {state}" if state in TERMINAL_STATES else None
     return check
+
+
+class EtcdLink:
+    """A service's etcd traffic off its data loop: a thread publishes the latest frame count and
+    reads the session's state, so an etcd outage never stalls the data, and an etcd gone for
+    good only means no progress is shown (the scan still finishes and is written)."""
+
+    def __init__(self, coord: Coordinator, sid: str, scan: int, name: Optional[str], interval_s: float = 0.5,
+                 watch_nodes: bool = False):
+        self.coord, self.sid, self.scan, self.name, self.interval_s = coord, sid, scan, name, interval_s
+        self.watch_nodes = watch_nodes
+        self.nodes: Optional[set] = None  # node indices still registered, as last read (None: unknown)
+        self.received: Optional[int] = None
+        self.stop_reason: Optional[str] = None
+        self._published: Optional[int] = None
+        self._failing = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="etcd-link", daemon=True)
+        self._thread.start()
+
+    def should_stop(self) -> Optional[str]:
+        return self.stop_reason
+
+    def registered_nodes(self) -> Optional[set]:
+        return self.nodes
+
+    def progress(self, n: int) -> None:
+        self.received = n
+
+    def _loop(self) -> None:
+        check = stop_requested(self.coord, self.sid)
+        while not self._done.wait(self.interval_s):
+            try:
+                if self.name is not None and self.received is not None and self.received != self._published:
+                    self.coord.set_received(self.sid, self.scan, self.name, self.received)
+                    self._published = self.received
+                self.stop_reason = check() or self.stop_reason
+                if self.watch_nodes:
+                    self.nodes = {int(info["node_index"])
+                                  for info in self.coord.services(self.sid, "distributor").values()}
+                if self._failing:
+                    log.warning("etcd reachable again; progress published again")
+                self._failing = False
+            except CoordinationError as err:
+                if not self._failing:
+                    log.warning("etcd unreachable (%s); the data plane goes on without it", err)
+                self._failing = True
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
 
 
 def service_info(endpoint: Optional[str], **extra) -> dict:
@@ -85,9 +138,10 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
     try:
         with coord.lease(SERVICE_LEASE_TTL_S) as lease:
             coord.register_service(sid, "distributor", name, info, lease)
+            link = EtcdLink(coord, sid, spec.scan_number, name)
             result = dist.run(
-                should_stop=stop_requested(coord, sid),
-                on_progress=lambda r: coord.set_received(sid, spec.scan_number, name, r.frames_received))
+                should_stop=link.should_stop, on_progress=lambda r: link.progress(r.frames_received))
+            link.close()
             dist.close()
             if isinstance(writer, SegmentedPart):
                 writer.write_index(extra={"node_index": node_index, "finish_reason": result.finish_reason})
@@ -97,8 +151,7 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
                 writer.close(extra={"node_index": node_index})
                 result.part_path = str(part_path)
             report = result.as_dict()
-            coord.set_received(sid, spec.scan_number, name, result.frames_received)
-            finish_node(coord, spec, name, report)
+            finish_node(coord, spec, name, report, result.frames_received)
             log.info("node %d done (%s): %d/%d frames, %d events", node_index, result.finish_reason,
                      result.frames_received, result.frames_expected, result.events)
             return report
@@ -108,26 +161,25 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
             writer.abort()  # the open segment (or part) only; nothing after a clean close
 
 
-def finish_node(coord: Coordinator, spec: SessionSpec, name: str, report: dict) -> None:
-    """A node's end: its full report in the session folder, its done record in etcd (what the
-    session waits on)."""
+def finish_node(coord: Coordinator, spec: SessionSpec, name: str, report: dict, received: int) -> None:
+    """A node's end: its full report in the session folder, its count and done record in etcd
+    (what the session waits on). Without etcd the report file still tells salvage what was done."""
     write_report(report_path(spec, "distributor", name), report)
-    coord.put_node_done(spec.session_id, name, {
-        k: report.get(k) for k in ("node_index", "frames_received", "frames_counted", "events", "finish_reason",
-                                   "part_path")} | {"missing": len(report.get("missing") or []),
-                                                    "partial": len(report.get("partial") or [])})
+    try:
+        coord.set_received(spec.session_id, spec.scan_number, name, received)
+        coord.put_node_done(spec.session_id, name, {
+            k: report.get(k) for k in ("node_index", "frames_received", "frames_counted", "events",
+                                       "finish_reason", "part_path")}
+            | {"missing": len(report.get("missing") or []), "partial": len(report.get("partial") or [])})
+    except CoordinationError as err:
+        log.error("node %s: done record not written to etcd (%s); its report is %s", name, err,
+                  report_path(spec, "distributor", name))
 
 
 def _advertise(endpoint: str, bind_host: str, advertise_host: Optional[str]) -> str:
     """The endpoint as others reach it: the bound host replaced by the advertised one."""
     return endpoint.replace(bind_host, advertise_host, 1) if advertise_host else endpoint
 
-
-def _registered_nodes(coord: Coordinator, sid: str):
-    """The node indices whose leased distributor key is still there (node_check for the aggregator)."""
-    def check() -> set:
-        return {int(info["node_index"]) for info in coord.services(sid, "distributor").values()}
-    return check
 
 
 def serve_aggregator(coord: Coordinator, sid: str, bind_host: str = "127.0.0.1",
@@ -146,8 +198,12 @@ def serve_aggregator(coord: Coordinator, sid: str, bind_host: str = "127.0.0.1",
     try:
         with coord.lease(SERVICE_LEASE_TTL_S) as lease:
             coord.register_service(sid, "aggregator", "0", info, lease)
-            stats = agg.run(should_stop=stop_requested(coord, sid), stall_timeout_s=spec.stall_timeout_s,
-                            node_check=_registered_nodes(coord, sid))
+            link = EtcdLink(coord, sid, spec.scan_number, None, watch_nodes=True)
+            try:
+                stats = agg.run(should_stop=link.should_stop, stall_timeout_s=spec.stall_timeout_s,
+                                node_check=link.registered_nodes)
+            finally:
+                link.close()
             report = stats.as_dict()
             write_report(report_path(spec, "aggregator", "0"), report)
             return report

@@ -219,3 +219,33 @@ def test_an_aggregator_killed_mid_scan_salvages_what_was_counted(tmp_path, etcd_
         _assert_account(tmp_path / "runs" / sid / "summary.json", tmp_path / "runs" / sid / "counted.h5", 48 * 48)
     assert coord.get_state(sid) == on_disk["state"]
     _session_keys_released(coord, sid)
+
+
+@pytest.fixture
+def own_etcd(tmp_path):
+    """An etcd this test may stop and restart (its data kept in tmp_path); stopped at the end."""
+    from detstream.etcd_server import EmbeddedEtcd
+
+    with EmbeddedEtcd(data_dir=tmp_path / "etcd") as etcd:
+        yield etcd
+
+
+def test_an_etcd_restart_mid_scan_still_completes(tmp_path, own_etcd):
+    import threading
+
+    from detstream.flows import streaming_session
+
+    params = _params(tmp_path, own_etcd, detector="4dcamera", scan_width=48, scan_height=48)
+    restarted = threading.Event()
+
+    def restart_in_5_s():  # the fault itself lasts 5 s: etcd is down that long
+        own_etcd.stop()
+        threading.Timer(5.0, lambda: (own_etcd.start(), restarted.set())).start()
+
+    with _When(lambda p: p.frames_received >= 256, restart_in_5_s) as fault:
+        summary = streaming_session(**params)
+    assert fault.done and restarted.is_set()
+    assert summary["state"] == "completed" and summary["frames_missing"] == 0
+    coord = Coordinator(own_etcd.endpoint, prefix=params["etcd_prefix"])
+    assert coord.get_state(params["session_id"]) == "completed"
+    _session_keys_released(coord, params["session_id"])
