@@ -30,6 +30,8 @@ def salvage(session: Session, state: SessionState, reason: str) -> dict | None:
         return None
     logger = get_run_logger()
     extra = {"backend": session.backend.name}
+    if session.etcd_unrecorded:
+        extra["etcd_unrecorded"] = f"the end state is not in etcd: {session.etcd_unrecorded}"
     try:
         summary = results.collect(session.spec, session.workflow, session.timings, overwrite=True,
                                   extra=extra, state=state, reason=reason)
@@ -78,6 +80,9 @@ def run_session(session_cls: type[Session], params: dict, spec, etcd, steps: Cal
                                    fallback_reason="no frames arrived")
             state = SessionState(summary["state"])
             release_nodes(session, state, result=summary)
+            if session.etcd_unrecorded:
+                summary["etcd_unrecorded"] = f"the end state is not in etcd: {session.etcd_unrecorded}"
+                results.write_account(spec, summary)
             if state is SessionState.INCOMPLETE:
                 message = (f"session {spec.session_id} incomplete: {summary['frames_missing']} of "
                            f"{summary['frames_expected']} frames missing, listed in {summary['outputs']['summary']}")

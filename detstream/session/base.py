@@ -19,6 +19,7 @@ from ..atomic import write_atomically
 from ..backends.base import ComputeBackend, JobState, NodeLaunch, Reservation, ReservationError
 from ..config import SessionSpec
 from ..coordination import Coordinator, DetectorBusy, KeepAliveLease
+from ..etcd import CoordinationError
 from ..processes import ManagedProcess, detstream_argv
 from ..services.serve import SERVICE_LEASE_TTL_S
 from ..progress import report as report_progress
@@ -90,7 +91,8 @@ class Session:
         self.fallback_reason: Optional[str] = None
         self.opened = False  # past open(): the session folder and etcd keys are this session's
         self.lock_lost: Optional[str] = None
-        self._seen_nodes: set[str] = set()  # nodes whose service has registered at some point  # who took the detector while etcd had lost our lease
+        self._seen_nodes: set[str] = set()
+        self.etcd_unrecorded: Optional[str] = None  # why the end state could not be written to etcd  # nodes whose service has registered at some point  # who took the detector while etcd had lost our lease
         self.closed = False
         self._t0 = time.time()
 
@@ -327,29 +329,41 @@ class Session:
             time.sleep(0.2)
 
     def close(self, state: SessionState, reason: Optional[str] = None, result: Optional[dict] = None) -> None:
-        """Stop everything this session holds, record the final state; safe to call twice."""
+        """Stop everything this session holds, record the final state; safe to call twice.
+
+        Processes and the reservation are released even when etcd cannot be reached; what could
+        not be recorded there is kept in ``etcd_unrecorded`` (the summary says so).
+        """
         if self.closed:
             return
         self.closed = True
-        try:
-            if state != SessionState.COMPLETED:
-                # Tell the services to stop, and give the nodes a moment to make their parts
-                # durable and report, before their job is cancelled.
-                self.coord.set_state(self.sid, state, reason)
+        if state != SessionState.COMPLETED:
+            # Tell the services to stop, and give the nodes a moment to make their parts
+            # durable and report, before their job is cancelled.
+            if self._in_etcd(self.coord.set_state, self.sid, state, reason):
                 self._let_nodes_finish(self.drain_s)
-            for p in self.local:
-                p.stop()
-            if self.reservation is not None:
-                self.reservation = self.backend.release(self.reservation)
-                self._record_job()
-            if result is not None:
-                self.coord.put_result(self.sid, result)
-            self.coord.cleanup_session(self.sid)
-            if state == SessionState.COMPLETED:
-                self.coord.set_state(self.sid, state, reason)
-        finally:
-            try:
-                self.coord.unlock_detector(self.spec.detector, self.sid)
-            finally:
-                if self.lock_lease is not None:
-                    self.lock_lease.revoke()
+        for p in self.local:
+            p.stop()
+        if self.reservation is not None:
+            self.reservation = self.backend.release(self.reservation)
+            self._in_etcd(self._record_job)
+        if result is not None:
+            self._in_etcd(self.coord.put_result, self.sid, result)
+        self._in_etcd(self.coord.cleanup_session, self.sid)
+        if state == SessionState.COMPLETED:
+            self._in_etcd(self.coord.set_state, self.sid, state, reason)
+        self._in_etcd(self.coord.unlock_detector, self.spec.detector, self.sid)
+        if self.lock_lease is not None:
+            self._in_etcd(self.lock_lease.revoke)
+
+    def _in_etcd(self, call, *args) -> bool:
+        """Run one etcd step of the release; if etcd is gone, note it and go on releasing."""
+        try:
+            call(*args)
+            return True
+        except CoordinationError as err:
+            if self.etcd_unrecorded is None:
+                log.error("session %s: etcd unreachable while releasing (%s); the state is in summary.json",
+                          self.sid, err)
+                self.etcd_unrecorded = str(err)
+            return False
