@@ -190,7 +190,10 @@ class Aggregator:
         # Entries lacking sector s = len(window) - (have[s] - complete entries removed): O(1).
         self._have = [0] * self.sectors
         self._removed_complete = 0
-        self._full_backlogs = 0          # nodes whose backlog has reached the HWM
+        # A node whose backlog reached the HWM holds all reads back until it is down to half:
+        # resuming at once would cost a loop turn per message while the node is the bottleneck.
+        self._held = [False] * self.nodes
+        self._full_backlogs = 0
         self._alive = [True] * self.nodes
         self._acked = np.zeros(self.positions if self.acks else 0, dtype=bool)
         self._lost_why: dict[str, set] = {}
@@ -451,7 +454,8 @@ class Aggregator:
             except zmq.Again:
                 pass
         backlog.append(parts)
-        if len(backlog) == self.hwm:
+        if len(backlog) >= self.hwm and not self._held[node]:
+            self._held[node] = True
             self._full_backlogs += 1
 
     def _flush(self, node: int) -> None:
@@ -463,7 +467,8 @@ class Aggregator:
             except zmq.Again:
                 return
             backlog.popleft()
-            if len(backlog) == self.hwm - 1:
+            if self._held[node] and len(backlog) <= self.hwm // 2:
+                self._held[node] = False
                 self._full_backlogs -= 1
 
     def _drain_backlogs(self, timeout_s: float) -> None:
@@ -570,7 +575,8 @@ class Aggregator:
         self.monitors[node].close(0)
         self.outbound[node].close(0)
         self.ack_in[node].close(0)
-        if len(self._backlog[node]) >= self.hwm:
+        if self._held[node]:
+            self._held[node] = False
             self._full_backlogs -= 1
         self._backlog[node].clear()
         mine = [p for p, e in self._window.items() if e.node == node]
