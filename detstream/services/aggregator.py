@@ -18,7 +18,8 @@ With acknowledgements on (``ack_endpoints``), delivery is at-least-once:
   each surviving node; positions no node acknowledged are reported as lost.
 
 Sends never block: a node's socket that is full queues the message in that node's backlog
-(references again), flushed when the socket can take more.
+(references again), flushed when the socket can take more; a backlog at the HWM stops all
+reads until it is down to half, the backpressure a blocking send used to give.
 """
 
 from __future__ import annotations
@@ -315,15 +316,8 @@ class Aggregator:
             self._polled[sock] = flags
 
     def _readable(self) -> list:
-        """The inbound sockets to read now: none while a node's backlog is full (backpressure);
-        with acks and the window full, only the sectors some window entry still lacks."""
-        if self._backlog_full():
-            return []
-        if not self.acks or len(self._window) < self.window_frames:
-            return [self.inbound, *self.sector_inbound]
-        if len(self._window) >= 2 * self.window_frames:  # lagging sectors that skip positions
-            return []
-        return [self.sector_inbound[k] for k in range(self.sectors) if self._lagging(k)]
+        """The inbound sockets to read now (see _may_read)."""
+        return [s for s in (self.inbound, *self.sector_inbound) if self._may_read(s)]
 
     def _lagging(self, sector: int) -> int:
         """How many window entries still lack a block of ``sector``."""
@@ -349,10 +343,9 @@ class Aggregator:
                 self._handle(parts)
         return got
 
-    def _backlog_full(self) -> bool:
-        return self._full_backlogs > 0
-
     def _may_read(self, sock) -> bool:
+        """No reads while a node's backlog holds them back (backpressure); with acks and the
+        window full, only from a sector some window entry still lacks (up to twice the window)."""
         if self._full_backlogs:
             return False
         if not self.acks or len(self._window) < self.window_frames:
