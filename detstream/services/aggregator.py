@@ -18,7 +18,8 @@ With acknowledgements on (``ack_endpoints``), delivery is at-least-once:
   each surviving node; positions no node acknowledged are reported as lost.
 
 Sends never block: a node's socket that is full queues the message in that node's backlog
-(references again), flushed when the socket can take more.
+(references again), flushed when the socket can take more; a backlog at the HWM stops all
+reads until it is down to half, the backpressure a blocking send used to give.
 """
 
 from __future__ import annotations
@@ -190,7 +191,10 @@ class Aggregator:
         # Entries lacking sector s = len(window) - (have[s] - complete entries removed): O(1).
         self._have = [0] * self.sectors
         self._removed_complete = 0
-        self._full_backlogs = 0          # nodes whose backlog has reached the HWM
+        # A node whose backlog reached the HWM holds all reads back until it is down to half:
+        # resuming at once would cost a loop turn per message while the node is the bottleneck.
+        self._held = [False] * self.nodes
+        self._full_backlogs = 0
         self._alive = [True] * self.nodes
         self._acked = np.zeros(self.positions if self.acks else 0, dtype=bool)
         self._lost_why: dict[str, set] = {}
@@ -312,15 +316,8 @@ class Aggregator:
             self._polled[sock] = flags
 
     def _readable(self) -> list:
-        """The inbound sockets to read now: none while a node's backlog is full (backpressure);
-        with acks and the window full, only the sectors some window entry still lacks."""
-        if self._backlog_full():
-            return []
-        if not self.acks or len(self._window) < self.window_frames:
-            return [self.inbound, *self.sector_inbound]
-        if len(self._window) >= 2 * self.window_frames:  # lagging sectors that skip positions
-            return []
-        return [self.sector_inbound[k] for k in range(self.sectors) if self._lagging(k)]
+        """The inbound sockets to read now (see _may_read)."""
+        return [s for s in (self.inbound, *self.sector_inbound) if self._may_read(s)]
 
     def _lagging(self, sector: int) -> int:
         """How many window entries still lack a block of ``sector``."""
@@ -346,10 +343,9 @@ class Aggregator:
                 self._handle(parts)
         return got
 
-    def _backlog_full(self) -> bool:
-        return self._full_backlogs > 0
-
     def _may_read(self, sock) -> bool:
+        """No reads while a node's backlog holds them back (backpressure); with acks and the
+        window full, only from a sector some window entry still lacks (up to twice the window)."""
         if self._full_backlogs:
             return False
         if not self.acks or len(self._window) < self.window_frames:
@@ -451,7 +447,8 @@ class Aggregator:
             except zmq.Again:
                 pass
         backlog.append(parts)
-        if len(backlog) == self.hwm:
+        if len(backlog) >= self.hwm and not self._held[node]:
+            self._held[node] = True
             self._full_backlogs += 1
 
     def _flush(self, node: int) -> None:
@@ -463,7 +460,8 @@ class Aggregator:
             except zmq.Again:
                 return
             backlog.popleft()
-            if len(backlog) == self.hwm - 1:
+            if self._held[node] and len(backlog) <= self.hwm // 2:
+                self._held[node] = False
                 self._full_backlogs -= 1
 
     def _drain_backlogs(self, timeout_s: float) -> None:
@@ -570,7 +568,8 @@ class Aggregator:
         self.monitors[node].close(0)
         self.outbound[node].close(0)
         self.ack_in[node].close(0)
-        if len(self._backlog[node]) >= self.hwm:
+        if self._held[node]:
+            self._held[node] = False
             self._full_backlogs -= 1
         self._backlog[node].clear()
         mine = [p for p, e in self._window.items() if e.node == node]
