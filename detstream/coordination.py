@@ -342,6 +342,14 @@ class Coordinator:
         kvs, _ = self.etcd.range(prefix, prefix=True)
         return {kv.key[len(prefix) :]: int(kv.value) for kv in kvs}
 
+    # ----------------------------------------------------------------- orchestrator liveness
+    def put_alive(self, sid: str, lease: LeaseLike) -> None:
+        """sessions/<sid>/alive, on the orchestrator's lease: it vanishes when the orchestrator dies."""
+        self.etcd.put(self.session_key(sid, "alive"), "1", lease)
+
+    def orchestrator_alive(self, sid: str) -> bool:
+        return self.etcd.get(self.session_key(sid, "alive")) is not None
+
     # ----------------------------------------------------------------- completion
     def put_node_done(self, sid: str, node: str, record: Mapping[str, Any]) -> None:
         """A node's end of the scan: counts, missing, part path (completion comes back here)."""

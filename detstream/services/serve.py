@@ -44,9 +44,19 @@ def write_report(path: Path, report: dict) -> None:
 
 
 def stop_requested(coord: Coordinator, sid: str):
+    """A check that says why to stop: the session ended, or its orchestrator is gone (the alive
+    key it leased, once seen, has vanished)."""
+    seen_alive = []
+
     def check() -> Optional[str]:
         state = coord.get_state(sid)
-        return f"session {state}" if state in TERMINAL_STATES else None
+        if state in TERMINAL_STATES:
+            return f"session {state}"
+        if coord.orchestrator_alive(sid):
+            seen_alive[:] = [True]
+        elif seen_alive:
+            return "orchestrator gone (its alive key expired)"
+        return None
     return check
 
 
@@ -62,6 +72,7 @@ class EtcdLink:
         self.nodes: Optional[set] = None  # node indices still registered, as last read (None: unknown)
         self.received: Optional[int] = None
         self.stop_reason: Optional[str] = None
+        self.rounds = 0  # completed exchanges with etcd
         self._published: Optional[int] = None
         self._failing = False
         self._done = threading.Event()
@@ -88,6 +99,7 @@ class EtcdLink:
                 if self.watch_nodes:
                     self.nodes = {int(info["node_index"])
                                   for info in self.coord.services(self.sid, "distributor").values()}
+                self.rounds += 1
                 if self._failing:
                     log.warning("etcd reachable again; progress published again")
                 self._failing = False

@@ -122,6 +122,7 @@ class Session:
         self.coord.put_spec(self.sid, json.loads(self.spec.model_dump_json()))
         self.coord.set_state(self.sid, SessionState.REQUESTED)
         self.coord.set_expected(self.sid, self.spec.scan_number, self.spec.frames_expected)
+        self.coord.put_alive(self.sid, self.lock_lease)
         self.opened = True
 
     def _on_lock_regrant(self, lease, lost: dict) -> None:
