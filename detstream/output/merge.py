@@ -161,6 +161,8 @@ def merge_parts(
                     positions, flat, offs = _select_frames(positions, flat, offs,
                                                            mask[start : start + stored])
                 start += stored
+                if not len(positions):  # every frame of the block was a later copy
+                    continue
                 if flat.size and int(flat.max()) >= n_pixels:
                     raise ValueError(
                         f"{part.path}: event index {int(flat.max())} outside a frame of "
