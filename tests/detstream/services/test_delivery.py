@@ -410,7 +410,7 @@ def test_a_node_killed_mid_scan_loses_nothing(services, wait_until, nodes):
     """kill -9 of one node once it has assembled 200 frames and committed a segment: what it
     acknowledged is read from its segments, its unacknowledged frames and its later positions
     go to the others; every position is in the merge exactly once."""
-    s = services(nodes=nodes, width=64, height=48).start()
+    s = services(nodes=nodes, width=128, height=96).start()  # long enough that the kill lands mid-scan
     victim = s.procs["distributor-node-1"]
     segments = s.spec.session_dir / "parts" / "node-1"
     wait_until(lambda: s.received(1) >= 200 and any(segments.glob("seg-*.h5")), timeout_s=60,
@@ -464,7 +464,16 @@ def test_a_counting_worker_paused_at_the_end_of_the_scan_still_counts_everything
     s.start()
     share = s.share(0)
     wait_until(lambda: s.received(0) >= share // 4, timeout_s=60, what="node 0 a quarter through")
-    worker = [p for p in _tree(s.procs["distributor-node-0"])[1:] if "spawn_main" in " ".join(p.cmdline())]
+    def workers():
+        found = []
+        for p in _tree(s.procs["distributor-node-0"])[1:]:
+            try:
+                if "spawn_main" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.NoSuchProcess:  # a helper process that came and went while we looked
+                pass
+        return found
+    worker = wait_until(lambda: workers() or None, timeout_s=10, what="node 0's counting worker to be listed")
     assert len(worker) == 1
     worker[0].send_signal(signal.SIGSTOP)
     try:
