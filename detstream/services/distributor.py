@@ -277,7 +277,7 @@ class Distributor:
         if self.monitor is not None:
             poller.register(self.monitor, zmq.POLLIN)
         reading = False
-        last_data = time.monotonic()
+        last_data = last_turn = time.monotonic()
         last_tick = 0.0
         reason = ""
         while not self._finished():
@@ -288,13 +288,17 @@ class Distributor:
                 poller.unregister(self.inbound)
             reading = want
             ready = dict(poller.poll(100))
+            if time.monotonic() - last_turn > 5.0:
+                # This process was stopped (SIGSTOP, a paused VM): its own pause is no stall;
+                # let what happened meanwhile (an aggregator that hung up) arrive first.
+                last_data = time.monotonic()
             if self.pool.results in ready:
                 self._collect()
             if self.inbound in ready:
                 self._read_inbound()
                 last_data = time.monotonic()
             self._dispatch()
-            now = time.monotonic()
+            now = last_turn = time.monotonic()
             if self.acks:
                 # Past every END with nothing left to count, what is counted need not wait for
                 # the segment to fill: the aggregator's FIN waits on it.
