@@ -282,6 +282,7 @@ class Services:
         self.env = {**os.environ, "TMPDIR": str(root / "tmp")}
         (root / "tmp").mkdir()
         self.procs: dict[str, ManagedProcess] = {}
+        self.tracked: list[psutil.Process] = []  # every process of the session, once started
         self.node_wiped = False  # a whole node killed takes its /tmp leftovers with it (the fixture's rmtree)
         coord.put_spec(self.sid, self.spec)
         coord.set_state(self.sid, "streaming")
@@ -300,8 +301,8 @@ class Services:
         self.coord.wait_for_services(self.sid, "aggregator", 1, 60)
         for s in range(PROFILE.sectors):
             self._start("producer", str(s), "--sector", str(s))
-        # Every process of the session, counting workers included, to check all are gone at the end
-        # (a killed distributor's workers are no longer anyone's children here).
+        # Counting workers included, to check all are gone at the end (a killed distributor's
+        # workers are no longer anyone's children here).
         self.tracked = [q for p in self.procs.values() for q in _tree(p)]
         return self
 
