@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
-import math
 from pathlib import Path
 
 from prefect import task
@@ -50,48 +48,28 @@ def publish_summary(summary: dict) -> None:
     create_markdown_artifact(markdown="\n".join(lines), key=f"report-{sid}".lower(),
                              description="Outputs of the session")
     if out.get("image"):
-        publish_image(sid, Path(out["image"]))
+        publish_images(sid, out)
 
 
-# The image artifact's longer side: small scans are enlarged to at least this (a 16x16 scan is 16
-# pixels wide), large ones thinned to at most the maximum (the PNG travels inside the artifact).
-_PREVIEW_MIN_PX, _PREVIEW_MAX_PX = 384, 1024
+def png_markdown(alt: str, path: Path) -> str:
+    """A PNG embedded in markdown as a data URI: the Prefect server does not serve the session's
+    files, and its image artifact takes only a URL (a data URI there shows as link text)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
 
 
-def image_preview_png(path: Path) -> bytes:
-    """The PNG at ``path`` at a size the UI shows well: whole pixels repeated (no smoothing) or
-    every n-th kept, as PNG bytes."""
-    import matplotlib.image as mpimg
-    import numpy as np
-
-    img = mpimg.imread(path)  # greyscale float in [0, 1], (rows, cols)
-    if img.ndim == 3:
-        img = img[..., 0]
-    side = max(img.shape)
-    if side > _PREVIEW_MAX_PX:
-        step = math.ceil(side / _PREVIEW_MAX_PX)
-        big = img[::step, ::step]
-    else:
-        k = max(1, math.ceil(_PREVIEW_MIN_PX / side))
-        big = np.repeat(np.repeat(img, k, axis=0), k, axis=1)
-    buf = io.BytesIO()
-    mpimg.imsave(buf, big, cmap="gray", vmin=0.0, vmax=1.0, format="png")
-    return buf.getvalue()
+_FIGURES = (("image", "virtual bright field"), ("dark_field_image", "virtual annular dark field"),
+            ("pattern_image", "summed diffraction pattern"))
 
 
-def publish_image(sid: str, path: Path) -> None:
-    """The virtual bright-field image as a markdown artifact with the PNG embedded (data URI).
-
-    Prefect's image artifact takes a URL the browser can load; the session's PNG is a file on
-    the flow run's machine that the Prefect server does not serve, and a data URI there is shown
-    again as the link text, so the image goes into markdown instead.
-    """
-    png = base64.b64encode(image_preview_png(path)).decode()
-    create_markdown_artifact(
-        markdown=f"# Virtual bright field, session `{sid}`\n\n"
-                 f"![virtual bright field](data:image/png;base64,{png})\n\n"
-                 f"Events inside the bright-field disk per scan position; full resolution in `{path}`.",
-        key=f"bright-field-{sid}".lower(), description="Virtual bright-field image")
+def publish_images(sid: str, outputs: dict) -> None:
+    """The final figures (bright field, dark field, summed pattern) as one markdown artifact."""
+    lines = [f"# Virtual images, session `{sid}`", ""]
+    for key, alt in _FIGURES:
+        if outputs.get(key):
+            lines += [f"## {alt.capitalize()}", "", png_markdown(alt, Path(outputs[key])), "",
+                      f"Full file: `{outputs[key]}`", ""]
+    create_markdown_artifact(markdown="\n".join(lines), key=f"bright-field-{sid}".lower(),
+                             description="Virtual bright field, dark field and summed pattern")
 
 
 @task(name="collect-results", cache_policy=NO_CACHE)
