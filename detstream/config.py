@@ -82,6 +82,8 @@ class VirtualImaging(BaseModel):
     find_frames: int = Field(default=256, gt=0, description="Frames a node sums to find the disk "
                              "for the live images when the centre and radius are not given.")
     publish_s: float = Field(default=1.0, gt=0, description="How often a node publishes its live images.")
+    redraw_s: float = Field(default=2.0, gt=0, description="How often the session redraws live.png "
+                            "(and the live artifact) from what the nodes published.")
 
     @model_validator(mode="after")
     def _disk_given_whole(self) -> "VirtualImaging":

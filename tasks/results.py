@@ -51,10 +51,10 @@ def publish_summary(summary: dict) -> None:
         publish_images(sid, out)
 
 
-def png_markdown(alt: str, path: Path) -> str:
+def png_markdown(alt: str, png: bytes) -> str:
     """A PNG embedded in markdown as a data URI: the Prefect server does not serve the session's
     files, and its image artifact takes only a URL (a data URI there shows as link text)."""
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 _FIGURES = (("image", "virtual bright field"), ("dark_field_image", "virtual annular dark field"),
@@ -66,7 +66,7 @@ def publish_images(sid: str, outputs: dict) -> None:
     lines = [f"# Virtual images, session `{sid}`", ""]
     for key, alt in _FIGURES:
         if outputs.get(key):
-            lines += [f"## {alt.capitalize()}", "", png_markdown(alt, Path(outputs[key])), "",
+            lines += [f"## {alt.capitalize()}", "", png_markdown(alt, Path(outputs[key]).read_bytes()), "",
                       f"Full file: `{outputs[key]}`", ""]
     create_markdown_artifact(markdown="\n".join(lines), key=f"bright-field-{sid}".lower(),
                              description="Virtual bright field, dark field and summed pattern")

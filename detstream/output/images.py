@@ -181,8 +181,8 @@ def _norm(panel: Panel, values: np.ndarray):
 
 def draw_figure(panels: Sequence[Panel], suptitle: str | None = None) -> bytes:
     """PNG bytes of ``panels`` side by side, laid out by ``figure_layout``. Values are shown as
-    they are (``interpolation="nearest"``); NaN (and zeros on a log scale) in a blue-grey that
-    no colormap here uses, so "not measured yet" stands apart from "no electrons"."""
+    they are (``interpolation="nearest"``); NaN in a blue-grey that no colormap here uses, so
+    "not measured yet" stands apart from "no electrons"; on a log scale zeros take the lowest colour."""
     import io
 
     import matplotlib
@@ -204,9 +204,10 @@ def draw_figure(panels: Sequence[Panel], suptitle: str | None = None) -> bytes:
             raise ValueError(f"{panel.title}: image must be a non-empty 2-D array, got shape {values.shape}")
         norm = _norm(panel, values)
         shown = np.ma.masked_invalid(values)
+        cmap = matplotlib.colormaps[panel.cmap].with_extremes(bad=(0.35, 0.35, 0.45))
         if panel.log:
             shown = np.ma.masked_less_equal(shown, 0)
-        cmap = matplotlib.colormaps[panel.cmap].with_extremes(bad=(0.35, 0.35, 0.45))
+            cmap = cmap.with_extremes(bad=cmap(0.0))
         ax = axes(box)
         im = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest", origin="upper")
         ax.set_title(panel.title, fontsize=10)
