@@ -50,6 +50,8 @@ BENCHMARKS: list[Benchmark] = [
               "fault table: frames lost, time to detection and to the session's end, per fault"),
     Benchmark("delivery", "bench_delivery", (), ("--scan", "16x16", "--repeats", "1", "--counting", "off"),
               "acknowledged delivery (acks, window, segments) vs fire-and-forget, CPU s per GB"),
+    Benchmark("live", "bench_live", (), ("--scan", "16x16", "--repeats", "1"),
+              "live virtual images on vs off, counting on: CPU s per GB and GB/s"),
 ]
 
 
@@ -204,7 +206,26 @@ def _fmt_delivery(r: dict) -> tuple[str, str]:
     return head, md
 
 
+def _fmt_live(r: dict) -> tuple[str, str]:
+    head = f"live images cost {r['cpu_cost']:+.1%} CPU s/GB, {r['gb_s_change']:+.1%} GB/s"
+    rows = ["| live images | CPU s per GB (data plane) | distributors + workers CPU s per GB | GB/s | frames/s "
+            "| redraws | orchestrator CPU s drawing |", "|---|---|---|---|---|---|---|"]
+    for label in ("off", "on"):
+        v = r[label]
+        rows.append(f"| {label} | {v['cpu_s_per_gb']:.3f} | {v['distributor_cpu_s_per_gb']:.3f} | {v['gb_s']:.3f} "
+                    f"| {v['frames_per_s']:.0f} | {v['draws']:.0f} | {v['draw_cpu_s']:.2f} |")
+    md = (f"{r['scan']} scan, {r['nodes']} nodes, counting on, live on/off alternating, median of {r['repeats']}, "
+          f"redraw every {r['interval_s']:g} s; target at most {r['target_cost']:.0%} more CPU per GB: "
+          f"{'met' if r['meets_target'] else 'not met'}.\n\n" + "\n".join(rows) + "\n\n"
+          f"- cost: {r['cpu_cost']:+.1%} CPU s/GB of the data plane (pairs: "
+          f"{', '.join(f'{c:+.1%}' for c in r['pair_costs'])}); distributors alone {r['distributor_cost']:+.1%}; "
+          f"GB/s {r['gb_s_change']:+.1%}\n- the orchestrator's drawing (where the flow runs, not on the nodes): "
+          f"{r['draw_share']:.1%} of the data plane's CPU")
+    return head, md
+
+
 FORMATTERS: dict[str, Callable[[dict], tuple[str, str]]] = {
+    "live": _fmt_live,
     "delivery": _fmt_delivery,
     "counting": _fmt_counting,
     "pipeline": _fmt_pipeline,

@@ -49,6 +49,50 @@ def publish_summary(summary: dict) -> None:
                              description="Outputs of the session")
     if out.get("image"):
         publish_images(sid, out)
+    if out.get("hdf5"):
+        publish_guide(sid, Path(out["hdf5"]).parent, out)
+
+
+def artifact_link(key: str) -> str:
+    """Where the Prefect UI shows the latest version of an artifact (relative to the UI unless
+    PREFECT_UI_URL is set)."""
+    from prefect.settings import PREFECT_UI_URL
+
+    base = (PREFECT_UI_URL.value() or "").rstrip("/")
+    return f"{base}/artifacts/key/{key}"
+
+
+def guide_markdown(sid: str, session_dir: Path, outputs: dict | None = None) -> str:
+    """The flow run's way in for the microscopist: the live and final images and a py4DSTEM snippet."""
+    from detstream.session_dir import SessionDir
+    from detstream.tasks.stream import live_artifact_key
+
+    paths = SessionDir(Path(session_dir))
+    lines = [f"# Session `{sid}`: images and analysis", "",
+             f"- Live images while the scan streams: [artifact {live_artifact_key(sid)}]"
+             f"({artifact_link(live_artifact_key(sid))}), file `{paths.live_image}`"]
+    if outputs and outputs.get("image"):
+        key = f"bright-field-{sid}".lower()
+        lines.append(f"- Final images (bright field, dark field, summed pattern): [artifact {key}]"
+                     f"({artifact_link(key)})")
+        lines += [f"  - `{outputs[k]}`" for k, _ in _FIGURES if outputs.get(k)]
+        lines.append(f"- Counted data (stempy's layout, with `stem/images`): `{outputs['hdf5']}`")
+    else:
+        lines.append(f"- Final images and counted data, once the scan is counted: in `{paths.root}`")
+    lines += ["", "## Open it in py4DSTEM", "", "```python",
+              "import detstream.analysis as dsa  # pip install 'detstream[analysis]'", "",
+              f"dc = dsa.open_datacube({str(paths.root)!r}, bin=4)  # a py4DSTEM DataCube, detector binned 4x4",
+              "geometry = dsa.py4dstem_geometry(dc)  # detstream's disk and ring, in py4DSTEM's terms",
+              "bf = dc.get_virtual_image(mode='circle', geometry=geometry['bright_field'], name='bright_field')",
+              "adf = dc.get_virtual_image(mode='annular', geometry=geometry['annular_dark_field'], name='dark_field')",
+              "```"]
+    return "\n".join(lines)
+
+
+def publish_guide(sid: str, session_dir: Path, outputs: dict | None = None) -> None:
+    """The guide as a markdown artifact on the flow run (a new version once the images are final)."""
+    create_markdown_artifact(markdown=guide_markdown(sid, session_dir, outputs), key=f"analysis-{sid}".lower(),
+                             description="Live and final images, and the py4DSTEM snippet for this session")
 
 
 def png_markdown(alt: str, png: bytes) -> str:

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from detstream.session import ScanProgress, StreamingSession
-from detstream.tasks.results import png_markdown
+from detstream.tasks.results import png_markdown, publish_guide
 
 
 def _cancel_check():
@@ -59,6 +59,8 @@ def publish_live(session: StreamingSession, shown: dict) -> None:
 def stream_scan(session: StreamingSession) -> dict:
     """Wait for every node to finish its share; the progress artifact advances as frames land."""
     logger = get_run_logger()
+    if session.spec.virtual.live and session.spec.counting.enabled:
+        publish_guide(session.sid, session.paths.root)
     artifact_id = create_progress_artifact(
         progress=0.0, key=f"scan-progress-{session.sid}".lower(),
         description=f"Frames received, session {session.sid}")

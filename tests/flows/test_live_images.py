@@ -3,6 +3,7 @@ scan streams, the final images in counted.h5 and as figures, and the result open
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -93,6 +94,17 @@ def test_live_images_fill_in_during_a_64x64_session_and_the_result_opens_in_py4d
                          ("summed_pattern.png", [(576, 576)]), ("live.png", [(64, 64), (64, 64)])):
         png = matplotlib.image.imread(folder / name)
         assert (png.shape[1], png.shape[0]) == figure_layout(shapes).size, name
+
+    # The flow run's guide links the live and final images and carries a py4DSTEM snippet that runs.
+    guides = _read_artifacts(f"analysis-{sid}")
+    assert {a.flow_run_id for a in guides} == {versions[0].flow_run_id}
+    guide = max(guides, key=lambda a: a.created).data
+    assert f"/artifacts/key/{key}" in guide and f"/artifacts/key/bright-field-{sid}" in guide
+    assert str(folder / "live.png") in guide and str(out) in guide
+    snippet = re.search(r"```python\n(.*?)```", guide, re.S).group(1)
+    scope: dict = {}
+    exec(compile(snippet, "snippet", "exec"), scope)  # noqa: S102 - the snippet a user would paste
+    assert scope["bf"].data.shape == (64, 64) and scope["adf"].data.shape == (64, 64)
 
     # py4DSTEM: the result opens binned 8x (unbinned, 2.7 GB), every event in it, and its virtual
     # bright field is detstream's up to the pixels binning moves across the disk's edge.
