@@ -257,6 +257,7 @@ class LiveView:
         self.png: Optional[bytes] = None
         self.frames_shown = 0
         self._last = -float("inf")
+        self._figure = None  # an output.images.FigureDrawing, once drawn
 
     def refresh(self, force: bool = False) -> bool:
         """Redraw if due (or ``force``) and anything new was counted; True if it drew."""
@@ -281,12 +282,15 @@ class LiveView:
         return True
 
     def draw(self, counted: np.ndarray, bf: np.ndarray, adf: np.ndarray) -> bytes:
-        from .output.images import scan_panel, write_figure
+        """live.png (written atomically) and its bytes; the figure is built once, then redrawn."""
+        from .output.images import FigureDrawing, scan_panel, write_png_bytes
 
         shape = (self.spec.scan_height, self.spec.scan_width)
         images = [np.where(counted, v, np.nan).reshape(shape) for v in (bf, adf)]
+        title = (f"session {self.spec.session_id}: {self.frames_shown}/{self.spec.frames_expected} "
+                 "frames counted (not yet counted: blue-grey)")
+        if self._figure is None:
+            self._figure = FigureDrawing([scan_panel(images[0], "Bright field (live)"),
+                                          scan_panel(images[1], "Annular dark field (live)")])
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return write_figure(self.path, [scan_panel(images[0], "Bright field (live)"),
-                                        scan_panel(images[1], "Annular dark field (live)")],
-                            f"session {self.spec.session_id}: {self.frames_shown}/{self.spec.frames_expected} "
-                            "frames counted (not yet counted: blue-grey)")
+        return write_png_bytes(self.path, self._figure.redraw(images, title))

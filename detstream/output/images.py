@@ -179,58 +179,92 @@ def _norm(panel: Panel, values: np.ndarray):
     return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0)
 
 
-def draw_figure(panels: Sequence[Panel], suptitle: str | None = None) -> bytes:
-    """PNG bytes of ``panels`` side by side, laid out by ``figure_layout``. Values are shown as
-    they are (``interpolation="nearest"``); NaN in a blue-grey that no colormap here uses, so
-    "not measured yet" stands apart from "no electrons"; on a log scale zeros take the lowest colour."""
-    import io
+class FigureDrawing:
+    """``panels`` side by side, laid out by ``figure_layout``, drawn by matplotlib. Values are shown
+    as they are (``interpolation="nearest"``); NaN in a blue-grey that no colormap here uses, so
+    "not measured yet" stands apart from "no electrons"; on a log scale zeros take the lowest
+    colour. ``redraw`` shows new values of the same shapes in the same figure: half the cost of
+    drawing it anew (the live images are redrawn every few seconds)."""
 
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    def __init__(self, panels: Sequence[Panel], suptitle: str | None = None):
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-    layout = figure_layout([np.shape(p.image) for p in panels])
-    width, height = layout.size
-    fig = Figure(figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI)
-    FigureCanvasAgg(fig)
+        layout = figure_layout([np.shape(p.image) for p in panels])
+        width, height = layout.size
+        fig = self.figure = Figure(figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI)
+        FigureCanvasAgg(fig)
 
-    def axes(box: Box):
-        x0, y0, x1, y1 = box
-        return fig.add_axes((x0 / width, 1 - y1 / height, (x1 - x0) / width, (y1 - y0) / height))
+        def axes(box: Box):
+            x0, y0, x1, y1 = box
+            return fig.add_axes((x0 / width, 1 - y1 / height, (x1 - x0) / width, (y1 - y0) / height))
 
-    for panel, box, bar in zip(panels, layout.images, layout.colorbars):
-        values = np.asarray(panel.image, dtype=np.float64)
+        self.panels = list(panels)
+        self._images = []
+        for panel, box, bar in zip(panels, layout.images, layout.colorbars):
+            shown, norm = self._values(panel, panel.image)
+            cmap = matplotlib.colormaps[panel.cmap].with_extremes(bad=(0.35, 0.35, 0.45))
+            if panel.log:
+                cmap = cmap.with_extremes(bad=cmap(0.0))
+            ax = axes(box)
+            im = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest", origin="upper")
+            ax.set_title(panel.title, fontsize=10)
+            ax.set_xlabel(panel.xlabel, fontsize=9)
+            ax.set_ylabel(panel.ylabel, fontsize=9)
+            ax.tick_params(labelsize=8)
+            cbar = fig.colorbar(im, cax=axes(bar))
+            cbar.set_label(panel.unit + (" (log scale)" if panel.log else ""), fontsize=9)
+            cbar.ax.tick_params(labelsize=8)
+            self._images.append(im)
+        self._title = fig.text(0.01, 0.995, suptitle or "", fontsize=9, va="top", ha="left")
+
+    @staticmethod
+    def _values(panel: Panel, image: np.ndarray):
+        values = np.asarray(image, dtype=np.float64)
         if values.ndim != 2 or 0 in values.shape:
             raise ValueError(f"{panel.title}: image must be a non-empty 2-D array, got shape {values.shape}")
-        norm = _norm(panel, values)
         shown = np.ma.masked_invalid(values)
-        cmap = matplotlib.colormaps[panel.cmap].with_extremes(bad=(0.35, 0.35, 0.45))
         if panel.log:
             shown = np.ma.masked_less_equal(shown, 0)
-            cmap = cmap.with_extremes(bad=cmap(0.0))
-        ax = axes(box)
-        im = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest", origin="upper")
-        ax.set_title(panel.title, fontsize=10)
-        ax.set_xlabel(panel.xlabel, fontsize=9)
-        ax.set_ylabel(panel.ylabel, fontsize=9)
-        ax.tick_params(labelsize=8)
-        cbar = fig.colorbar(im, cax=axes(bar))
-        cbar.set_label(panel.unit + (" (log scale)" if panel.log else ""), fontsize=9)
-        cbar.ax.tick_params(labelsize=8)
-    if suptitle:
-        fig.text(0.01, 0.995, suptitle, fontsize=9, va="top", ha="left")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=FIGURE_DPI)
-    return buf.getvalue()
+        return shown, _norm(panel, values)
+
+    def redraw(self, images: Sequence[np.ndarray], suptitle: str | None = None) -> bytes:
+        """PNG bytes with ``images`` (one per panel, same shapes) in place of the panels' values."""
+        for panel, im, image in zip(self.panels, self._images, images):
+            if np.shape(image) != np.shape(panel.image):
+                raise ValueError(f"{panel.title}: redraw with shape {np.shape(image)}, drawn as "
+                                 f"{np.shape(panel.image)}")
+            shown, norm = self._values(panel, image)
+            im.set_data(shown)
+            im.set_clim(norm.vmin, norm.vmax)
+        self._title.set_text(suptitle or "")
+        return self.png()
+
+    def png(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        self.figure.savefig(buf, format="png", dpi=FIGURE_DPI)
+        return buf.getvalue()
+
+
+def draw_figure(panels: Sequence[Panel], suptitle: str | None = None) -> bytes:
+    """PNG bytes of ``panels`` side by side (see :class:`FigureDrawing`)."""
+    return FigureDrawing(panels, suptitle).png()
+
+
+def write_png_bytes(path: str | os.PathLike, png: bytes, *, overwrite: bool = True) -> bytes:
+    """PNG bytes written to ``path`` atomically."""
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(png)
+    return png
 
 
 def write_figure(path: str | os.PathLike, panels: Sequence[Panel], suptitle: str | None = None,
                  *, overwrite: bool = True) -> bytes:
     """``draw_figure`` written to ``path`` atomically; returns the PNG bytes."""
-    png = draw_figure(panels, suptitle)
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        tmp.write_bytes(png)
-    return png
+    return write_png_bytes(path, draw_figure(panels, suptitle), overwrite=overwrite)
 
 
 def scan_panel(image: np.ndarray, title: str) -> Panel:

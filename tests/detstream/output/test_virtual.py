@@ -141,3 +141,21 @@ def test_summed_pattern_figure_uses_a_log_colour_scale(tmp_path):
     bx0, by0, bx1, by1 = layout.colorbars[0]
     column = png[by0 + 2: by1 - 2, (bx0 + bx1) // 2]
     assert len({tuple(np.round(p, 2)) for p in column}) > 50  # a colour ramp, not a flat box
+
+
+def test_a_redrawn_figure_equals_one_drawn_anew():
+    import io
+
+    from detstream.output.images import FigureDrawing, draw_figure
+
+    rng = np.random.default_rng(9)
+    first = rng.poisson(20, (12, 16)).astype(float)
+    later = rng.poisson(50, (12, 16)).astype(float)
+    later[8:] = np.nan  # not yet measured
+    drawing = FigureDrawing([scan_panel(first, "bf"), scan_panel(first, "adf")], "t0")
+    redrawn = drawing.redraw([later, later * 2], "t1")
+    fresh = draw_figure([scan_panel(later, "bf"), scan_panel(later * 2, "adf")], "t1")
+    np.testing.assert_array_equal(matplotlib.image.imread(io.BytesIO(redrawn)),
+                                  matplotlib.image.imread(io.BytesIO(fresh)))
+    with pytest.raises(ValueError, match="redraw with shape"):
+        drawing.redraw([later[:4], later], "t2")
