@@ -248,23 +248,38 @@ def publish(coord, sid: str, node: str, live: LiveImages, final: bool = False) -
 
 class LiveView:
     """The orchestrator's side: reads every node's chunks from etcd at most every ``interval_s``
-    and redraws ``live.png`` (atomically) when more frames were counted."""
+    and redraws ``live.png`` (atomically) when more frames were counted.
 
-    def __init__(self, coord, spec, interval_s: float = 2.0):
+    With ``background`` the drawing runs in a thread of lowest CPU priority (nice 19, Linux): the
+    live image is a view, and where the orchestrator shares cores with the data plane (a laptop,
+    the embedded default) its drawing must not slow the scan; it may lag instead.
+    """
+
+    def __init__(self, coord, spec, interval_s: float = 2.0, background: bool = False):
         self.coord, self.spec, self.interval_s = coord, spec, interval_s
         self.path = spec.paths.live_image
         self.version = 0  # drawings made so far
         self.png: Optional[bytes] = None
-        self.frames_shown = 0
+        self.frames_shown = 0  # counted frames last read from etcd
+        self.drawn_frames = 0  # counted frames in live.png
         self._last = -float("inf")
         self._figure = None  # an output.images.FigureDrawing, once drawn
+        self._todo: Optional[tuple] = None  # the latest sums waiting for the drawing thread
+        self._wake = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
+        if background:
+            self._thread = threading.Thread(target=self._draw_loop, name="live-view", daemon=True)
+            self._thread.start()
 
     def refresh(self, force: bool = False) -> bool:
-        """Redraw if due (or ``force``) and anything new was counted; True if it drew."""
+        """Redraw if due (or ``force``) and anything new was counted; True if it drew (in the
+        background: if it asked for a drawing)."""
         from .etcd import CoordinationError
 
         now = time.monotonic()
-        if not force and now - self._last < self.interval_s:
+        if self._closed or (not force and now - self._last < self.interval_s):
             return False
         self._last = now
         try:
@@ -277,20 +292,70 @@ class LiveView:
         if n == 0 or n == self.frames_shown:
             return False
         self.frames_shown = n
-        self.png = self.draw(counted, bf, adf)
-        self.version += 1
+        if self._thread is None:
+            self._draw(n, counted, bf, adf)
+            return True
+        with self._wake:
+            self._todo = (n, counted, bf, adf)
+            self._wake.notify()
         return True
 
-    def draw(self, counted: np.ndarray, bf: np.ndarray, adf: np.ndarray) -> bytes:
+    def wait_drawn(self, timeout_s: float = 30.0) -> bool:
+        """Wait until what was asked for is drawn; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._wake:
+            while (self._todo is not None or self._busy) and self._thread is not None and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(left)
+        return True
+
+    def close(self) -> None:
+        """Stop the drawing thread (what it has drawn stays)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _draw_loop(self) -> None:
+        import os
+
+        try:  # this thread only (Linux: a thread is a task with its own nice value)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            with self._wake:
+                while self._todo is None and not self._closed:
+                    self._wake.wait()
+                if self._todo is None:
+                    return
+                todo, self._todo, self._busy = self._todo, None, True
+            try:
+                self._draw(*todo)
+            except Exception:  # a view: a failure (a full disk, say) ends it, never the session
+                log.exception("live images stopped")
+                with self._wake:
+                    self._closed = True
+            finally:
+                with self._wake:
+                    self._busy = False
+                    self._wake.notify_all()
+
+    def _draw(self, n: int, counted: np.ndarray, bf: np.ndarray, adf: np.ndarray) -> None:
         """live.png (written atomically) and its bytes; the figure is built once, then redrawn."""
         from .output.images import FigureDrawing, scan_panel, write_png_bytes
 
         shape = (self.spec.scan_height, self.spec.scan_width)
         images = [np.where(counted, v, np.nan).reshape(shape) for v in (bf, adf)]
-        title = (f"session {self.spec.session_id}: {self.frames_shown}/{self.spec.frames_expected} "
+        title = (f"session {self.spec.session_id}: {n}/{self.spec.frames_expected} "
                  "frames counted (not yet counted: blue-grey)")
         if self._figure is None:
             self._figure = FigureDrawing([scan_panel(images[0], "Bright field (live)"),
                                           scan_panel(images[1], "Annular dark field (live)")])
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return write_png_bytes(self.path, self._figure.redraw(images, title))
+        self.png = write_png_bytes(self.path, self._figure.redraw(images, title))
+        self.drawn_frames = n
+        self.version += 1

@@ -48,7 +48,7 @@ def publish_live(session: StreamingSession, shown: dict) -> None:
     shown["live"] = live.version
     create_markdown_artifact(
         markdown=f"# Live virtual images, session `{session.sid}`\n\n"
-                 f"{live.frames_shown}/{session.spec.frames_expected} frames counted "
+                 f"{live.drawn_frames}/{session.spec.frames_expected} frames counted "
                  f"(redrawn every {session.spec.virtual.redraw_s:g} s while the scan streams).\n\n"
                  f"{png_markdown('live bright and dark field', live.png)}\n\n"
                  f"Also on disk, rewritten in place: `{live.path}`",

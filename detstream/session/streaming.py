@@ -59,7 +59,7 @@ class StreamingSession(Session):
         """Watch the scan until every distributor has reported; raise on stall or failure."""
         self.coord.set_state(self.sid, SessionState.STREAMING)
         if self.spec.virtual.live and self.spec.counting.enabled:
-            self.live = LiveView(self.coord, self.spec, self.spec.virtual.redraw_s)
+            self.live = LiveView(self.coord, self.spec, self.spec.virtual.redraw_s, background=True)
         t0 = time.time()
 
         def draining() -> None:  # the producers are done: what is left is in flight
@@ -67,9 +67,15 @@ class StreamingSession(Session):
                 self.coord.set_state(self.sid, SessionState.DRAINING)
                 self.timings["acquire_s"] = time.time() - t0
 
-        final = self.follow_nodes(on_progress, cancelled, poll_s, finish_timeout_s, on_local_done=draining)
-        # Every node published its last counts before its done record: the last drawing is whole.
-        final.live_image = self._refresh_live(force=True)
+        try:
+            final = self.follow_nodes(on_progress, cancelled, poll_s, finish_timeout_s, on_local_done=draining)
+            # Every node published its last counts before its done record: the last drawing is whole.
+            final.live_image = self._refresh_live(force=True)
+            if self.live is not None:
+                self.live.wait_drawn()
+        finally:
+            if self.live is not None:
+                self.live.close()
         draining()
         self.timings["stream_s"] = time.time() - t0
         return final

@@ -128,6 +128,16 @@ def test_nodes_agree_on_the_first_proposal_through_etcd_and_the_view_draws_it(co
     layout = figure_layout([(20, 24), (20, 24)])
     assert (png.shape[1], png.shape[0]) == layout.size and png.tobytes() != b""
 
+    # As a session runs it: drawn by a low-priority thread, waited for at the end.
+    spec.paths.live_image.unlink()
+    background = LiveView(coordinator, spec, interval_s=0.0, background=True)
+    try:
+        assert background.refresh() and background.wait_drawn(30)
+        assert background.version == 1 and background.drawn_frames == n and spec.paths.live_image.is_file()
+    finally:
+        background.close()
+    assert not background.refresh() and not background._thread.is_alive()
+
 
 def test_a_node_without_etcd_answers_uses_its_own_disk_at_the_end():
     rng = np.random.default_rng(4)
