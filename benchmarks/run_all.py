@@ -215,7 +215,7 @@ def _fmt_live(r: dict) -> tuple[str, str]:
         rows.append(f"| {label} | {v['cpu_s_per_gb']:.3f} | {v['distributor_cpu_s_per_gb']:.3f} | {v['gb_s']:.3f} "
                     f"| {v['frames_per_s']:.0f} | {v['draws']:.0f} | {v['draw_cpu_s']:.2f} |")
     md = (f"{r['scan']} scan, {r['nodes']} nodes, counting on, live on/off alternating, median of {r['repeats']}, "
-          f"redraw every {r['interval_s']:g} s; target at most {r['target_cost']:.0%} more CPU per GB: "
+          f"nodes publish every {r['interval_s'] / 2:g} s, redraw every {r.get('redraw_s', r['interval_s']):g} s; target at most {r['target_cost']:.0%} more CPU per GB: "
           f"{'met' if r['meets_target'] else 'not met'}.\n\n" + "\n".join(rows) + "\n\n"
           f"- cost: {r['cpu_cost']:+.1%} CPU s/GB of the data plane (pairs: "
           f"{', '.join(f'{c:+.1%}' for c in r['pair_costs'])}); distributors alone {r['distributor_cost']:+.1%}; "
