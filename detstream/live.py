@@ -133,6 +133,15 @@ class LiveImages:
             if len(self._pos) >= _FLUSH_FRAMES:
                 self._flush()
 
+    def add_block(self, positions: np.ndarray, flat_events: np.ndarray, offsets: np.ndarray) -> None:
+        """Frames counted by this node as a block: frame ``i`` at ``positions[i]`` is
+        ``flat_events[offsets[i]:offsets[i+1]]`` (for a data loop that collects in batches)."""
+        offsets = np.asarray(offsets, np.int64)
+        flat = np.asarray(flat_events[offsets[0]:offsets[-1]], np.intp)
+        with self._lock:
+            self._flush()
+            self._take(np.asarray(positions, np.int64), flat, offsets - offsets[0])
+
     def agree(self, detectors: VirtualDetectors) -> None:
         """The session's detectors (from its parameters or the first proposal in etcd)."""
         with self._lock:
@@ -175,6 +184,9 @@ class LiveImages:
         np.cumsum(lengths, out=offsets[1:])
         flat = np.concatenate(self._ev).astype(np.intp, copy=False) if offsets[-1] else np.zeros(0, np.intp)
         self._pos, self._ev = [], []
+        self._take(positions, flat, offsets)
+
+    def _take(self, positions: np.ndarray, flat: np.ndarray, offsets: np.ndarray) -> None:
         if self._labels is not None:
             self._apply(positions, flat, offsets)
             return

@@ -72,6 +72,12 @@ def test_node_sums_equal_brute_force_with_the_sessions_disk_and_cost_a_few_bytes
     np.testing.assert_array_equal(adf[positions], want_adf)
     assert sum(len(c) for c in chunks.values()) / len(events) < 8  # bytes per frame, published
 
+    # The same frames handed over as one block (a data loop that collects in batches).
+    blocks = LiveImages(n, FRAME, imaging)
+    blocks.add_block(positions, np.concatenate(events),
+                     np.concatenate([[0], np.cumsum([len(e) for e in events])]))
+    assert blocks.changes() == chunks
+
 
 def test_a_node_finds_the_disk_in_its_first_frames_and_keeps_them_until_agreed():
     rng = np.random.default_rng(2)
