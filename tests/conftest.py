@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from typing import Callable, Optional, TypeVar
@@ -88,6 +89,29 @@ def detstream_children():
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+@contextlib.contextmanager
+def cancel_on_first_progress():
+    """Within: the first progress report of a flow run asks Prefect to cancel that run (as the UI would)."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    from prefect.states import Cancelling
+
+    from detstream import progress
+
+    asked = []
+
+    def listener(_progress):
+        if not asked:
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(FlowRunContext.get().flow_run.id, Cancelling(), force=True)
+            asked.append(True)
+    progress.LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        progress.LISTENERS.remove(listener)
 
 
 @pytest.fixture

@@ -153,9 +153,7 @@ def _failure(info: dict[str, str]) -> Optional[str]:
     """Exit code and output file of a job that did not complete, for the session's error."""
     code = info.get("ExitCode", "")
     out = info.get("StdOut")
-    words = [f"exit code {code}" if code and code != "0:0" else None,
-             f"reason {info['Reason']}" if info.get("Reason") not in (None, "None") else None,
-             f"output {out}" if out else None]
+    words = [f"exit code {code}" if code and code != "0:0" else None, f"output {out}" if out else None]
     return "; ".join(w for w in words if w) or None
 
 

@@ -312,11 +312,12 @@ class Session:
             except TimeoutError as err:
                 job = self.backend.poll(self.reservation) if self.reservation is not None else None
                 if job is not None and job.state.finished:
-                    msg = (f"distributors did not register: job {job.job_id} ended ({job.state.value}) "
-                           f"first; see {self.paths.logs}")
+                    msg = (f"distributors did not register: {job.backend} job {job.job_id} ended "
+                           f"({job.scheduler_state or job.state.value}{_detail(job)}) first; see {self.paths.logs}")
                     raise SessionError(msg, fallback_reason=f"registration: {msg}") from err
                 if time.monotonic() >= deadline:
-                    raise SessionError(f"distributors did not register: {err}",
+                    where = f" ({job.backend} job {job.job_id}: {job.scheduler_state or job.state.value})" if job else ""
+                    raise SessionError(f"distributors did not register: {err}{where}",
                                        fallback_reason=f"registration: {err}") from err
 
     # -- release -----------------------------------------------------------------------------

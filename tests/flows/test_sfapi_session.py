@@ -12,6 +12,8 @@ from detstream.coordination import Coordinator
 from detstream.session import SessionCancelled, SessionError
 from detstream.sfapi_emulator import EmulatorServer, generate_client_credentials
 
+from conftest import cancel_on_first_progress
+
 pytestmark = pytest.mark.usefixtures("prefect_harness", "no_stray_services")
 
 
@@ -111,27 +113,11 @@ def test_bad_credentials_name_the_client_id(tmp_path, etcd_server, emulator):
 
 
 def test_cancelling_the_flow_run_cancels_the_job(tmp_path, etcd_server, emulator):
-    from prefect.client.orchestration import get_client
-    from prefect.context import FlowRunContext
-    from prefect.states import Cancelling
-
-    from detstream import progress
     from detstream.flows import streaming_session
 
     params = _params(tmp_path, etcd_server, emulator, scan_width=64, scan_height=64, counting=False)
-    asked = []
-
-    def listener(p):
-        if not asked:
-            with get_client(sync_client=True) as client:
-                client.set_flow_run_state(FlowRunContext.get().flow_run.id, Cancelling(), force=True)
-            asked.append(True)
-    progress.LISTENERS.append(listener)
-    try:
-        with pytest.raises(SessionCancelled):
-            streaming_session(**params)
-    finally:
-        progress.LISTENERS.remove(listener)
+    with cancel_on_first_progress(), pytest.raises(SessionCancelled):
+        streaming_session(**params)
     (job,) = _jobs(emulator)
     assert job["state"] == "CANCELLED"
     assert not emulator.app_state.runner.live_pids(job["jobid"])
