@@ -1,4 +1,5 @@
-"""Streaming sessions whose nodes come from the Superfacility API (a loopback emulator, real sfapi_client)."""
+"""Streaming sessions whose nodes come from the Superfacility API (a loopback emulator, real sfapi_client),
+its jobs on a real Slurm cluster (tests/slurm_cluster.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ pytestmark = pytest.mark.usefixtures("prefect_harness", "no_stray_services")
 
 
 @pytest.fixture
-def emulator(tmp_path):
-    with EmulatorServer(workdir=tmp_path / "slurm", kill_grace=2.0) as emu:
+def emulator(tmp_path, slurm):
+    """The emulator running its jobs on the real Slurm cluster (sbatch, scontrol, scancel)."""
+    from detstream.backends.slurm import SlurmSettings
+
+    with EmulatorServer(workdir=tmp_path / "slurm", kill_grace=2.0,
+                        slurm=SlurmSettings(slurm_conf=str(slurm.conf))) as emu:
         yield emu
 
 
