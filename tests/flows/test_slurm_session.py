@@ -197,3 +197,32 @@ def test_the_file_transfer_count_job_on_slurm(slurm, tmp_path, etcd_server, loca
     assert summary["workflow"] == "file-transfer" and summary["job"]["backend"] == "slurm"
     assert sorted(summary["job"]["node_names"]) == ["n1", "n2", "n3", "n4"]
     _same_events(summary, local_events)
+
+
+def test_detstream_run_backend_slurm_takes_the_slurm_conf(monkeypatch, tmp_path):
+    """`detstream run --backend slurm --slurm-conf F`: a SlurmCompute on F whose nodes run this interpreter
+    (a whole `detstream run` on Slurm is the chaos test below)."""
+    from detstream.flows.cli import _slurm_block
+
+    monkeypatch.delenv("DETSTREAM_SLURM_COMPUTE_BLOCK", raising=False)
+    block = _slurm_block(tmp_path / "slurm.conf")
+    assert block.settings().slurm_conf == str(tmp_path / "slurm.conf")
+    assert block.job_settings().command == [sys.executable, "-m", "detstream"]
+
+
+@pytest.mark.chaos
+def test_a_killed_orchestrator_leaves_no_slurm_job(slurm, tmp_path, etcd_server, wait_until):
+    """kill -9 of `detstream run`: the distributors stop once its alive key's lease expires, so the job ends."""
+    from test_cli_run import _Run
+
+    r = _Run(tmp_path, etcd_server, "--backend", "slurm", "--slurm-conf", str(slurm.conf), "--nodes", "4",
+             "--scan", "64x64", "--no-counting")
+    try:
+        r.wait_frames(64)
+        assert slurm.jobs(), "the session's Slurm job should be running"
+        r.proc.kill()
+        r.proc.wait()
+        wait_until(lambda: not slurm.jobs() and not slurm.job_processes(), timeout_s=40,
+                   what="the Slurm job and its processes to end after the orchestrator died")
+    finally:
+        r.close()
