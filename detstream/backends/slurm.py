@@ -234,10 +234,12 @@ class SlurmBackend(ComputeBackend):
         if nodes:
             update["node_names"] = nodes
         if state is not JobState.PENDING and reservation.started_at is None:
+            # Seen from here (to a poll interval) when we submitted it: Slurm's own times are whole seconds.
+            now = time.time()
             start, submit = _epoch(info.get("StartTime")), _epoch(info.get("SubmitTime"))
-            update["started_at"] = start or time.time()
-            update["queue_wait_s"] = (max(0.0, start - submit) if start and submit else
-                                      max(0.0, time.time() - (reservation.submitted_at or time.time())))
+            update["started_at"] = now
+            update["queue_wait_s"] = (now - reservation.submitted_at if reservation.submitted_at else
+                                      max(0.0, start - submit) if start and submit else None)
         if state in (JobState.FAILED, JobState.CANCELLED):
             update["failure"] = _failure(info)
         return reservation.model_copy(update=update)

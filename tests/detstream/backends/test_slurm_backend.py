@@ -84,3 +84,20 @@ def test_purged_job_reads_ended_not_completed(slurm, tmp_path):
 def test_scontrol_fields():
     f = _fields("JobId=3 JobName=a b JobState=RUNNING Reason=None NodeList=n[1-2] ExitCode=0:0")
     assert f["JobName"] == "a b" and f["NodeList"] == "n[1-2]" and f["ExitCode"] == "0:0"
+
+
+def test_a_hook_cancels_the_job_from_its_etcd_record(slurm, tmp_path, coordinator):
+    """What the flow's on_crashed hook does in another process: cancel from sessions/<sid>/job alone."""
+    import json
+
+    from detstream.session import release_session
+    from detstream.states import SessionState
+
+    backend = _backend(slurm, tmp_path)
+    res = backend.wait_running(backend.reserve(2, _launch("crashed")), 30)
+    coordinator.put_spec("crashed", {"detector": "4dcamera"})
+    coordinator.put_job("crashed", json.loads(res.model_dump_json()))
+    release_session(coordinator, "crashed", SessionState.FAILED, "flow run crashed",
+                    backends={"slurm": lambda r: cancel_slurm_job(backend.settings, r)})
+    assert SlurmClient(backend.settings).show(res.job_id)["JobState"] == "CANCELLED"
+    assert coordinator.get_job("crashed")["state"] == "CANCELLED"
