@@ -157,6 +157,21 @@ def _failure(info: dict[str, str]) -> Optional[str]:
     return "; ".join(w for w in words if w) or None
 
 
+_TASK_EXIT = re.compile(r"srun: error: (\S+): tasks? ([\d,-]+): (Exited with exit code \d+|Killed|Terminated)")
+
+
+def _failed_tasks(output: Optional[str]) -> Optional[str]:
+    """Tasks srun reported dead while the job still runs (its other nodes go on), from the job's output."""
+    try:
+        with open(output or "", errors="replace") as fh:
+            found = _TASK_EXIT.findall(fh.read()[-65536:])
+    except OSError:
+        return None
+    if not found:
+        return None
+    return "; ".join(f"task {task} on node {node}: {what.lower()}" for node, task, what in found) + f"; output {output}"
+
+
 class SlurmBackend(ComputeBackend):
     """Reserve nodes as one Slurm job; each node runs ``detstream <service>`` under srun."""
 
@@ -242,6 +257,8 @@ class SlurmBackend(ComputeBackend):
                                       max(0.0, start - submit) if start and submit else None)
         if state in (JobState.FAILED, JobState.CANCELLED):
             update["failure"] = _failure(info)
+        elif state is JobState.RUNNING:
+            update["failure"] = _failed_tasks(info.get("StdOut"))
         return reservation.model_copy(update=update)
 
     def release(self, reservation: Reservation) -> Reservation:

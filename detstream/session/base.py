@@ -311,8 +311,9 @@ class Session:
                                                     min(2.0, max(0.0, deadline - time.monotonic())))
             except TimeoutError as err:
                 job = self.backend.poll(self.reservation) if self.reservation is not None else None
-                if job is not None and job.state.finished:
-                    msg = (f"distributors did not register: {job.backend} job {job.job_id} ended "
+                if job is not None and (job.state.finished or job.failure):
+                    how = "ended" if job.state.finished else "lost a node"
+                    msg = (f"distributors did not register: {job.backend} job {job.job_id} {how} "
                            f"({job.scheduler_state or job.state.value}{_detail(job)}) first; see {self.paths.logs}")
                     raise SessionError(msg, fallback_reason=f"registration: {msg}") from err
                 if time.monotonic() >= deadline:

@@ -160,6 +160,16 @@ def test_a_failing_job_ends_the_session_naming_the_job(slurm, tmp_path, etcd_ser
     assert f"job {jobid} " in str(info.value) and f"slurm-{jobid}.out" in str(info.value)
 
 
+def test_one_distributor_failing_at_start_ends_the_session_naming_job_and_node(slurm, tmp_path, etcd_server):
+    from detstream.flows import streaming_session
+
+    one_broken = _job(command=["bash", "-c", 'if [ "$SLURM_PROCID" = 2 ]; then exit 3; fi; exec "$0" "$@"',
+                               sys.executable, "-m", "detstream"])
+    params = _slurm_params(slurm, tmp_path, etcd_server, job=one_broken)
+    with pytest.raises(SessionError, match=r"slurm job \d+ lost a node .*task 2 on node n3: exited with exit code 3"):
+        streaming_session(**params)
+
+
 @pytest.mark.parametrize("job, said", [(dict(qos="premium-gold"), "Invalid qos specification: premium-gold"),
                                        (dict(constraint="gpu"), "Invalid feature specification")])
 def test_a_scheduler_refusal_is_a_clear_error_leaving_nothing(slurm, tmp_path, etcd_server, job, said):
