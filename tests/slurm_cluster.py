@@ -21,14 +21,14 @@ from typing import Optional, Sequence
 
 import psutil
 
-DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo", "srun")
+PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo", "srun")
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
 def missing_programs() -> list[str]:
     """The Slurm and munge programs not installed here (empty: a cluster can start)."""
     path = os.pathsep.join([os.environ.get("PATH", ""), *SBIN])
-    return [p for p in DAEMONS if shutil.which(p, path=path) is None]
+    return [p for p in PROGRAMS if shutil.which(p, path=path) is None]
 
 
 def _which(name: str) -> str:
@@ -131,7 +131,7 @@ class SlurmCluster:
         d = self.dir
         lines = [
             "ClusterName=detstream-test",
-            f"SlurmctldHost=localhost(127.0.0.1)",
+            "SlurmctldHost=localhost(127.0.0.1)",
             f"SlurmctldPort={ctl_port}",
             "AuthType=auth/munge", "CredType=cred/munge",
             f"AuthInfo=socket={d / 'munge' / 'munge.socket'}",
@@ -156,7 +156,7 @@ class SlurmCluster:
         for name, port in zip(self.node_names, node_ports):
             lines.append(f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} "
                          f"CPUs={self.cpus_per_node} RealMemory=1000 Features={self.features} State=UNKNOWN")
-        lines.append(f"PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
+        lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
         allowed = ", ".join(f'["{q}"] = true' for q in self.qos)
         (self.dir / "etc" / "job_submit.lua").write_text(JOB_SUBMIT_LUA.format(allowed=allowed))

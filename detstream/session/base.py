@@ -317,7 +317,8 @@ class Session:
                            f"({job.scheduler_state or job.state.value}{_detail(job)}) first; see {self.paths.logs}")
                     raise SessionError(msg, fallback_reason=f"registration: {msg}") from err
                 if time.monotonic() >= deadline:
-                    where = f" ({job.backend} job {job.job_id}: {job.scheduler_state or job.state.value})" if job else ""
+                    where = (f" ({job.backend} job {job.job_id}: {job.scheduler_state or job.state.value})"
+                             if job else "")
                     raise SessionError(f"distributors did not register: {err}{where}",
                                        fallback_reason=f"registration: {err}") from err
 
