@@ -191,8 +191,9 @@ class Session:
             last = self._last_progress or ScanProgress(self.spec.frames_expected)
             return ScanProgress(last.frames_expected, last.frames_received, last.per_node,
                                 time.time() - self._t0)
-        self._last_progress = ScanProgress(self.spec.frames_expected, sum(per_node.values()), per_node,
-                                           time.time() - self._t0)
+        # After a re-route a lost node's count and its survivors' overlap: never past the scan.
+        received = min(sum(per_node.values()), self.spec.frames_expected)
+        self._last_progress = ScanProgress(self.spec.frames_expected, received, per_node, time.time() - self._t0)
         return self._last_progress
 
     def _from_etcd(self, call, *args):

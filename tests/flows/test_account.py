@@ -178,11 +178,13 @@ def test_a_full_disk_while_a_part_is_written_names_the_part(tmp_path, etcd_serve
             streaming_session(**params)
 
 
-@pytest.mark.parametrize("nodes, victim", [(2, "node-1"), (4, "node-2")])
-def test_a_node_killed_mid_scan_is_survived_with_every_frame(tmp_path, etcd_server, nodes, victim):
+@pytest.mark.parametrize("nodes, victim, counting", [(2, "node-1", True), (4, "node-2", True),
+                                                     (2, "node-1", False)])
+def test_a_node_killed_mid_scan_is_survived_with_every_frame(tmp_path, etcd_server, nodes, victim, counting):
     from detstream.flows import streaming_session
 
-    params = _params(tmp_path, etcd_server, detector="4dcamera", scan_width=48, scan_height=48, nodes=nodes)
+    params = _params(tmp_path, etcd_server, detector="4dcamera", scan_width=48, scan_height=48, nodes=nodes,
+                     counting=counting)
     coord = Coordinator(etcd_server.endpoint, prefix=params["etcd_prefix"])
     sid = params["session_id"]
 
@@ -193,7 +195,11 @@ def test_a_node_killed_mid_scan_is_survived_with_every_frame(tmp_path, etcd_serv
         summary = streaming_session(**params)
     assert fault.done
     assert summary["state"] == "completed" and summary["frames_missing"] == 0
-    _assert_account(tmp_path / "runs" / sid / "summary.json", summary["outputs"]["hdf5"], 48 * 48)
+    # The summary says what delivery did: which node was lost, and that its share went elsewhere.
+    assert [n["node"] for n in summary["delivery"]["nodes_lost"]] == [int(victim.split("-")[1])]
+    assert summary["delivery"]["lost_reasons"] == {}
+    if counting:
+        _assert_account(tmp_path / "runs" / sid / "summary.json", summary["outputs"]["hdf5"], 48 * 48)
     assert coord.get_state(sid) == "completed"
     _session_keys_released(coord, sid)
 
