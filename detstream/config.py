@@ -18,18 +18,24 @@ DEFAULT_PREFIX = "/detstream"
 ETCD_USERNAME_ENV = "DETSTREAM_ETCD_USERNAME"
 ETCD_PASSWORD_ENV = "DETSTREAM_ETCD_PASSWORD"
 ETCD_CA_FILE_ENV = "DETSTREAM_ETCD_CA_FILE"
+ETCD_OUTAGE_BUDGET_ENV = "DETSTREAM_ETCD_OUTAGE_BUDGET_S"  # how long a service rides out an etcd outage
 
 
-def etcd_login_env(username: Optional[str], password: Optional[str], ca_file: Optional[str]) -> dict[str, str]:
+def etcd_login_env(username: Optional[str], password: Optional[str], ca_file: Optional[str],
+                   outage_budget_s: Optional[float] = None) -> dict[str, str]:
     """The environment variables that hand this etcd login to a service the session starts."""
-    pairs = {ETCD_USERNAME_ENV: username, ETCD_PASSWORD_ENV: password, ETCD_CA_FILE_ENV: ca_file}
+    pairs = {ETCD_USERNAME_ENV: username, ETCD_PASSWORD_ENV: password, ETCD_CA_FILE_ENV: ca_file,
+             ETCD_OUTAGE_BUDGET_ENV: None if outage_budget_s is None else f"{outage_budget_s:g}"}
     return {name: value for name, value in pairs.items() if value is not None}
 
 
 def etcd_login_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """Coordinator keyword arguments from those variables (what a started service reads)."""
-    return {"username": environ.get(ETCD_USERNAME_ENV), "password": environ.get(ETCD_PASSWORD_ENV),
-            "ca_file": environ.get(ETCD_CA_FILE_ENV)}
+    login = {"username": environ.get(ETCD_USERNAME_ENV), "password": environ.get(ETCD_PASSWORD_ENV),
+             "ca_file": environ.get(ETCD_CA_FILE_ENV)}
+    if environ.get(ETCD_OUTAGE_BUDGET_ENV):
+        login["outage_budget_s"] = float(environ[ETCD_OUTAGE_BUDGET_ENV])
+    return login
 
 
 def check_prefix(prefix: str) -> str:

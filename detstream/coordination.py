@@ -63,15 +63,22 @@ class Coordinator:
     The layout (DESIGN.md, "etcd keys")::
 
         <prefix>/detectors/<detector>/lock                   session id, leased
+        <prefix>/detectors/<detector>/last                   the last session id to take the lock
         <prefix>/sessions/<sid>/spec                         JSON
         <prefix>/sessions/<sid>/state                        a SessionState value
         <prefix>/sessions/<sid>/events/<seq:010d>            JSON {"state", "reason", "time"}
+        <prefix>/sessions/<sid>/alive                        "1", on the orchestrator's lease
         <prefix>/sessions/<sid>/job                          JSON
-        <prefix>/sessions/<sid>/services/<role>/<name>       JSON, leased
+        <prefix>/sessions/<sid>/services/<role>/<name>       JSON, leased (see below)
+        <prefix>/sessions/<sid>/nodes/<node>/done            JSON, the node's done record
         <prefix>/sessions/<sid>/barriers/<barrier>/<name>    "1"
         <prefix>/sessions/<sid>/scans/<scan>/expected        integer
         <prefix>/sessions/<sid>/scans/<scan>/received/<node> integer
         <prefix>/sessions/<sid>/result                       JSON
+
+    A service record holds ``endpoint``, ``pid`` and ``host``; a distributor's also its
+    ``node_index`` and, with acknowledged delivery, the ``ack_endpoint`` it sends acks from; the
+    aggregator's the ``sector_endpoints`` (one socket per sector, in sector order).
     """
 
     def __init__(self, endpoint: str, prefix: str = DEFAULT_PREFIX, **connection: Any) -> None:

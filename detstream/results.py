@@ -70,14 +70,26 @@ def _node_positions(spec: SessionSpec, node_index: int) -> np.ndarray:
     return np.arange(node_index, spec.frames_expected, spec.nodes)
 
 
-def _uncounted(spec: SessionSpec, nodes: list[dict]) -> list[int]:
-    """Without counting nothing is merged: a position is missing if its node said so or never reported."""
+def _uncounted(spec: SessionSpec, nodes: list[dict], aggregators: list[dict]) -> list[int]:
+    """Without counting nothing is merged. With acknowledged delivery the aggregator knows every
+    position no node took (a lost node's share was re-routed); else a position is missing if its
+    node said so or never reported."""
+    acked = [a for a in aggregators if "lost_positions" in a]
+    if acked:
+        return sorted({int(p) for a in acked for p in a["lost_positions"]})
     reported = {n["node_index"] for n in nodes}
     lost = [p for n in nodes for p in n.get("missing", [])]
     for i in range(spec.nodes):
         if i not in reported:
             lost.extend(_node_positions(spec, i).tolist())
     return sorted(set(lost))
+
+
+def _delivery(aggregators: list[dict]) -> dict:
+    """What acknowledged delivery did: nodes lost, positions re-routed, and why positions were lost."""
+    return {"nodes_lost": [n for a in aggregators for n in a.get("nodes_lost", [])],
+            "positions_rerouted": sum(len(a.get("rerouted_positions", [])) for a in aggregators),
+            "lost_reasons": _sum_counters(a.get("lost_reasons") for a in aggregators)}
 
 
 def account_without_outputs(spec: SessionSpec, workflow: str, state: SessionState, reason: str,
@@ -132,7 +144,7 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         duplicates = report.duplicates
     else:
         hdf5_closed = time.time()
-        not_counted = _uncounted(spec, nodes)
+        not_counted = _uncounted(spec, nodes, aggregators)
         duplicates = 0
     timings = dict(timings)
     timings["merge_s"] = hdf5_closed - t0
@@ -162,6 +174,7 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         "missing_positions": missing,
         "partial_positions": partial,
         "duplicates_dropped": duplicates,
+        "delivery": _delivery(aggregators),
         "salvaged": {"parts": [str(p) for p in parts], "nodes_reported": len(nodes),
                      "unfinished_part_files_removed": discarded},
         "events": events_total,

@@ -247,9 +247,13 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
         coord.arrive(sid, "producers", name)
         coord.wait_barrier(sid, "producers", spec.profile.sectors, spec.register_timeout_s)
         log.info("sector %d: streaming %d frames to %s", sector, source.frames, endpoint)
-        stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm,
-                             should_stop=lambda: stop_requested(coord, sid)() is not None,
-                             send_timeout_s=spec.stall_timeout_s)
+        link = EtcdLink(coord, sid, spec.scan_number, None)  # stop checks off the send path
+        try:
+            stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm,
+                                 should_stop=lambda: link.should_stop() is not None,
+                                 send_timeout_s=spec.stall_timeout_s)
+        finally:
+            link.close()
         report = stats.as_dict()
         write_report(report_path(spec, "producer", name), report)
         return report
