@@ -101,3 +101,31 @@ def test_a_hook_cancels_the_job_from_its_etcd_record(slurm, tmp_path, coordinato
                     backends={"slurm": lambda r: cancel_slurm_job(backend.settings, r)})
     assert SlurmClient(backend.settings).show(res.job_id)["JobState"] == "CANCELLED"
     assert coordinator.get_job("crashed")["state"] == "CANCELLED"
+
+
+def test_the_job_script_for_any_slurm_site():
+    """Same renderer as NERSC's; QOS and constraint only when given, a partition when given."""
+    from detstream.backends.jobscript import render_job_script
+
+    plain = render_job_script(SlurmJobSettings(), 2, _launch())
+    assert "#SBATCH -q" not in plain and "#SBATCH -C" not in plain and "#SBATCH -p" not in plain
+    assert "srun -N 2 --ntasks-per-node=1 detstream distributor --session t1" in plain
+    full = render_job_script(SlurmJobSettings(qos="realtime", constraint="cpu", partition="rt", account="m1",
+                                              reservation="beam", modules=["detstream/1.0"]), 4, _launch())
+    for line in ("#SBATCH -q realtime", "#SBATCH -C cpu", "#SBATCH -p rt", "#SBATCH -A m1",
+                 "#SBATCH --reservation=beam", "module load detstream/1.0"):
+        assert line in full
+    with pytest.raises(ValueError, match="partition"):
+        SlurmJobSettings(partition="rt; rm -rf /")
+
+
+def test_dead_tasks_are_read_from_srun_s_own_report(tmp_path):
+    from detstream.backends.slurm import _failed_tasks
+
+    out = tmp_path / "slurm-5.out"
+    out.write_text("starting\nsrun: error: n3: task 2: Exited with exit code 3\nsrun: error: n4: task 3: Killed\n")
+    assert _failed_tasks(str(out)) == (f"task 2 on node n3: exited with exit code 3; task 3 on node n4: killed; "
+                                       f"output {out}")
+    assert _failed_tasks(str(tmp_path / "missing.out")) is None
+    out.write_text("all well\n")
+    assert _failed_tasks(str(out)) is None
