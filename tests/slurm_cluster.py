@@ -4,7 +4,7 @@ Debian's Slurm 22.05 runs several slurmd on one host when each has its own node 
 ``CommunicationParameters=NoInAddrAny`` keeps every daemon on 127.0.0.1. A job_submit.lua
 refuses a QOS outside ``qos`` (without accounting Slurm would accept any). Every daemon is
 started by us and stopped by its PID; jobs are cancelled first, because job steps (slurmstepd)
-outlive a stopped slurmd. ``env`` (SLURM_CONF) must be set for every client command.
+outlive a stopped slurmd. A reaper (detstream.reaper) stops the daemons if this process is killed. ``env`` (SLURM_CONF) must be set for every client command.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class SlurmCluster:
         self._base_parent = base_dir
         self.dir: Optional[Path] = None
         self.procs: dict[str, subprocess.Popen] = {}
+        self._reaper = None
 
     # -- paths and environment -----------------------------------------------------------------
 
@@ -111,6 +112,10 @@ class SlurmCluster:
         if missing:
             raise FileNotFoundError(f"not installed: {', '.join(missing)}")
         self.dir = Path(tempfile.mkdtemp(prefix="detstream-slurm-", dir=self._base_parent))
+        from detstream.reaper import Reaper
+
+        self._reaper = Reaper().start()  # if this process is killed, the daemons and the dir go with it
+        self._reaper.track_dir(self.dir)
         try:
             self._layout()
             self._start_munge()
@@ -169,6 +174,7 @@ class SlurmCluster:
         finally:
             log.close()
         self.procs[name] = proc
+        self._reaper.track_group(proc.pid)
         return proc
 
     def _start_munge(self) -> None:
@@ -297,6 +303,9 @@ class SlurmCluster:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+        if self._reaper is not None:
+            self._reaper.close()
+            self._reaper = None
 
     def __enter__(self) -> "SlurmCluster":
         return self.start()
