@@ -14,7 +14,7 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 
 from detstream.backends.local import LocalBackend
-from detstream.blocks import DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials
+from detstream.blocks import DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials, SlurmCompute
 from detstream.config import DEFAULT_PREFIX, MAX_SCAN_SIDE
 from detstream.profile import PROFILES, get_profile
 from detstream.session import make_spec
@@ -71,12 +71,17 @@ Background = Annotated[float, Doc("Background threshold, ADU after dark subtract
 Xray = Annotated[float, Doc("X-ray threshold, ADU.")]
 NpyPath = Annotated[Union[Annotated[str, Field(title=".npy path")], _titled_none("none")], Doc(
     "Path to a .npy map of the frame's shape.")]
-BackendName = Annotated[Literal["local", "sfapi"], Doc(
-    "Where the nodes come from: this machine (local), or NERSC through the Superfacility API (sfapi).")]
+BACKENDS = ("local", "sfapi", "slurm")
+BackendName = Annotated[Literal[BACKENDS], Doc(
+    "Where the nodes come from: this machine (local), NERSC through the Superfacility API (sfapi), "
+    "or a Slurm cluster through sbatch (slurm).")]
 Credentials = Annotated[Union[_saved(SfapiCredentials), _titled_none("none")], Doc(
     "SFAPI client credentials, for backend=sfapi.")]
 Compute = Annotated[Union[_saved(NerscCompute), _titled_none("defaults")], Doc(
     "The batch job for backend=sfapi; 'defaults': exclusive realtime CPU nodes on Perlmutter, 30 minutes.")]
+SlurmComputeBlock = Annotated[Union[_saved(SlurmCompute), _titled_none("defaults")], Doc(
+    "The Slurm cluster and batch job for backend=slurm; 'defaults': the site's SLURM_CONF, default QOS "
+    "and partition, 30 minutes, `detstream` from PATH on the nodes.")]
 Etcd = Annotated[Union[_saved(EtcdCoordinator), _titled_none("etcd_url or private")], Doc(
     "etcd endpoints, key prefix and login. 'etcd_url or private' uses etcd_url and etcd_prefix, "
     "or without a URL starts an etcd for the session.")]
@@ -112,6 +117,7 @@ def _shared(
     backend: BackendName = "local",
     sfapi_credentials: Credentials = None,
     nersc_compute: Compute = None,
+    slurm_compute: SlurmComputeBlock = None,
     etcd: Etcd = None,
     etcd_url: EtcdUrl = None,
     etcd_prefix: EtcdPrefix = DEFAULT_PREFIX,
@@ -200,16 +206,22 @@ def make_backend(p: dict, session_dir, service_env: dict[str, str]):
 
     if p["backend"] == "local":
         return LocalBackend(log_dir=session_dir / "logs", env=service_env)
-    if p["backend"] != "sfapi":
-        raise ValueError(f"unknown backend {p['backend']!r}; known: local, sfapi")
-    from detstream.backends.sfapi import SfapiBackend
-
-    if p.get("sfapi_credentials") is None:
+    if p["backend"] not in BACKENDS:
+        raise ValueError(f"unknown backend {p['backend']!r}; known: {', '.join(BACKENDS)}")
+    if p["backend"] == "sfapi" and p.get("sfapi_credentials") is None:
         raise ValueError("backend 'sfapi' needs sfapi_credentials (an SfapiCredentials block)")
     if service_env:
         get_run_logger().warning(
             "the batch job's nodes get no etcd login from the flow (it would be written into the "
             "batch script): set %s on the nodes, e.g. in a module or conda environment",
             ", ".join(sorted(service_env)))
+    if p["backend"] == "slurm":
+        from detstream.backends.slurm import SlurmBackend
+
+        slurm = p.get("slurm_compute") or SlurmCompute()
+        return SlurmBackend(slurm.settings(), slurm.job_settings(), work_dir=session_dir / "logs",
+                            logger=get_run_logger())
+    from detstream.backends.sfapi import SfapiBackend
+
     compute = p.get("nersc_compute") or NerscCompute()
     return SfapiBackend(p["sfapi_credentials"].settings(), compute.job_settings(), logger=get_run_logger())

@@ -114,7 +114,12 @@ class EtcdLink:
 
 
 def service_info(endpoint: Optional[str], **extra) -> dict:
-    return {"endpoint": endpoint, "pid": os.getpid(), "host": socket.gethostname(), **extra}
+    """A service's registration; under Slurm also its node name and job id (hostnames may repeat)."""
+    info = {"endpoint": endpoint, "pid": os.getpid(), "host": socket.gethostname(), **extra}
+    for key, var in (("slurm_node", "SLURMD_NODENAME"), ("slurm_job_id", "SLURM_JOB_ID")):
+        if os.environ.get(var):
+            info[key] = os.environ[var]
+    return info
 
 
 def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: str = "127.0.0.1",

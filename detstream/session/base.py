@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Optional
 
 from ..atomic import write_atomically
-from ..backends.base import ComputeBackend, JobState, NodeLaunch, Reservation, ReservationError
+from ..backends.base import ComputeBackend, NodeLaunch, Reservation, ReservationError
 from ..config import SessionSpec
 from ..coordination import Coordinator, DetectorBusy, KeepAliveLease
 from ..etcd import CoordinationError
@@ -63,6 +63,11 @@ class ScanProgress:
     @property
     def fraction(self) -> float:
         return self.frames_received / self.frames_expected if self.frames_expected else 1.0
+
+
+def _detail(job: Reservation) -> str:
+    """', <why>' when the backend said why a job failed (exit code, output file)."""
+    return f", {job.failure}" if job.failure else ""
 
 
 class Session:
@@ -307,7 +312,8 @@ class Session:
             while not self.scan_finished() and time.monotonic() < deadline:
                 time.sleep(poll_s)
             if not self.scan_finished():
-                raise SessionError(f"compute job {job.job_id} ended ({job.state.value}) "
+                raise SessionError(f"compute job {job.job_id} ({job.backend}) ended "
+                                   f"({job.scheduler_state or job.state.value}{_detail(job)}) "
                                    f"before every node reported{self._node_errors()}{self._disk_note()}")
 
     def _disk_note(self, always: bool = False) -> str:
@@ -356,12 +362,15 @@ class Session:
                                                     min(2.0, max(0.0, deadline - time.monotonic())))
             except TimeoutError as err:
                 job = self.backend.poll(self.reservation) if self.reservation is not None else None
-                if job is not None and job.state in (JobState.FAILED, JobState.COMPLETED, JobState.CANCELLED):
-                    msg = (f"distributors did not register: job {job.job_id} ended ({job.state.value}) "
-                           f"first; see {self.paths.logs}")
+                if job is not None and (job.state.finished or job.failure):
+                    how = "ended" if job.state.finished else "lost a node"
+                    msg = (f"distributors did not register: {job.backend} job {job.job_id} {how} "
+                           f"({job.scheduler_state or job.state.value}{_detail(job)}) first; see {self.paths.logs}")
                     raise SessionError(msg, fallback_reason=f"registration: {msg}") from err
                 if time.monotonic() >= deadline:
-                    raise SessionError(f"distributors did not register: {err}",
+                    where = (f" ({job.backend} job {job.job_id}: {job.scheduler_state or job.state.value})"
+                             if job else "")
+                    raise SessionError(f"distributors did not register: {err}{where}",
                                        fallback_reason=f"registration: {err}") from err
 
     # -- release -----------------------------------------------------------------------------

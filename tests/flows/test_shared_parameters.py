@@ -112,7 +112,7 @@ def test_the_server_accepts_a_saved_block_by_reference():
 
     schema = P.parameter_schema(streaming_session).model_dump_for_openapi()
     ref = {"$ref": {"block_document_id": "13afa51b-f2cc-48b4-bae3-2f2b5aae8461"}}
-    for name in ("detector", "etcd", "sfapi_credentials", "nersc_compute"):
+    for name in ("detector", "etcd", "sfapi_credentials", "nersc_compute", "slurm_compute"):
         validate({name: ref}, schema, raise_on_error=True, preprocess=True, ignore_required=True)
     from detstream.blocks import EtcdCoordinator
 
