@@ -52,6 +52,8 @@ BENCHMARKS: list[Benchmark] = [
               "acknowledged delivery (acks, window, segments) vs fire-and-forget, CPU s per GB"),
     Benchmark("slurm", "bench_slurm", (), ("--repeats", "1"),
               "job start latency on a private 4-node Slurm cluster (submit -> every distributor registered) vs local"),
+    Benchmark("live", "bench_live", (), ("--scan", "16x16", "--repeats", "1"),
+              "live virtual images on vs off, counting on: CPU s per GB and GB/s"),
 ]
 
 
@@ -222,11 +224,27 @@ def _fmt_slurm(r: dict) -> tuple[str, str]:
           f"{r['nodes']} slurmd) started in {r['cluster_start_s']:.2f} s; the first Slurm job after it "
           f"(cold): {cold['to_running_s']:.2f} s to running, {cold['to_registered_s']:.2f} s to registered."
           f"\n\n" + "\n".join(rows))
+def _fmt_live(r: dict) -> tuple[str, str]:
+    head = f"live images cost {r['cpu_cost']:+.1%} CPU s/GB, {r['gb_s_change']:+.1%} GB/s"
+    rows = ["| live images | CPU s per GB (data plane) | distributors + workers CPU s per GB | GB/s | frames/s "
+            "| redraws | orchestrator CPU s drawing |", "|---|---|---|---|---|---|---|"]
+    for label in ("off", "on"):
+        v = r[label]
+        rows.append(f"| {label} | {v['cpu_s_per_gb']:.3f} | {v['distributor_cpu_s_per_gb']:.3f} | {v['gb_s']:.3f} "
+                    f"| {v['frames_per_s']:.0f} | {v['draws']:.0f} | {v['draw_cpu_s']:.2f} |")
+    md = (f"{r['scan']} scan, {r['nodes']} nodes, counting on, live on/off alternating, median of {r['repeats']}, "
+          f"redraw every {r['interval_s']:g} s; target at most {r['target_cost']:.0%} more CPU per GB: "
+          f"{'met' if r['meets_target'] else 'not met'}.\n\n" + "\n".join(rows) + "\n\n"
+          f"- cost: {r['cpu_cost']:+.1%} CPU s/GB of the data plane (pairs: "
+          f"{', '.join(f'{c:+.1%}' for c in r['pair_costs'])}); distributors alone {r['distributor_cost']:+.1%}; "
+          f"GB/s {r['gb_s_change']:+.1%}\n- the orchestrator's drawing (where the flow runs, not on the nodes): "
+          f"{r['draw_share']:.1%} of the data plane's CPU")
     return head, md
 
 
 FORMATTERS: dict[str, Callable[[dict], tuple[str, str]]] = {
     "slurm": _fmt_slurm,
+    "live": _fmt_live,
     "delivery": _fmt_delivery,
     "counting": _fmt_counting,
     "pipeline": _fmt_pipeline,

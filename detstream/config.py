@@ -70,6 +70,36 @@ class CountingParams(BaseModel):
         return self
 
 
+class VirtualImaging(BaseModel):
+    """The virtual bright-field disk and dark-field ring, and the live images the nodes publish."""
+
+    model_config = ConfigDict(frozen=True)
+
+    live: bool = Field(default=True, description="Nodes publish per-position bright and dark field "
+                       "while they count, for the live image.")
+    center: Optional[tuple[float, float]] = Field(
+        default=None, description="Bright-field disk centre (row, col) in frame pixels; none: found "
+        "from the summed pattern (live: of the first frames; final: of the whole scan).")
+    bf_radius: Optional[float] = Field(default=None, gt=0, description="Bright-field disk radius, pixels.")
+    adf_inner: Optional[float] = Field(default=None, ge=0, description="Dark-field ring inner radius, "
+                                       "pixels; none: 1.5 bright-field radii.")
+    adf_outer: Optional[float] = Field(default=None, gt=0, description="Dark-field ring outer radius, "
+                                       "pixels; none: half the frame's shorter side.")
+    find_frames: int = Field(default=256, gt=0, description="Frames a node sums to find the disk "
+                             "for the live images when the centre and radius are not given.")
+    publish_s: float = Field(default=1.0, gt=0, description="How often a node publishes its live images.")
+    redraw_s: float = Field(default=2.0, gt=0, description="How often the session redraws live.png "
+                            "(and the live artifact) from what the nodes published.")
+
+    @model_validator(mode="after")
+    def _disk_given_whole(self) -> "VirtualImaging":
+        if (self.center is None) != (self.bf_radius is None):
+            raise ValueError("give the bright-field disk's center and bf_radius together, or neither")
+        if self.adf_inner is not None and self.adf_outer is not None and self.adf_outer < self.adf_inner:
+            raise ValueError(f"adf_outer ({self.adf_outer}) must not be below adf_inner ({self.adf_inner})")
+        return self
+
+
 class SessionSpec(BaseModel):
     """Everything a streaming or file-transfer session needs; stored at sessions/<sid>/spec."""
 
@@ -88,6 +118,7 @@ class SessionSpec(BaseModel):
     workers_per_node: int = Field(default=1, gt=0)
     output_dir: Path = Path("runs")
     counting: CountingParams = CountingParams()
+    virtual: VirtualImaging = VirtualImaging()
     etcd_prefix: str = DEFAULT_PREFIX
     register_timeout_s: float = Field(default=60.0, gt=0, description="Wait for services to register.")
     stall_timeout_s: float = Field(default=60.0, gt=0, description="No progress for this long ends the scan.")

@@ -117,7 +117,6 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
     """Merge every durable part into the HDF5, draw the virtual bright field, write and return
     the summary. ``state`` is the session's end state when already known (failed, cancelled);
     otherwise it is completed or incomplete by what was counted."""
-    from .output.images import write_png
     from .output.merge import merge_parts
 
     paths = spec.paths
@@ -133,13 +132,15 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
     if spec.counting.enabled:
         check_room(paths.counts, parts, spec.frames_expected)
         # After a re-route two nodes may both have counted a position: the first copy is kept.
+        v = spec.virtual
         report = merge_parts(parts, paths.counts, spec.scan_width, spec.scan_height,
-                             spec.profile.frame_shape, overwrite=overwrite, on_duplicate="first")
+                             spec.profile.frame_shape, overwrite=overwrite, on_duplicate="first",
+                             center=v.center, radius=v.bf_radius, adf_inner=v.adf_inner,
+                             adf_outer=v.adf_outer)
         outputs["hdf5"] = str(paths.counts)
         events_total = report.total_events
         hdf5_closed = time.time()
-        write_png(paths.image, report.bright_field)
-        outputs["image"] = str(paths.image)
+        outputs.update(write_figures(spec, report))
         not_counted = report.missing
         duplicates = report.duplicates
     else:
@@ -196,6 +197,22 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         **(extra or {}),
     }
     return write_account(spec, summary)
+
+
+def write_figures(spec: SessionSpec, report) -> dict[str, str]:
+    """The merge's images as figures a person can read: bright field, dark field, summed pattern."""
+    from .output.images import pattern_panel, scan_panel, write_figure
+
+    paths, sid = spec.paths, spec.session_id
+    d = report.detectors
+    write_figure(paths.image, [scan_panel(report.bright_field, "Virtual bright field")],
+                 f"session {sid}: disk at ({d.center[0]:.1f}, {d.center[1]:.1f}), radius {d.bf_radius:.1f} px")
+    write_figure(paths.dark_field_image, [scan_panel(report.dark_field, "Virtual annular dark field")],
+                 f"session {sid}: ring {d.adf_inner:.1f}-{d.adf_outer:.1f} px")
+    write_figure(paths.pattern_image, [pattern_panel(report.summed_pattern)],
+                 f"session {sid}: {report.positions_written} frames")
+    return {"image": str(paths.image), "dark_field_image": str(paths.dark_field_image),
+            "pattern_image": str(paths.pattern_image)}
 
 
 def write_account(spec: SessionSpec, summary: dict) -> dict:

@@ -71,6 +71,15 @@ Background = Annotated[float, Doc("Background threshold, ADU after dark subtract
 Xray = Annotated[float, Doc("X-ray threshold, ADU.")]
 NpyPath = Annotated[Union[Annotated[str, Field(title=".npy path")], _titled_none("none")], Doc(
     "Path to a .npy map of the frame's shape.")]
+LiveImages = Annotated[bool, Doc(
+    "Live virtual images: the nodes publish bright and dark field as they count; live.png in the session "
+    "folder and a live artifact follow the scan.")]
+LiveInterval = Annotated[float, Doc(
+    "Seconds between redraws of the live images (the nodes publish twice as often).", gt=0)]
+Disk = Annotated[Union[Annotated[list[float], Field(title="row, col, radius", min_length=3, max_length=3)],
+                       _titled_none("found in the pattern")], Doc(
+    "The bright-field disk for the virtual images: centre row, centre column and radius in detector "
+    "pixels. 'found in the pattern': located in the summed diffraction pattern.")]
 BACKENDS = ("local", "sfapi", "slurm")
 BackendName = Annotated[Literal[BACKENDS], Doc(
     "Where the nodes come from: this machine (local), NERSC through the Superfacility API (sfapi), "
@@ -114,6 +123,9 @@ def _shared(
     xray_threshold: Xray = 2000.0,
     dark_reference: NpyPath = None,
     gain: NpyPath = None,
+    live_images: LiveImages = True,
+    live_interval_s: LiveInterval = 2.0,
+    bright_field_disk: Disk = None,
     backend: BackendName = "local",
     sfapi_credentials: Credentials = None,
     nersc_compute: Compute = None,
@@ -195,9 +207,18 @@ def spec_from(p: dict, etcd: EtcdCoordinator):
         counting={"enabled": p["counting"], "background_threshold": p["background_threshold"],
                   "xray_threshold": p["xray_threshold"], "dark_reference": p["dark_reference"],
                   "gain": p["gain"]},
+        virtual=virtual_of(p),
         seed=p["seed"], nodes=p["nodes"], workers_per_node=p["workers_per_node"],
         etcd_prefix=etcd.prefix, register_timeout_s=p["register_timeout_s"],
         stall_timeout_s=p["stall_timeout_s"])
+
+
+def virtual_of(p: dict) -> dict:
+    """The spec's VirtualImaging from the flow's live-image and disk parameters."""
+    disk = p.get("bright_field_disk")
+    interval = p.get("live_interval_s", 2.0)
+    return {"live": p.get("live_images", True), "redraw_s": interval, "publish_s": interval / 2,
+            "center": tuple(disk[:2]) if disk else None, "bf_radius": disk[2] if disk else None}
 
 
 def make_backend(p: dict, session_dir, service_env: dict[str, str]):

@@ -59,6 +59,7 @@ class ScanProgress:
     frames_received: int = 0
     per_node: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
+    live_image: Optional[Path] = None  # the live virtual images, once drawn (streaming sessions)
 
     @property
     def fraction(self) -> float:
