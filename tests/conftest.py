@@ -77,6 +77,10 @@ def prefect_harness():
         yield
 
 
+# Processes that outlive single tests on purpose (a session-wide fixture's helpers), not strays.
+SESSION_HELPERS: set[int] = set()
+
+
 def detstream_children():
     """This test process's descendants that run detstream services (not etcd, not Prefect's server)."""
     import psutil
@@ -84,6 +88,8 @@ def detstream_children():
     out = []
     for child in psutil.Process().children(recursive=True):
         try:
+            if child.pid in SESSION_HELPERS:
+                continue
             if "-m detstream" in " ".join(child.cmdline()) and "etcd" not in child.name():
                 out.append(child)
         except psutil.NoSuchProcess:
@@ -181,6 +187,7 @@ def slurm_cluster():
         pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing): "
                     "apt-get install slurmctld slurmd slurm-client munge")
     with SlurmCluster(nodes=4) as cluster:
+        SESSION_HELPERS.add(cluster.reaper_pid)
         yield cluster
 
 

@@ -93,6 +93,11 @@ class SlurmCluster:
     def conf(self) -> Path:
         return self.dir / "etc" / "slurm.conf"
 
+    @property
+    def reaper_pid(self) -> Optional[int]:
+        """The watcher that stops the daemons if this process is killed."""
+        return self._reaper.proc.pid if self._reaper is not None and self._reaper.proc else None
+
     def client_env(self, base: Optional[dict] = None) -> dict:
         """The environment a Slurm client command (sbatch, squeue, ...) needs: SLURM_CONF set."""
         env = dict(os.environ if base is None else base)
