@@ -6,9 +6,9 @@ import pytest
 
 from detstream.backends.base import JobState, NodeLaunch, Reservation, ReservationError
 from detstream.backends.slurm import (SlurmBackend, SlurmClient, SlurmJobSettings, SlurmRefused, SlurmSettings,
-                                      _fields, cancel_slurm_job)
+                                      cancel_slurm_job)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]  # a real Slurm cluster
 
 
 def _backend(slurm, tmp_path, **job):
@@ -67,23 +67,12 @@ def test_a_job_that_cannot_start_times_out_and_is_cancelled(slurm, tmp_path):
         slurm.resume()
 
 
-def test_a_job_gone_from_slurm_counts_as_ended_keeping_its_last_state():
-    gone = SlurmBackend(SlurmSettings(slurm_conf="/nonexistent/slurm.conf"))
-    ended = Reservation(backend="slurm", job_id="7", nodes=1, state=JobState.FAILED, scheduler_state="FAILED")
-    assert gone.poll(ended) == ended  # known end: kept, Slurm not asked
-
-
 def test_purged_job_reads_ended_not_completed(slurm, tmp_path):
     backend = _backend(slurm, tmp_path)
     res = Reservation(backend="slurm", job_id="987654", nodes=1, state=JobState.RUNNING, scheduler_state="RUNNING")
     polled = backend.poll(res)
     assert polled.state is JobState.ENDED and "last seen RUNNING" in polled.scheduler_state
     assert cancel_slurm_job(backend.settings, polled).state is JobState.ENDED
-
-
-def test_scontrol_fields():
-    f = _fields("JobId=3 JobName=a b JobState=RUNNING Reason=None NodeList=n[1-2] ExitCode=0:0")
-    assert f["JobName"] == "a b" and f["NodeList"] == "n[1-2]" and f["ExitCode"] == "0:0"
 
 
 def test_a_hook_cancels_the_job_from_its_etcd_record(slurm, tmp_path, coordinator):
@@ -101,31 +90,3 @@ def test_a_hook_cancels_the_job_from_its_etcd_record(slurm, tmp_path, coordinato
                     backends={"slurm": lambda r: cancel_slurm_job(backend.settings, r)})
     assert SlurmClient(backend.settings).show(res.job_id)["JobState"] == "CANCELLED"
     assert coordinator.get_job("crashed")["state"] == "CANCELLED"
-
-
-def test_the_job_script_for_any_slurm_site():
-    """Same renderer as NERSC's; QOS and constraint only when given, a partition when given."""
-    from detstream.backends.jobscript import render_job_script
-
-    plain = render_job_script(SlurmJobSettings(), 2, _launch())
-    assert "#SBATCH -q" not in plain and "#SBATCH -C" not in plain and "#SBATCH -p" not in plain
-    assert "srun -N 2 --ntasks-per-node=1 detstream distributor --session t1" in plain
-    full = render_job_script(SlurmJobSettings(qos="realtime", constraint="cpu", partition="rt", account="m1",
-                                              reservation="beam", modules=["detstream/1.0"]), 4, _launch())
-    for line in ("#SBATCH -q realtime", "#SBATCH -C cpu", "#SBATCH -p rt", "#SBATCH -A m1",
-                 "#SBATCH --reservation=beam", "module load detstream/1.0"):
-        assert line in full
-    with pytest.raises(ValueError, match="partition"):
-        SlurmJobSettings(partition="rt; rm -rf /")
-
-
-def test_dead_tasks_are_read_from_srun_s_own_report(tmp_path):
-    from detstream.backends.slurm import _failed_tasks
-
-    out = tmp_path / "slurm-5.out"
-    out.write_text("starting\nsrun: error: n3: task 2: Exited with exit code 3\nsrun: error: n4: task 3: Killed\n")
-    assert _failed_tasks(str(out)) == (f"task 2 on node n3: exited with exit code 3; task 3 on node n4: killed; "
-                                       f"output {out}")
-    assert _failed_tasks(str(tmp_path / "missing.out")) is None
-    out.write_text("all well\n")
-    assert _failed_tasks(str(out)) is None
