@@ -195,7 +195,8 @@ def spec_from(p: dict, etcd: EtcdCoordinator):
 
 
 def make_backend(p: dict, session_dir, service_env: dict[str, str]):
-    """The compute backend a flow asked for; local nodes get the etcd login in ``service_env``."""
+    """The compute backend a flow asked for; local nodes get the etcd login in ``service_env``
+    (a batch job's nodes read it from the session's 0600 node.env instead)."""
     from prefect import get_run_logger
 
     if p["backend"] == "local":
@@ -206,10 +207,5 @@ def make_backend(p: dict, session_dir, service_env: dict[str, str]):
 
     if p.get("sfapi_credentials") is None:
         raise ValueError("backend 'sfapi' needs sfapi_credentials (an SfapiCredentials block)")
-    if service_env:
-        get_run_logger().warning(
-            "the batch job's nodes get no etcd login from the flow (it would be written into the "
-            "batch script): set %s on the nodes, e.g. in a module or conda environment",
-            ", ".join(sorted(service_env)))
     compute = p.get("nersc_compute") or NerscCompute()
     return SfapiBackend(p["sfapi_credentials"].settings(), compute.job_settings(), logger=get_run_logger())

@@ -34,6 +34,7 @@ from ..profile import DetectorProfile
 from ..wire import Control, Kind, MalformedMessage
 from .aggregator import route
 from .counting_pool import CountingPool
+from . import security
 from .validation import MessageValidator, RejectLog
 
 log = logging.getLogger("detstream.distributor")
@@ -77,7 +78,8 @@ class Distributor:
                  part_writer=None, bind: str = "tcp://127.0.0.1:*", hwm: int = 64,
                  max_partial_frames: int = 256, stall_timeout_s: float = 60.0,
                  ctx: Optional[zmq.Context] = None, acks: bool = False, segment_frames: int = 256,
-                 segment_seconds: float = 0.5, heartbeat_s: float = 0.5, linger_s: float = 2.0):
+                 segment_seconds: float = 0.5, heartbeat_s: float = 0.5, linger_s: float = 2.0,
+                 curve: Optional[security.Curve] = None):
         if not 0 <= node_index < nodes:
             raise ValueError(f"node index {node_index} outside 0..{nodes - 1}")
         self.profile = profile
@@ -104,7 +106,8 @@ class Distributor:
             if self._own_ctx:
                 self.ctx.term()
             raise
-        self.inbound = self.ctx.socket(zmq.PULL)
+        self.guard = curve.start(self.ctx, self.rejects) if curve else None
+        self.inbound = security.server(self.guard, self.ctx.socket(zmq.PULL))
         self.inbound.setsockopt(zmq.RCVHWM, hwm)
         self.inbound.setsockopt(zmq.LINGER, 0)
         self.inbound.bind(bind)
@@ -112,7 +115,7 @@ class Distributor:
         self.ack_endpoint: Optional[str] = None
         self.ack_out = self.monitor = None
         if acks:
-            self.ack_out = self.ctx.socket(zmq.PUSH)
+            self.ack_out = security.server(self.guard, self.ctx.socket(zmq.PUSH), watch=False)
             self.ack_out.setsockopt(zmq.SNDHWM, 10_000)
             self.ack_out.setsockopt(zmq.LINGER, int(linger_s * 1000))
             self.monitor = self.ack_out.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -376,5 +379,7 @@ class Distributor:
             self.ack_out.disable_monitor()
             self.monitor.close(0)
             self.ack_out.close()
+        if self.guard is not None:
+            self.guard.stop()
         if self._own_ctx:
             self.ctx.term()

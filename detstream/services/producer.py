@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import zmq
 
 from .. import wire
+from . import security
 
 log = logging.getLogger("detstream.producer")
 
@@ -61,7 +62,7 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                  on_progress: Optional[Callable[[int], None]] = None,
                  should_stop: Optional[Callable[[], bool]] = None,
                  linger_s: float = 60.0, stop_check_s: float = 0.5,
-                 send_timeout_s: Optional[float] = None) -> ProducerStats:
+                 send_timeout_s: Optional[float] = None, curve: Optional[security.Curve] = None) -> ProducerStats:
     """Stream ``source``'s sector ``sector`` to the aggregator at ``endpoint``.
 
     ``tee``, if given, receives ``write(meta, block)`` for every block (the file path's writer).
@@ -70,7 +71,7 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
     """
     own_ctx = ctx is None
     ctx = ctx or zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
+    sock = security.client(curve, ctx.socket(zmq.PUSH), "aggregator")
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
     sock.setsockopt(zmq.SNDTIMEO, max(1, int(stop_check_s * 1000)))
