@@ -90,6 +90,9 @@ RegisterTimeout = Annotated[float, Doc("Seconds for every service to register in
 StallTimeout = Annotated[float, Doc(
     "Seconds without a new frame, once data flows, before the session fails as stalled.", gt=0)]
 Overwrite = Annotated[bool, Doc("Replace an existing output of the same session id.")]
+Security = Annotated[Literal["auto", "curve", "none"], Doc(
+    "CURVE on the ZeroMQ hops: auto = wherever a socket listens beyond loopback or ipc; curve = always; "
+    "none = never.")]
 SessionId = Annotated[Union[Annotated[str, Field(title="id")], _titled_none("generated")], Doc(
     "Session id (generated if empty).")]
 
@@ -118,6 +121,7 @@ def _shared(
     reserve_timeout_s: ReserveTimeout = 300.0,
     register_timeout_s: RegisterTimeout = 60.0,
     stall_timeout_s: StallTimeout = 30.0,
+    security: Security = "auto",
     session_id: SessionId = None,
     overwrite: Overwrite = False,
 ) -> None:
@@ -191,7 +195,7 @@ def spec_from(p: dict, etcd: EtcdCoordinator):
                   "gain": p["gain"]},
         seed=p["seed"], nodes=p["nodes"], workers_per_node=p["workers_per_node"],
         etcd_prefix=etcd.prefix, register_timeout_s=p["register_timeout_s"],
-        stall_timeout_s=p["stall_timeout_s"])
+        stall_timeout_s=p["stall_timeout_s"], security=p["security"])
 
 
 def make_backend(p: dict, session_dir, service_env: dict[str, str]):
