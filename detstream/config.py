@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import uuid
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
@@ -117,6 +118,9 @@ class SessionSpec(BaseModel):
                                    "first frame, whichever comes first.")
     node_timeout_s: float = Field(default=10.0, gt=0, description="A node that holds unacknowledged frames "
                                   "and shows no progress for this long is lost.")
+    session_token: int = Field(default_factory=lambda: secrets.randbits(32), ge=0, lt=2**32,
+                               description="Carried by every message of the session (with the scan number), "
+                               "so that another session's messages are told apart and rejected.")
     security: Literal["auto", "curve", "none"] = Field(
         default="auto", description="CURVE on the ZeroMQ hops: auto = on wherever a socket listens beyond "
         "loopback or ipc; curve = always; none = never (asked for by name).")

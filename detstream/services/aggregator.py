@@ -378,7 +378,8 @@ class Aggregator:
                 if self._node[node].alive:
                     self._send(node, [
                         wire.end_header(header.sector, header.scan_number, header.scan_width,
-                                        header.scan_height, self.per_sector_node[header.sector][node]),
+                                        header.scan_height, self.per_sector_node[header.sector][node],
+                                        header.session),
                         b""])
             return
         if header.kind is not Kind.DATA:
@@ -604,7 +605,8 @@ class Aggregator:
         for n, state in enumerate(self._node):
             if state.alive:
                 self._send(n, [wire.fin_header(self._scan_number, self.validator.scan_width,
-                                                 self.validator.scan_height, self.stats.positions_acked[n]), b""])
+                                                 self.validator.scan_height, self.stats.positions_acked[n],
+                                                 self.validator.session_token), b""])
                 self.stats.fin_sent.append(n)
         deadline = time.monotonic() + wait_s
         waiting = set(self.stats.fin_sent)

@@ -146,6 +146,7 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
                        stall_timeout_s=spec.stall_timeout_s, acks=spec.acks,
                        segment_frames=spec.segment_frames, segment_seconds=spec.segment_seconds,
                        curve=_curve(coord, spec, "distributor", bind_host))
+    dist.validator.expect_session(spec.scan_number, spec.session_token)
     info = service_info(_advertise(dist.endpoint, bind_host, advertise_host), node_index=node_index,
                         curve=dist.guard is not None)
     if dist.ack_endpoint:
@@ -222,6 +223,7 @@ def serve_aggregator(coord: Coordinator, sid: str, bind_host: str = "127.0.0.1",
                      hwm=spec.send_hwm, ack_endpoints=acks, window_frames=spec.delivery_window,
                      node_timeout_s=spec.node_timeout_s,
                      curve=_curve(coord, spec, "aggregator", bind_host, [("distributor", i) for i in ordered]))
+    agg.validator.expect_session(spec.scan_number, spec.session_token)
     info = service_info(_advertise(agg.endpoint, bind_host, advertise_host), curve=agg.guard is not None,
                         sector_endpoints=[_advertise(e, bind_host, advertise_host) for e in agg.sector_endpoints])
     try:
@@ -262,7 +264,8 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
         stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm,
                              should_stop=lambda: stop_requested(coord, sid)() is not None,
                              send_timeout_s=spec.stall_timeout_s,
-                             curve=_curve(coord, spec, "producer", None, [("aggregator", agg)]))
+                             curve=_curve(coord, spec, "producer", None, [("aggregator", agg)]),
+                             session_token=spec.session_token)
         report = stats.as_dict()
         write_report(report_path(spec, "producer", name), report)
         return report

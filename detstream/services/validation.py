@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Optional
 
 from ..profile import DetectorProfile
 from ..wire import Header, Kind, MalformedMessage
@@ -17,6 +18,12 @@ class MessageValidator:
         self.scan_width = scan_width
         self.scan_height = scan_height
         self.positions = scan_width * scan_height
+        self.scan_number: Optional[int] = None
+        self.session_token = 0
+
+    def expect_session(self, scan_number: int, token: int) -> None:
+        """Reject from now on every message that names another scan or session (token)."""
+        self.scan_number, self.session_token = scan_number, token
 
     def check(self, parts) -> Header:
         if len(parts) != 2:
@@ -30,6 +37,12 @@ class MessageValidator:
                 "frame_outside_scan",
                 f"header scan {header.scan_width}x{header.scan_height}, session scan "
                 f"{self.scan_width}x{self.scan_height}")
+        if self.scan_number is not None:
+            if header.session != self.session_token:
+                raise MalformedMessage("wrong_session", f"session token {header.session:#010x}, this session's is "
+                                       f"{self.session_token:#010x}")
+            if header.scan_number != self.scan_number:
+                raise MalformedMessage("wrong_scan", f"scan {header.scan_number}, this session's is {self.scan_number}")
         size = len(parts[1].buffer) if hasattr(parts[1], "buffer") else len(parts[1])
         if header.kind is not Kind.DATA:
             if size:

@@ -36,12 +36,9 @@ class coordination:  # noqa: N801 (used as a context manager, reads as a verb)
         private = running_secure(self.endpoint)
         login = {k: v for k, v in self.client_kwargs.items() if k in _LOGIN}
         options = {k: v for k, v in self.client_kwargs.items() if k not in _LOGIN}
-        if private is not None:  # an etcd this process started: its root for us, a session user for services
+        self.service_env = service_login_env(self.endpoint, self.prefix, self.session, login)
+        if private is not None:  # an etcd this process started: its root for us, never for the services
             login = private.root_login()
-            service_login = private.session_login(self.prefix, *self.session) if self.session else {}
-        else:
-            service_login = login
-        self.service_env = etcd_login_env(**service_login)
         try:
             return self.endpoint, Coordinator(self.endpoint, prefix=self.prefix, **login, **options)
         except BaseException:
@@ -54,3 +51,15 @@ class coordination:  # noqa: N801 (used as a context manager, reads as a verb)
 
 
 _LOGIN = ("username", "password", "ca_file", "cert_file", "key_file")
+
+
+def service_login_env(endpoint: str, prefix: str, session: Optional[tuple[str, str]],
+                      login: dict[str, Any]) -> dict[str, str]:
+    """The environment giving a session's services their etcd login: on a private etcd this
+    process started, the session's own user (``session``: (id, detector)); else ``login``."""
+    from ..etcd_server import running_secure
+
+    private = running_secure(endpoint)
+    if private is not None:
+        login = private.session_login(prefix, *session) if session else {}
+    return etcd_login_env(**login)
