@@ -80,6 +80,7 @@ def merge_parts(
     accumulators: Sequence[BlockAccumulator] = (),
     block_positions: int = 8192,
     on_duplicate: str = "error",
+    exclude: Sequence[int] = (),
 ) -> MergeReport:
     """Merge part files into one stempy file (temp + rename), reading each part once, a block
     at a time. Positions in no part are written empty and listed in ``missing``; a position in
@@ -87,6 +88,7 @@ def merge_parts(
     whose frames were re-routed after a node was lost) its first copy is kept and the others
     counted in ``duplicates``. With ``bright_field`` the virtual bright-field image is
     computed in the same pass; the disk, unless given, comes from the parts' summed patterns.
+    Positions in ``exclude`` (conflicted ones) are written empty and listed in ``missing``.
     """
     if on_duplicate not in ("error", "first"):
         raise ValueError(f"on_duplicate must be 'error' or 'first', not {on_duplicate!r}")
@@ -99,6 +101,7 @@ def merge_parts(
 
     parts = [read_part(p) for p in part_paths]
     owner = np.full(n, -1, dtype=np.int64)
+    owner[np.asarray(list(exclude), dtype=np.int64)] = -2  # left out whatever the parts hold
     keep: list[np.ndarray | None] = []  # per part, which stored frames to write (None: all)
     duplicates = 0
     for k, part in enumerate(parts):
@@ -110,15 +113,17 @@ def merge_parts(
                 f"{part.path}: scan position {int(pos.max())} outside a "
                 f"{scan_width}x{scan_height} scan"
             )
+        left_out = owner[pos] == -2
         if on_duplicate == "first":
             once = np.zeros(pos.size, bool)
             once[np.unique(pos, return_index=True)[1]] = True
-            mask = once & (owner[pos] < 0)
-            duplicates += int(pos.size - mask.sum())
+            mask = once & (owner[pos] == -1)
+            duplicates += int(pos.size - mask.sum() - left_out.sum())
             keep.append(None if mask.all() else mask)
             owner[pos[mask]] = k
             continue
-        keep.append(None)
+        keep.append(~left_out if left_out.any() else None)
+        pos = pos[~left_out]
         uniq, counts = np.unique(pos, return_counts=True)
         if np.any(counts > 1):
             raise ValueError(f"{part.path}: scan position {int(uniq[counts > 1][0])} appears twice")

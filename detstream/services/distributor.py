@@ -35,7 +35,7 @@ from ..wire import Control, Kind, MalformedMessage
 from .aggregator import route
 from .counting_pool import CountingPool
 from . import security
-from .validation import MessageValidator, RejectLog
+from .validation import MessageValidator, RejectLog, SectorCopies
 
 log = logging.getLogger("detstream.distributor")
 
@@ -51,6 +51,7 @@ class DistributorResult:
     bytes_received: int = 0
     missing: list[int] = field(default_factory=list)
     partial: list[int] = field(default_factory=list)
+    conflicted: list[int] = field(default_factory=list)
     rejected: dict = field(default_factory=dict)
     end_markers: int = 0
     fin: bool = False
@@ -87,6 +88,7 @@ class Distributor:
         self.nodes = nodes
         self.positions = scan_width * scan_height
         self.validator = MessageValidator(profile, scan_width, scan_height)
+        self.copies = SectorCopies(self.positions, profile.sectors)
         self.rejects = RejectLog(log)
         self.part_writer = part_writer
         # Producers may run up to their queues' depth (send + receive HWM, and socket buffers)
@@ -164,7 +166,7 @@ class Distributor:
                 "wrong_node", f"position {pos} belongs to node {route(pos, self.nodes)}"))
             return
         if self._done[pos]:
-            self.rejects.reject(MalformedMessage("duplicate_sector", f"sector {s} of finished position {pos}"))
+            self.rejects.reject(self.copies.second(pos, s, parts[1]))
             return
         sectors = self._pending.get(pos)
         if sectors is None:
@@ -172,9 +174,10 @@ class Distributor:
                 self._evict_oldest()
             sectors = self._pending[pos] = [None] * self.profile.sectors
         if sectors[s] is not None:
-            self.rejects.reject(MalformedMessage("duplicate_sector", f"sector {s} of position {pos} twice"))
+            self.rejects.reject(self.copies.second(pos, s, parts[1], sectors[s]))
             return
         sectors[s] = parts[1]
+        self.copies.first(pos, s, parts[1])
         self._blocks_per_sector[s] += 1
         self.result.bytes_received += self.profile.sector_nbytes
         if all(p is not None for p in sectors):
@@ -361,6 +364,7 @@ class Distributor:
             mine = np.arange(self.node_index, self.positions, self.nodes)
             r.missing = mine[~self._done[mine]].tolist()
         r.rejected = self.rejects.as_dict()
+        r.conflicted = sorted(self.copies.conflicted)
         r.counting_seconds = self.pool.counting_seconds
         if self.pool.enabled and r.frames_counted != r.frames_received:
             log.error("%d frames received but %d counted", r.frames_received, r.frames_counted)

@@ -27,9 +27,9 @@ W = H = 8
 class Forger(threading.Thread):
     """Reads node-0's endpoint from etcd and pushes garbage sectors for the last position at it."""
 
-    def __init__(self, coord: Coordinator, sid: str):
+    def __init__(self, coord: Coordinator, sid: str, read_token: bool = False):
         super().__init__(daemon=True)
-        self.coord, self.sid = coord, sid
+        self.coord, self.sid, self.read_token = coord, sid, read_token
         self.done = threading.Event()
         self.sent_to: str | None = None
 
@@ -48,11 +48,14 @@ class Forger(threading.Thread):
             s.connect(node["endpoint"])
             self.sent_to = node["endpoint"]
             garbage = np.full(SMALL_TEST_CAMERA.sector_shape, 9000, np.uint16).tobytes()
-            for sector in range(SMALL_TEST_CAMERA.sectors):
-                try:
-                    s.send_multipart([wire.data_header(sector, 1, 0, W, H, W - 1, H - 1, 0), garbage])
-                except zmq.Again:
-                    pass
+            # As filed, then (an insider who can read the session's spec) with its token as well.
+            tokens = [0, self.coord.get_spec(self.sid)["session_token"]] if self.read_token else [0]
+            for token in tokens:
+                for sector in range(SMALL_TEST_CAMERA.sectors):
+                    try:
+                        s.send_multipart([wire.data_header(sector, 1, 0, W, H, W - 1, H - 1, 0, token), garbage])
+                    except zmq.Again:
+                        pass
             self.done.wait(30)
             s.close(0)
         finally:
@@ -101,3 +104,34 @@ def test_forged_frames_are_refused_and_the_output_is_the_clean_one(tmp_path, etc
         secret = env.get("DETSTREAM_CURVE_SECRET_DISTRIBUTOR")
         assert secret, f"{cmdline} has no CURVE key"
         assert secret not in cmdline
+
+
+def test_without_curve_the_forgery_makes_the_position_conflicted_not_counted(tmp_path, etcd_server):
+    """--security none: the issue's forgery as filed is rejected for its session token; sent again with
+    the token (read from the spec), the forged copy arrives first and the real one second: the position
+    is conflicted, left out of counted.h5, and the session is not completed."""
+    from detstream.flows import streaming_session
+    from detstream.session import SessionIncomplete
+
+    sid, prefix = "none" + uuid.uuid4().hex[:8], f"/t{uuid.uuid4().hex[:10]}"
+    forger = Forger(Coordinator(etcd_server.endpoint, prefix=prefix), sid, read_token=True)
+    forger.start()
+    try:
+        state = streaming_session(etcd_url=etcd_server.endpoint, etcd_prefix=prefix, session_id=sid,
+                                  output_dir=str(tmp_path / "runs"), scan_width=W, scan_height=H, nodes=1,
+                                  detector="testcam", seed=7, security="none", stall_timeout_s=20.0,
+                                  return_state=True)
+    finally:
+        forger.done.set()
+        forger.join(10)
+    assert forger.sent_to
+    assert state.is_failed() and state.name == "Incomplete"
+    with pytest.raises(SessionIncomplete) as info:
+        state.result()
+    summary = info.value.summary
+    last = W * H - 1
+    assert summary["state"] == "incomplete" and summary["conflicted_positions"] == [last]
+    assert summary["rejected"]["wrong_session"] == SMALL_TEST_CAMERA.sectors
+    assert summary["rejected"].get("conflicting_sector", 0) >= 1 and summary["frames_counted"] == last
+    counts = stempy.io.load_electron_counts(summary["outputs"]["hdf5"])
+    assert len(counts.data[last][0]) == 0

@@ -43,3 +43,19 @@ def test_another_sessions_or_scans_message_is_rejected_with_its_reason(parts, re
 def test_without_an_expected_session_nothing_is_checked():
     v = MessageValidator(SMALL_TEST_CAMERA, 4, 4)
     assert v.check([wire.data_header(0, 77, 0, 4, 4, 0, 0, 0, 123), PAYLOAD]).session == 123
+
+
+def test_a_second_copy_that_differs_is_a_conflict_an_equal_one_a_repeat():
+    from detstream.services.validation import SectorCopies
+
+    copies = SectorCopies(positions=16, sectors=4)
+    real = np.arange(len(PAYLOAD) // 2, dtype=np.uint16).tobytes()
+    forged = np.full(len(PAYLOAD) // 2, 9000, np.uint16).tobytes()
+    copies.first(5, 2, real)
+    assert copies.second(5, 2, real).reason == "duplicate_sector"  # its frame already assembled
+    assert copies.second(5, 2, bytes(real), first=real).reason == "duplicate_sector"  # still held
+    assert copies.conflicted == set()
+    assert copies.second(5, 2, forged).reason == "conflicting_sector"
+    copies.first(7, 0, forged)
+    assert copies.second(7, 0, real, first=forged).reason == "conflicting_sector"
+    assert copies.conflicted == {5, 7}
