@@ -384,7 +384,7 @@ class EmbeddedEtcd:
         try:
             self._wait_healthy(client_url)
             self._client_port, self._peer_port = client_port, peer_port  # a restart comes back here
-            if self.secure and self.__root_password is None:
+            if self.secure and (self.__root_password is None or self._data_dir is None):  # a fresh etcd
                 from .etcd.access import enable_root
 
                 self.__root_password = enable_root(self.endpoint, self.tls_login())

@@ -74,3 +74,18 @@ def test_the_password_comes_from_a_private_file_never_a_readable_one(tmp_path):
     secret.chmod(0o644)
     with pytest.raises(ValueError, match="may be read by others.*chmod 600"):
         etcd_login_from_env(env)
+
+
+def test_a_restarted_private_etcd_is_locked_down_again():
+    etcd = EmbeddedEtcd(secure=True, unsafe_no_fsync=True)
+    try:
+        etcd.start()
+        etcd.stop()
+        etcd.start()  # a fresh, empty etcd on the same endpoint: auth is enabled anew
+        with pytest.raises(AuthenticationError, match="requires a username and password"):
+            Coordinator(etcd.endpoint, **etcd.tls_login()).get_spec("x")
+        with Coordinator(etcd.endpoint, **etcd.session_login("/detstream", "x", "4dcamera")) as coord:
+            coord.put_spec("x", {"ok": True})
+            assert coord.get_spec("x") == {"ok": True}
+    finally:
+        etcd.stop()
