@@ -89,3 +89,20 @@ def test_a_restarted_private_etcd_is_locked_down_again():
             assert coord.get_spec("x") == {"ok": True}
     finally:
         etcd.stop()
+
+
+def test_a_private_session_hands_its_services_the_session_user_never_root():
+    from detstream.config import etcd_login_from_env
+    from detstream.session import coordination
+
+    context = coordination(None, "/detstream", ("s9", "4dcamera"))
+    with context as (endpoint, orchestrator):
+        assert endpoint.startswith("https://") and orchestrator.etcd.username == "root"
+        orchestrator.put_spec("someone-else", {"theirs": 1})
+        env = context.service_env
+        assert env["DETSTREAM_ETCD_USERNAME"] == "session-s9"
+        assert {"DETSTREAM_ETCD_CA_FILE", "DETSTREAM_ETCD_CERT_FILE", "DETSTREAM_ETCD_KEY_FILE"} <= set(env)
+        with Coordinator(endpoint, prefix="/detstream", **etcd_login_from_env(env)) as service:
+            service.put_spec("s9", {"mine": 1})
+            with pytest.raises(CoordinationError, match="permission denied"):
+                service.get_spec("someone-else")
