@@ -133,6 +133,7 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         outputs["image"] = str(paths.image)
         not_counted = report.missing
         duplicates = report.duplicates
+        conflicted = sorted(set(conflicted) | set(report.conflicted))  # two nodes' copies differ
     else:
         hdf5_closed = time.time()
         not_counted = sorted(set(_uncounted(spec, nodes)) | set(conflicted))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +42,7 @@ class MergeReport:
     bright_field: np.ndarray | None = None  # (scan_height, scan_width)
     disk: DiskEstimate | None = None
     duplicates: int = 0  # later copies of a position dropped (on_duplicate="first")
+    conflicted: list[int] = field(default_factory=list)  # copies whose events differ: left out
 
     @property
     def n_positions(self) -> int:
@@ -88,7 +89,8 @@ def merge_parts(
     whose frames were re-routed after a node was lost) its first copy is kept and the others
     counted in ``duplicates``. With ``bright_field`` the virtual bright-field image is
     computed in the same pass; the disk, unless given, comes from the parts' summed patterns.
-    Positions in ``exclude`` (conflicted ones) are written empty and listed in ``missing``.
+    Positions in ``exclude`` (conflicted ones) are written empty and listed in ``missing``, and
+    so is a position whose copies in two parts differ (listed in ``conflicted`` too).
     """
     if on_duplicate not in ("error", "first"):
         raise ValueError(f"on_duplicate must be 'error' or 'first', not {on_duplicate!r}")
@@ -100,8 +102,9 @@ def merge_parts(
         raise refuse(out)
 
     parts = [read_part(p) for p in part_paths]
+    conflicted = _conflicting_copies(parts, n, block_positions) if on_duplicate == "first" else []
     owner = np.full(n, -1, dtype=np.int64)
-    owner[np.asarray(list(exclude), dtype=np.int64)] = -2  # left out whatever the parts hold
+    owner[np.asarray([*exclude, *conflicted], dtype=np.int64)] = -2  # left out whatever the parts hold
     keep: list[np.ndarray | None] = []  # per part, which stored frames to write (None: all)
     duplicates = 0
     for k, part in enumerate(parts):
@@ -200,7 +203,30 @@ def merge_parts(
         bright_field=None if bf is None else bf.image,
         disk=disk,
         duplicates=duplicates,
+        conflicted=conflicted,
     )
+
+
+def _conflicting_copies(parts, n: int, block_positions: int) -> list[int]:
+    """Positions held more than once whose copies' events differ (a pass over those positions only)."""
+    held = np.concatenate([p.positions.astype(np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
+    held = held[(held >= 0) & (held < n)]
+    repeated = np.flatnonzero(np.bincount(held, minlength=n) > 1)
+    if not repeated.size:
+        return []
+    first: dict[int, np.ndarray] = {}
+    conflicted: set[int] = set()
+    for part in parts:
+        if not np.isin(part.positions, repeated).any():
+            continue
+        for positions, flat, offs in part.iter_blocks(block_positions):
+            for i in np.flatnonzero(np.isin(positions, repeated)):
+                p, events = int(positions[i]), np.sort(flat[offs[i] : offs[i + 1]])
+                if p not in first:
+                    first[p] = events
+                elif not np.array_equal(first[p], events):
+                    conflicted.add(p)
+    return sorted(conflicted)
 
 
 def _select_frames(
