@@ -23,16 +23,21 @@ ETCD_CERT_FILE_ENV = "DETSTREAM_ETCD_CERT_FILE"
 ETCD_KEY_FILE_ENV = "DETSTREAM_ETCD_KEY_FILE"
 #: A file holding the password (read when DETSTREAM_ETCD_PASSWORD is not set); must not be group/world readable.
 ETCD_PASSWORD_FILE_ENV = "DETSTREAM_ETCD_PASSWORD_FILE"
+ETCD_OUTAGE_BUDGET_ENV = "DETSTREAM_ETCD_OUTAGE_BUDGET_S"  # how long a service rides out an etcd outage
 _LOGIN_ENV = {"username": ETCD_USERNAME_ENV, "password": ETCD_PASSWORD_ENV, "ca_file": ETCD_CA_FILE_ENV,
               "cert_file": ETCD_CERT_FILE_ENV, "key_file": ETCD_KEY_FILE_ENV}
 
 
 def etcd_login_env(username: Optional[str] = None, password: Optional[str] = None, ca_file: Optional[str] = None,
-                   cert_file: Optional[str] = None, key_file: Optional[str] = None) -> dict[str, str]:
+                   outage_budget_s: Optional[float] = None, cert_file: Optional[str] = None,
+                   key_file: Optional[str] = None) -> dict[str, str]:
     """The environment variables that hand this etcd login to a service the session starts."""
     given = {"username": username, "password": password, "ca_file": ca_file, "cert_file": cert_file,
              "key_file": key_file}
-    return {_LOGIN_ENV[k]: str(v) for k, v in given.items() if v is not None}
+    env = {_LOGIN_ENV[k]: str(v) for k, v in given.items() if v is not None}
+    if outage_budget_s is not None:
+        env[ETCD_OUTAGE_BUDGET_ENV] = f"{outage_budget_s:g}"
+    return env
 
 
 def etcd_login_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -49,6 +54,8 @@ def etcd_login_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, An
     for key in ("cert_file", "key_file"):
         if environ.get(_LOGIN_ENV[key]):
             login[key] = environ[_LOGIN_ENV[key]]
+    if environ.get(ETCD_OUTAGE_BUDGET_ENV):
+        login["outage_budget_s"] = float(environ[ETCD_OUTAGE_BUDGET_ENV])
     return login
 
 
@@ -84,6 +91,36 @@ class CountingParams(BaseModel):
         return self
 
 
+class VirtualImaging(BaseModel):
+    """The virtual bright-field disk and dark-field ring, and the live images the nodes publish."""
+
+    model_config = ConfigDict(frozen=True)
+
+    live: bool = Field(default=True, description="Nodes publish per-position bright and dark field "
+                       "while they count, for the live image.")
+    center: Optional[tuple[float, float]] = Field(
+        default=None, description="Bright-field disk centre (row, col) in frame pixels; none: found "
+        "from the summed pattern (live: of the first frames; final: of the whole scan).")
+    bf_radius: Optional[float] = Field(default=None, gt=0, description="Bright-field disk radius, pixels.")
+    adf_inner: Optional[float] = Field(default=None, ge=0, description="Dark-field ring inner radius, "
+                                       "pixels; none: 1.5 bright-field radii.")
+    adf_outer: Optional[float] = Field(default=None, gt=0, description="Dark-field ring outer radius, "
+                                       "pixels; none: half the frame's shorter side.")
+    find_frames: int = Field(default=256, gt=0, description="Frames a node sums to find the disk "
+                             "for the live images when the centre and radius are not given.")
+    publish_s: float = Field(default=1.0, gt=0, description="How often a node publishes its live images.")
+    redraw_s: float = Field(default=2.0, gt=0, description="How often the session redraws live.png "
+                            "(and the live artifact) from what the nodes published.")
+
+    @model_validator(mode="after")
+    def _disk_given_whole(self) -> "VirtualImaging":
+        if (self.center is None) != (self.bf_radius is None):
+            raise ValueError("give the bright-field disk's center and bf_radius together, or neither")
+        if self.adf_inner is not None and self.adf_outer is not None and self.adf_outer < self.adf_inner:
+            raise ValueError(f"adf_outer ({self.adf_outer}) must not be below adf_inner ({self.adf_inner})")
+        return self
+
+
 class SessionSpec(BaseModel):
     """Everything a streaming or file-transfer session needs; stored at sessions/<sid>/spec."""
 
@@ -102,6 +139,7 @@ class SessionSpec(BaseModel):
     workers_per_node: int = Field(default=1, gt=0)
     output_dir: Path = Path("runs")
     counting: CountingParams = CountingParams()
+    virtual: VirtualImaging = VirtualImaging()
     etcd_prefix: str = DEFAULT_PREFIX
     register_timeout_s: float = Field(default=60.0, gt=0, description="Wait for services to register.")
     stall_timeout_s: float = Field(default=60.0, gt=0, description="No progress for this long ends the scan.")

@@ -71,7 +71,7 @@ def run_session(session_cls: type[Session], params: dict, spec, etcd, steps: Cal
     key = run_key(spec.session_id)
     etcd_context = etcd.coordination((spec.session_id, spec.detector))
     with etcd_context as (endpoint, coord):
-        env = {**etcd_context.service_env, **session_env(spec)}
+        env = {**etcd.service_env(), **etcd_context.service_env, **session_env(spec)}  # budget, login, CURVE
         session = session_cls(spec, coord, P.make_backend(params, spec.session_dir, env), endpoint,
                               overwrite=params["overwrite"], service_env=env, **session_kwargs)
         ACTIVE_SESSIONS[key] = session
