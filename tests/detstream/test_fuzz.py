@@ -22,7 +22,7 @@ from detstream.sources.rawv5 import ReplaySource
 from detstream.wire import MalformedMessage
 
 pytestmark = pytest.mark.unit
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PROFILE = SMALL_TEST_CAMERA
 PAYLOAD = np.zeros(PROFILE.sector_shape, np.uint16).tobytes()
 
@@ -88,7 +88,7 @@ def recorded_scan():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sector=st.integers(0, PROFILE.sectors - 1), data=st.data())
 def test_the_raw_v5_reader_reads_a_mutated_file_or_names_what_is_wrong(recorded_scan, sector, data):
     work = Path(tempfile.mkdtemp(prefix="detstream-fuzz-case-"))
