@@ -39,8 +39,12 @@ def test_no_secret_leaks_anywhere(tmp_path):
     prefix, sid = f"/t{uuid.uuid4().hex[:10]}", "sec" + uuid.uuid4().hex[:8]
     cmdlines: set[str] = set()
     curve: set[str] = set()
+    node_env_modes: set[int] = set()
 
     def look(_):
+        node_env = tmp_path / "runs" / sid / "node.env"
+        if node_env.exists():
+            node_env_modes.add(node_env.stat().st_mode & 0o777)
         for p in psutil.process_iter(["cmdline"]):
             cmdlines.add(" ".join(p.info["cmdline"] or []))
             try:
@@ -80,6 +84,7 @@ def test_no_secret_leaks_anywhere(tmp_path):
     with get_client(sync_client=True) as client:
         artifacts = [str(a.data) + str(a.description) for a in client.read_artifacts()]
     assert len(curve) == 3, f"the services' CURVE secret keys were not seen ({len(curve)})"
+    assert node_env_modes == {0o600}, "the nodes' secrets file was not seen, or others could read it"
     wanted = {"etcd password": [password], "CURVE secret key": sorted(curve), "SFAPI private key": [private_key]}
     places = {f"file {p}": text for p, text in _text_files(tmp_path) if p != key_file}
     places |= {f"etcd key {k}": v for k, v in etcd_values.items()}
