@@ -3,7 +3,10 @@
 `EmbeddedEtcd` runs one etcd member on free loopback ports with a temporary data directory,
 waits until it reports healthy, and removes everything again on `stop()`. Started again after
 a stop it comes back on the same ports; with a caller's `data_dir` also with the same data
-(an outage and recovery, for fault tests).
+(an outage and recovery, for fault tests). With ``secure=True`` (what a session's private etcd
+uses) it serves https only, asks for a client certificate, and has auth on: the certificates are
+made for the run (`detstream.etcd.tls`), the root password lives only in this object, and
+`session_login` makes each session a user limited to its own keys (`detstream.etcd.access`).
 
 Leaving nothing running is best effort, in layers:
 
