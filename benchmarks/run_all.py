@@ -54,6 +54,8 @@ BENCHMARKS: list[Benchmark] = [
               "job start latency on a private 4-node Slurm cluster (submit -> every distributor registered) vs local"),
     Benchmark("live", "bench_live", (), ("--scan", "16x16", "--repeats", "1"),
               "live virtual images on vs off, counting on: CPU s per GB and GB/s"),
+    Benchmark("security", "bench_security", (), ("--scan", "16x16", "--repeats", "1"),
+              "CURVE on every ZeroMQ hop vs --security none, CPU s per GB and GB/s"),
 ]
 
 

@@ -97,6 +97,13 @@ class Coordinator:
         #: The transport; every etcd request goes through it.
         self.etcd = EtcdClient(endpoint, **connection)
 
+    @classmethod
+    def schema(cls, prefix: str = DEFAULT_PREFIX) -> "Coordinator":
+        """Only the key schema under `prefix` (key, session_key, lock_key...): no connection, no requests."""
+        layout = cls.__new__(cls)
+        layout.prefix = check_prefix(prefix)
+        return layout
+
     @property
     def endpoint(self) -> str:
         return self.etcd.endpoint
@@ -361,6 +368,18 @@ class Coordinator:
 
     def orchestrator_alive(self, sid: str) -> bool:
         return self.etcd.get(self.session_key(sid, "alive")) is not None
+
+    # ----------------------------------------------------------------- CURVE public keys
+    def put_public_keys(self, sid: str, keys: Mapping[str, str]) -> None:
+        """sessions/<sid>/keys/<role>/0: each role's CURVE public key (secret keys never go to etcd)."""
+        for role, key in keys.items():
+            self.etcd.put(self.session_key(sid, "keys", key_segment(role, "role"), "0"), key)
+
+    def public_keys(self, sid: str) -> dict[str, str]:
+        """{role: CURVE public key} of the session."""
+        prefix = self.session_key(sid, "keys") + "/"
+        kvs, _ = self.etcd.range(prefix, prefix=True)
+        return {kv.key[len(prefix):].split("/", 1)[0]: kv.text for kv in kvs}
 
     # ----------------------------------------------------------------- completion
     def put_node_done(self, sid: str, node: str, record: Mapping[str, Any]) -> None:

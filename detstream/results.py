@@ -129,6 +129,8 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
     outputs: dict[str, Optional[str]] = {"hdf5": None, "image": None}
     events_total = 0
     parts = durable_parts(spec) if spec.counting.enabled else []
+    # Two differing copies of a sector arrived: neither can be trusted, the position is left out.
+    conflicted = sorted({p for n in nodes for p in n.get("conflicted", [])})
     if spec.counting.enabled:
         check_room(paths.counts, parts, spec.frames_expected)
         # After a re-route two nodes may both have counted a position: the first copy is kept.
@@ -136,16 +138,17 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         report = merge_parts(parts, paths.counts, spec.scan_width, spec.scan_height,
                              spec.profile.frame_shape, overwrite=overwrite, on_duplicate="first",
                              center=v.center, radius=v.bf_radius, adf_inner=v.adf_inner,
-                             adf_outer=v.adf_outer)
+                             adf_outer=v.adf_outer, exclude=conflicted)
         outputs["hdf5"] = str(paths.counts)
         events_total = report.total_events
         hdf5_closed = time.time()
         outputs.update(write_figures(spec, report))
         not_counted = report.missing
         duplicates = report.duplicates
+        conflicted = sorted(set(conflicted) | set(report.conflicted))  # two nodes' copies differ
     else:
         hdf5_closed = time.time()
-        not_counted = _uncounted(spec, nodes, aggregators)
+        not_counted = sorted(set(_uncounted(spec, nodes, aggregators)) | set(conflicted))
         duplicates = 0
     timings = dict(timings)
     timings["merge_s"] = hdf5_closed - t0
@@ -153,7 +156,7 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
     received = sum(n["frames_received"] for n in nodes)
     partial_seen = {p for n in nodes for p in n.get("partial", [])}
     partial = sorted(p for p in not_counted if p in partial_seen)
-    missing = sorted(p for p in not_counted if p not in partial_seen)
+    missing = sorted(p for p in not_counted if p not in partial_seen and p not in conflicted)
     counted = spec.frames_expected - len(not_counted)
     if state is None:
         state = SessionState.COMPLETED if not not_counted else SessionState.INCOMPLETE
@@ -174,6 +177,7 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         "complete": not not_counted,
         "missing_positions": missing,
         "partial_positions": partial,
+        "conflicted_positions": conflicted,
         "duplicates_dropped": duplicates,
         "delivery": _delivery(aggregators),
         "salvaged": {"parts": [str(p) for p in parts], "nodes_reported": len(nodes),

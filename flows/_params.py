@@ -104,6 +104,9 @@ RegisterTimeout = Annotated[float, Doc("Seconds for every service to register in
 StallTimeout = Annotated[float, Doc(
     "Seconds without a new frame, once data flows, before the session fails as stalled.", gt=0)]
 Overwrite = Annotated[bool, Doc("Replace an existing output of the same session id.")]
+Security = Annotated[Literal["auto", "curve", "none"], Doc(
+    "CURVE on the ZeroMQ hops: auto = wherever a socket listens beyond loopback or ipc; curve = always; "
+    "none = never.")]
 SessionId = Annotated[Union[Annotated[str, Field(title="id")], _titled_none("generated")], Doc(
     "Session id (generated if empty).")]
 
@@ -136,6 +139,7 @@ def _shared(
     reserve_timeout_s: ReserveTimeout = 300.0,
     register_timeout_s: RegisterTimeout = 60.0,
     stall_timeout_s: StallTimeout = 30.0,
+    security: Security = "auto",
     session_id: SessionId = None,
     overwrite: Overwrite = False,
 ) -> None:
@@ -210,7 +214,7 @@ def spec_from(p: dict, etcd: EtcdCoordinator):
         virtual=virtual_of(p),
         seed=p["seed"], nodes=p["nodes"], workers_per_node=p["workers_per_node"],
         etcd_prefix=etcd.prefix, register_timeout_s=p["register_timeout_s"],
-        stall_timeout_s=p["stall_timeout_s"])
+        stall_timeout_s=p["stall_timeout_s"], security=p["security"])
 
 
 def virtual_of(p: dict) -> dict:
@@ -222,7 +226,8 @@ def virtual_of(p: dict) -> dict:
 
 
 def make_backend(p: dict, session_dir, service_env: dict[str, str]):
-    """The compute backend a flow asked for; local nodes get the etcd login in ``service_env``."""
+    """The compute backend a flow asked for; local nodes get the etcd login in ``service_env``
+    (a batch job's nodes read it from the session's 0600 node.env instead)."""
     from prefect import get_run_logger
 
     if p["backend"] == "local":
@@ -231,11 +236,6 @@ def make_backend(p: dict, session_dir, service_env: dict[str, str]):
         raise ValueError(f"unknown backend {p['backend']!r}; known: {', '.join(BACKENDS)}")
     if p["backend"] == "sfapi" and p.get("sfapi_credentials") is None:
         raise ValueError("backend 'sfapi' needs sfapi_credentials (an SfapiCredentials block)")
-    if service_env:
-        get_run_logger().warning(
-            "the batch job's nodes get no etcd login from the flow (it would be written into the "
-            "batch script): set %s on the nodes, e.g. in a module or conda environment",
-            ", ".join(sorted(service_env)))
     if p["backend"] == "slurm":
         from detstream.backends.slurm import SlurmBackend
 

@@ -52,12 +52,16 @@ def run(
     session_id: Optional[str] = typer.Option(None, help="Session id (default: generated)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output of this session id."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary here."),
+    security: str = typer.Option("auto", help="CURVE on the ZeroMQ hops: auto (wherever a socket listens "
+                                 "beyond loopback/ipc), curve (always) or none (never)."),
 ):
     """Run a session (private etcd, local nodes, simulated camera by default)."""
     from rich.console import Console
 
     console = Console(stderr=True)
     w, h = _parse_scan(scan) if replay is None else (None, None)
+    if security not in ("auto", "curve", "none"):
+        raise typer.BadParameter(f"security {security!r}: choose auto, curve or none")
     if workflow not in ("streaming", "file-transfer"):
         raise typer.BadParameter(f"workflow {workflow!r}: choose streaming or file-transfer")
     if backend == "local":
@@ -92,7 +96,7 @@ def run(
                 counting=not no_counting, background_threshold=background_threshold,
                 xray_threshold=xray_threshold,
                 dark_reference=str(dark_reference) if dark_reference else None,
-                gain=str(gain) if gain else None, **_etcd_params(etcd))
+                gain=str(gain) if gain else None, security=security, **_etcd_params(etcd))
     except SessionIncomplete as err:
         _print_summary(console, err.summary)
         if json_out:

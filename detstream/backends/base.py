@@ -58,6 +58,8 @@ class NodeLaunch(BaseModel):
     session_id: str
     etcd_endpoint: str
     etcd_prefix: str
+    env_file: Optional[str] = Field(default=None, description="A 0600 file of NAME=VALUE lines (the etcd login, "
+                                    "CURVE keys) the node sources before it starts; never its argv.")
 
     def argv(self, node_index: Optional[int] = None) -> list[str]:
         args = [self.service, "--session", self.session_id, "--etcd", self.etcd_endpoint,
@@ -71,6 +73,8 @@ class ComputeBackend(abc.ABC):
     """Reserve ``nodes`` compute nodes and run the launch's service on each."""
 
     name: str = "abstract"
+    #: False when the backend hands `env` to its processes itself; True: secrets go in `NodeLaunch.env_file`.
+    needs_env_file: bool = True
 
     def check_request(self, nodes: int, workers_per_node: int) -> None:
         """Refuse, with a plain message, a request this backend can never satisfy (ValueError)."""

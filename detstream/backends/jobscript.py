@@ -211,6 +211,8 @@ def render_job_script(job: NerscJobSettings, nodes: int, launch: NodeLaunch) -> 
     if job.conda_env:
         body += ['eval "$(conda shell.bash hook)"', f"conda activate {shlex.quote(job.conda_env)}"]
     body += [f"export {name}={shlex.quote(value)}" for name, value in job.env.items()]
+    if launch.env_file:  # the session's secrets: a 0600 file the nodes read, never the script's text
+        body.append(f"set -a; . {shlex.quote(launch.env_file)}; set +a")
 
     srun = ["srun", "-N", str(nodes), "--ntasks-per-node=1", *job.srun_options]
     if job.image and job.container == "shifter":
@@ -219,6 +221,8 @@ def render_job_script(job: NerscJobSettings, nodes: int, launch: NodeLaunch) -> 
         srun += ["podman-hpc", "run", "--rm", "--network", "host"]
         for name in ["SLURM_PROCID", "SLURM_NODEID", "SLURM_JOB_ID", *job.env]:
             srun += ["-e", name]
+        if launch.env_file:
+            srun += ["--env-file", launch.env_file]
         srun.append(job.image)
     line = f"{_q(srun)} {_q([*job.command, *launch.argv()])}"
     if launch.service in LISTENING_SERVICES:

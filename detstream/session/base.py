@@ -21,6 +21,8 @@ from ..config import SessionSpec
 from ..coordination import Coordinator, DetectorBusy, KeepAliveLease
 from ..etcd import CoordinationError
 from ..processes import ManagedProcess, detstream_argv
+from ..secretfiles import write_env_file
+from ..services import security
 from ..services.serve import SERVICE_LEASE_TTL_S
 from ..progress import report as report_progress
 from ..states import TERMINAL_STATES, SessionState
@@ -131,6 +133,7 @@ class Session:
         self.coord.set_state(self.sid, SessionState.REQUESTED)
         self.coord.set_expected(self.sid, self.spec.scan_number, self.spec.frames_expected)
         self.coord.put_alive(self.sid, self.lock_lease)
+        self.coord.put_public_keys(self.sid, security.public_keys(self.service_env))
         self.opened = True
 
     def _on_lock_regrant(self, lease, lost: dict) -> None:
@@ -178,6 +181,8 @@ class Session:
         t0 = time.time()
         launch = NodeLaunch(service=self.node_service, session_id=self.sid,
                             etcd_endpoint=self.etcd_endpoint, etcd_prefix=self.spec.etcd_prefix)
+        if self.backend.needs_env_file and self.service_env:
+            launch.env_file = str(write_env_file(self.paths.node_env.resolve(), self.service_env))
         try:
             self.reservation = self.backend.reserve(self.spec.nodes, launch)
             self._record_job()
@@ -412,6 +417,7 @@ class Session:
         if result is not None:
             self._in_etcd(self.coord.put_result, self.sid, result)
         self._in_etcd(self.coord.cleanup_session, self.sid)
+        self.paths.node_env.unlink(missing_ok=True)
         if state == SessionState.COMPLETED:
             self._in_etcd(self.coord.set_state, self.sid, state, reason)
         self._in_etcd(self.coord.unlock_detector, self.spec.detector, self.sid)
