@@ -191,7 +191,9 @@ def run_session(*, scan: tuple[int, int], nodes: int, counting: bool, workdir: P
     from detstream import results
     from detstream.backends.local import LocalBackend
     from detstream.profile import get_profile
+    from detstream.services.security import session_env
     from detstream.session import SessionError, StreamingSession, make_spec
+    from detstream.session.etcd import service_login_env
     from detstream.states import SessionState
 
     spec = make_spec(scan_width=scan[0], scan_height=scan[1], profile=get_profile("4dcamera"),
@@ -199,7 +201,9 @@ def run_session(*, scan: tuple[int, int], nodes: int, counting: bool, workdir: P
                      workers_per_node=workers_per_node, seed=seed, stall_timeout_s=30.0,
                      etcd_prefix=coord.prefix, register_timeout_s=120.0,
                      **(spec_fields or {}))
-    session = StreamingSession(spec, coord, LocalBackend(log_dir=spec.session_dir / "logs"), endpoint)
+    env = {**service_login_env(endpoint, coord.prefix, (spec.session_id, spec.detector), {}), **session_env(spec)}
+    session = StreamingSession(spec, coord, LocalBackend(log_dir=spec.session_dir / "logs", env=env), endpoint,
+                               service_env=env)
     sampler = ProcessSampler() if sample else None
     t_start = time.time()
     try:
@@ -530,10 +534,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
             for role, c in cpu.items() if role not in ("etcd", "all")))
     print(f"  target: pipeline >= {TARGET_RATIO:.0%} of the single hop: "
           f"{'met' if result['meets_target'] else 'NOT met'}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    save_json(args.json, result)
     return result
+
+
+def save_json(path: Optional[Path], result: dict) -> None:
+    """Write a benchmark's figures to `path` (--json), if given."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from detstream.config import DEFAULT_PREFIX, etcd_login_env
+from detstream.etcd import DEFAULT_OUTAGE_BUDGET_S
 
 from . import _logos
 
@@ -28,10 +29,17 @@ class EtcdCoordinator(Block):
     username: Optional[str] = Field(default=None, description="etcd user, if auth is enabled.")
     password: Optional[SecretStr] = Field(default=None, description="etcd password.")
     ca_file: Optional[str] = Field(default=None, description="CA bundle for https endpoints.")
+    cert_file: Optional[str] = Field(default=None, description="Client certificate, if etcd asks for one.")
+    key_file: Optional[str] = Field(default=None, description="The client certificate's key (a 0600 file).")
     timeout_s: float = Field(default=10.0, description="Per-request timeout.")
+    outage_budget_s: float = Field(
+        default=DEFAULT_OUTAGE_BUDGET_S, ge=0,
+        description="How long every etcd request (the flow's and the services') keeps retrying "
+                    "while etcd is unreachable before it is an error.")
 
     def _login(self) -> dict:
-        return {"username": self.username, "ca_file": self.ca_file,
+        return {"username": self.username, "ca_file": self.ca_file, "cert_file": self.cert_file,
+                "key_file": self.key_file, "outage_budget_s": self.outage_budget_s,
                 "password": self.password.get_secret_value() if self.password else None}
 
     def get_coordinator(self, endpoint: Optional[str] = None):
@@ -43,14 +51,21 @@ class EtcdCoordinator(Block):
             raise ValueError("EtcdCoordinator has no endpoints; leave it out to use a private etcd")
         return Coordinator(ep, prefix=self.prefix, timeout=self.timeout_s, **self._login())
 
-    def coordination(self):
-        """Context manager giving (endpoint, Coordinator): the first endpoint, or a private etcd if none."""
+    def coordination(self, session: Optional[tuple[str, str]] = None):
+        """Context manager giving (endpoint, Coordinator): the first endpoint, or a private etcd if none.
+
+        ``session`` (id, detector) gets its own etcd user on a private etcd; the context's
+        ``service_env`` is the login its services get.
+        """
         from detstream.session import coordination
 
         if not self.endpoints:
-            return coordination(None, self.prefix)
-        return coordination(self.endpoints[0], self.prefix, timeout=self.timeout_s, **self._login())
+            return coordination(None, self.prefix, session, outage_budget_s=self.outage_budget_s)
+        return coordination(self.endpoints[0], self.prefix, session, timeout=self.timeout_s, **self._login())
 
     def service_env(self) -> dict[str, str]:
         """The login for the services a session starts, as environment variables (never their argv)."""
-        return etcd_login_env(**self._login()) if self.endpoints else {}
+        budget = None if self.outage_budget_s == DEFAULT_OUTAGE_BUDGET_S else self.outage_budget_s
+        if self.endpoints:
+            return etcd_login_env(**{**self._login(), "outage_budget_s": budget})
+        return etcd_login_env(None, None, None, outage_budget_s=budget)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import uuid
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
@@ -18,18 +19,44 @@ DEFAULT_PREFIX = "/detstream"
 ETCD_USERNAME_ENV = "DETSTREAM_ETCD_USERNAME"
 ETCD_PASSWORD_ENV = "DETSTREAM_ETCD_PASSWORD"
 ETCD_CA_FILE_ENV = "DETSTREAM_ETCD_CA_FILE"
+ETCD_CERT_FILE_ENV = "DETSTREAM_ETCD_CERT_FILE"
+ETCD_KEY_FILE_ENV = "DETSTREAM_ETCD_KEY_FILE"
+#: A file holding the password (read when DETSTREAM_ETCD_PASSWORD is not set); must not be group/world readable.
+ETCD_PASSWORD_FILE_ENV = "DETSTREAM_ETCD_PASSWORD_FILE"
+ETCD_OUTAGE_BUDGET_ENV = "DETSTREAM_ETCD_OUTAGE_BUDGET_S"  # how long a service rides out an etcd outage
+_LOGIN_ENV = {"username": ETCD_USERNAME_ENV, "password": ETCD_PASSWORD_ENV, "ca_file": ETCD_CA_FILE_ENV,
+              "cert_file": ETCD_CERT_FILE_ENV, "key_file": ETCD_KEY_FILE_ENV}
 
 
-def etcd_login_env(username: Optional[str], password: Optional[str], ca_file: Optional[str]) -> dict[str, str]:
+def etcd_login_env(username: Optional[str] = None, password: Optional[str] = None, ca_file: Optional[str] = None,
+                   outage_budget_s: Optional[float] = None, cert_file: Optional[str] = None,
+                   key_file: Optional[str] = None) -> dict[str, str]:
     """The environment variables that hand this etcd login to a service the session starts."""
-    pairs = {ETCD_USERNAME_ENV: username, ETCD_PASSWORD_ENV: password, ETCD_CA_FILE_ENV: ca_file}
-    return {name: value for name, value in pairs.items() if value is not None}
+    given = {"username": username, "password": password, "ca_file": ca_file, "cert_file": cert_file,
+             "key_file": key_file}
+    env = {_LOGIN_ENV[k]: str(v) for k, v in given.items() if v is not None}
+    if outage_budget_s is not None:
+        env[ETCD_OUTAGE_BUDGET_ENV] = f"{outage_budget_s:g}"
+    return env
 
 
 def etcd_login_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """Coordinator keyword arguments from those variables (what a started service reads)."""
-    return {"username": environ.get(ETCD_USERNAME_ENV), "password": environ.get(ETCD_PASSWORD_ENV),
-            "ca_file": environ.get(ETCD_CA_FILE_ENV)}
+    """Coordinator keyword arguments from those variables (what a started service and the CLI read).
+
+    The password comes from DETSTREAM_ETCD_PASSWORD, else from the file DETSTREAM_ETCD_PASSWORD_FILE names.
+    """
+    login: dict[str, Any] = {"username": environ.get(ETCD_USERNAME_ENV), "password": environ.get(ETCD_PASSWORD_ENV),
+                             "ca_file": environ.get(ETCD_CA_FILE_ENV)}
+    if login["password"] is None and environ.get(ETCD_PASSWORD_FILE_ENV):
+        from .secretfiles import read_secret_file
+
+        login["password"] = read_secret_file(environ[ETCD_PASSWORD_FILE_ENV], "etcd password")
+    for key in ("cert_file", "key_file"):
+        if environ.get(_LOGIN_ENV[key]):
+            login[key] = environ[_LOGIN_ENV[key]]
+    if environ.get(ETCD_OUTAGE_BUDGET_ENV):
+        login["outage_budget_s"] = float(environ[ETCD_OUTAGE_BUDGET_ENV])
+    return login
 
 
 def check_prefix(prefix: str) -> str:
@@ -129,6 +156,12 @@ class SessionSpec(BaseModel):
                                    "first frame, whichever comes first.")
     node_timeout_s: float = Field(default=10.0, gt=0, description="A node that holds unacknowledged frames "
                                   "and shows no progress for this long is lost.")
+    session_token: int = Field(default_factory=lambda: secrets.randbits(32), ge=0, lt=2**32,
+                               description="Carried by every message of the session (with the scan number), "
+                               "so that another session's messages are told apart and rejected.")
+    security: Literal["auto", "curve", "none"] = Field(
+        default="auto", description="CURVE on the ZeroMQ hops: auto = on wherever a socket listens beyond "
+        "loopback or ipc; curve = always; none = never (asked for by name).")
 
     @field_validator("etcd_prefix")
     @classmethod

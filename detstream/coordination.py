@@ -65,11 +65,14 @@ class Coordinator:
     The layout (DESIGN.md, "etcd keys")::
 
         <prefix>/detectors/<detector>/lock                   session id, leased
+        <prefix>/detectors/<detector>/last                   the last session id to take the lock
         <prefix>/sessions/<sid>/spec                         JSON
         <prefix>/sessions/<sid>/state                        a SessionState value
         <prefix>/sessions/<sid>/events/<seq:010d>            JSON {"state", "reason", "time"}
+        <prefix>/sessions/<sid>/alive                        "1", on the orchestrator's lease
         <prefix>/sessions/<sid>/job                          JSON
-        <prefix>/sessions/<sid>/services/<role>/<name>       JSON, leased
+        <prefix>/sessions/<sid>/services/<role>/<name>       JSON, leased (see below)
+        <prefix>/sessions/<sid>/nodes/<node>/done            JSON, the node's done record
         <prefix>/sessions/<sid>/barriers/<barrier>/<name>    "1"
         <prefix>/sessions/<sid>/scans/<scan>/expected        integer
         <prefix>/sessions/<sid>/scans/<scan>/received/<node> integer
@@ -77,6 +80,10 @@ class Coordinator:
         <prefix>/sessions/<sid>/live/detectors               JSON: the live images' disk and ring
         <prefix>/sessions/<sid>/live/images/<node>/<chunk:06d> a node's live images of 4096 positions
                                                              (detstream.live.encode_chunk)
+
+    A service record holds ``endpoint``, ``pid`` and ``host``; a distributor's also its
+    ``node_index`` and, with acknowledged delivery, the ``ack_endpoint`` it sends acks from; the
+    aggregator's the ``sector_endpoints`` (one socket per sector, in sector order).
     """
 
     def __init__(self, endpoint: str, prefix: str = DEFAULT_PREFIX, **connection: Any) -> None:
@@ -89,6 +96,13 @@ class Coordinator:
         self.prefix = check_prefix(prefix)
         #: The transport; every etcd request goes through it.
         self.etcd = EtcdClient(endpoint, **connection)
+
+    @classmethod
+    def schema(cls, prefix: str = DEFAULT_PREFIX) -> "Coordinator":
+        """Only the key schema under `prefix` (key, session_key, lock_key...): no connection, no requests."""
+        layout = cls.__new__(cls)
+        layout.prefix = check_prefix(prefix)
+        return layout
 
     @property
     def endpoint(self) -> str:
@@ -354,6 +368,18 @@ class Coordinator:
 
     def orchestrator_alive(self, sid: str) -> bool:
         return self.etcd.get(self.session_key(sid, "alive")) is not None
+
+    # ----------------------------------------------------------------- CURVE public keys
+    def put_public_keys(self, sid: str, keys: Mapping[str, str]) -> None:
+        """sessions/<sid>/keys/<role>/0: each role's CURVE public key (secret keys never go to etcd)."""
+        for role, key in keys.items():
+            self.etcd.put(self.session_key(sid, "keys", key_segment(role, "role"), "0"), key)
+
+    def public_keys(self, sid: str) -> dict[str, str]:
+        """{role: CURVE public key} of the session."""
+        prefix = self.session_key(sid, "keys") + "/"
+        kvs, _ = self.etcd.range(prefix, prefix=True)
+        return {kv.key[len(prefix):].split("/", 1)[0]: kv.text for kv in kvs}
 
     # ----------------------------------------------------------------- completion
     def put_node_done(self, sid: str, node: str, record: Mapping[str, Any]) -> None:

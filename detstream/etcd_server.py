@@ -3,7 +3,10 @@
 `EmbeddedEtcd` runs one etcd member on free loopback ports with a temporary data directory,
 waits until it reports healthy, and removes everything again on `stop()`. Started again after
 a stop it comes back on the same ports; with a caller's `data_dir` also with the same data
-(an outage and recovery, for fault tests).
+(an outage and recovery, for fault tests). With ``secure=True`` (what a session's private etcd
+uses) it serves https only, asks for a client certificate, and has auth on: the certificates are
+made for the run (`detstream.etcd.tls`), the root password lives only in this object, and
+`session_login` makes each session a user limited to its own keys (`detstream.etcd.access`).
 
 Leaving nothing running is best effort, in layers:
 
@@ -32,6 +35,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -46,11 +50,20 @@ from typing import Optional, Sequence
 
 from . import reaper
 
-__all__ = ["EmbeddedEtcd", "EtcdNotFoundError", "EtcdStartError", "find_etcd_binary"]
+__all__ = ["EmbeddedEtcd", "EtcdNotFoundError", "EtcdStartError", "find_etcd_binary", "running_secure"]
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+
+#: The secure etcds this process started, by endpoint: only their starter holds the root login.
+_SECURE: "weakref.WeakValueDictionary[str, EmbeddedEtcd]" = weakref.WeakValueDictionary()
+
+
+def running_secure(endpoint: str) -> Optional["EmbeddedEtcd"]:
+    """The running secure EmbeddedEtcd this process started at `endpoint`, if any."""
+    server = _SECURE.get(endpoint.rstrip("/"))
+    return server if server is not None and server.running else None
 
 
 class EtcdNotFoundError(RuntimeError):
@@ -175,8 +188,13 @@ class EmbeddedEtcd:
         extra_args: Sequence[str] = (),
         name: str = "detstream",
         data_dir: Optional[os.PathLike | str] = None,
+        secure: bool = False,
     ) -> None:
         """Configure, do not start. `unsafe_no_fsync` speeds up tests (data is throw-away anyway).
+
+        `secure`: TLS with certificates made for this run (client certificates required) and auth
+        enabled with a random root password held only in this object; `session_login` then makes
+        each session its own user (see `detstream.etcd.tls` and `detstream.etcd.access`).
 
         `data_dir` (created if missing) holds etcd's data and log and is kept on stop, so a
         restart finds them again; removing it is the caller's job. None: a temporary dir.
@@ -193,14 +211,43 @@ class EmbeddedEtcd:
         self._data_dir = Path(data_dir) if data_dir is not None else None
         self._client_port: Optional[int] = None
         self._peer_port: Optional[int] = None
+        self.secure = secure
+        self._tls = None  # TlsFiles once a secure etcd has started
+        self.__root_password: Optional[str] = None
 
     # ----------------------------------------------------------------- properties
     @property
     def endpoint(self) -> str:
-        """Client URL, "http://127.0.0.1:PORT"; only while running."""
+        """Client URL, "http(s)://127.0.0.1:PORT"; only while running."""
         if self._runtime is None or self._runtime.stopped:
             raise RuntimeError("EmbeddedEtcd is not running; call start() first")
-        return f"http://127.0.0.1:{self._client_port}"
+        return f"{self._scheme}://127.0.0.1:{self._client_port}"
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.secure else "http"
+
+    def tls_login(self) -> dict[str, str]:
+        """The client's TLS files (CA, certificate, key) as EtcdClient keywords; empty when not secure."""
+        if self._tls is None:
+            return {}
+        return {"ca_file": str(self._tls.ca), "cert_file": str(self._tls.client_cert),
+                "key_file": str(self._tls.client_key)}
+
+    def root_login(self) -> dict[str, str]:
+        """EtcdClient keywords for root: for the orchestrator that started this etcd only, never a service."""
+        if self.__root_password is None:
+            return self.tls_login()
+        return {"username": "root", "password": self.__root_password, **self.tls_login()}
+
+    def session_login(self, prefix: str, session_id: str, detector: str) -> dict[str, str]:
+        """Make (or renew) the session's own user, limited to its keys; its EtcdClient keywords."""
+        from .etcd.access import add_session_user
+
+        if self.__root_password is None:
+            return self.tls_login()
+        user, password = add_session_user(self.endpoint, self.root_login(), prefix, session_id, detector)
+        return {"username": user, "password": password, **self.tls_login()}
 
     @property
     def running(self) -> bool:
@@ -283,7 +330,7 @@ class EmbeddedEtcd:
             client_port, peer_port = _free_port(), _free_port()
             while peer_port == client_port:
                 peer_port = _free_port()
-        client_url = f"http://127.0.0.1:{client_port}"
+        client_url = f"{self._scheme}://127.0.0.1:{client_port}"
         peer_url = f"http://127.0.0.1:{peer_port}"
         if self._data_dir is not None:
             tmpdir = self._data_dir
@@ -302,6 +349,12 @@ class EmbeddedEtcd:
             "--initial-cluster-state", "new",
             "--initial-cluster-token", f"detstream-{uuid.uuid4().hex[:12]}",
         ]
+        if self.secure:
+            from .etcd.tls import make_tls_files
+
+            self._tls = make_tls_files(tmpdir / "tls")
+            args += ["--cert-file", str(self._tls.server_cert), "--key-file", str(self._tls.server_key),
+                     "--trusted-ca-file", str(self._tls.ca), "--client-cert-auth"]
         if self.unsafe_no_fsync:
             args.append("--unsafe-no-fsync")
         args += self.extra_args
@@ -334,6 +387,12 @@ class EmbeddedEtcd:
         try:
             self._wait_healthy(client_url)
             self._client_port, self._peer_port = client_port, peer_port  # a restart comes back here
+            if self.secure and (self.__root_password is None or self._data_dir is None):  # a fresh etcd
+                from .etcd.access import enable_root
+
+                self.__root_password = enable_root(self.endpoint, self.tls_login())
+            if self.secure:
+                _SECURE[self.endpoint] = self
         except EtcdStartError as exc:
             excerpt = self._log_excerpt()
             self.stop()
@@ -355,7 +414,7 @@ class EmbeddedEtcd:
             if code is not None:
                 raise EtcdStartError(f"etcd exited with code {code} during start-up")
             try:
-                with urllib.request.urlopen(f"{client_url}/health", timeout=2) as resp:
+                with urllib.request.urlopen(f"{client_url}/health", timeout=2, context=self._ssl_context()) as resp:
                     body = resp.read().decode("utf-8", "replace")
                 if '"health":"true"' in body.replace(" ", ""):
                     return
@@ -368,6 +427,14 @@ class EmbeddedEtcd:
                 )
             time.sleep(interval)
             interval = min(interval * 1.5, 0.25)
+
+    def _ssl_context(self) -> Optional[ssl.SSLContext]:
+        """Trusting this run's CA and presenting its client certificate (None for plain http)."""
+        if self._tls is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self._tls.ca))
+        context.load_cert_chain(str(self._tls.client_cert), str(self._tls.client_key))
+        return context
 
     def stop(self) -> None:
         """Stop etcd (SIGTERM, then SIGKILL after stop_timeout_s) and remove its temporary data dir. Idempotent."""
@@ -382,5 +449,5 @@ class EmbeddedEtcd:
         self.stop()
 
     def __repr__(self) -> str:
-        state = f"running at http://127.0.0.1:{self._client_port}" if self.running else "stopped"
+        state = f"running at {self._scheme}://127.0.0.1:{self._client_port}" if self.running else "stopped"
         return f"<EmbeddedEtcd {state}>"

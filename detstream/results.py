@@ -70,14 +70,26 @@ def _node_positions(spec: SessionSpec, node_index: int) -> np.ndarray:
     return np.arange(node_index, spec.frames_expected, spec.nodes)
 
 
-def _uncounted(spec: SessionSpec, nodes: list[dict]) -> list[int]:
-    """Without counting nothing is merged: a position is missing if its node said so or never reported."""
+def _uncounted(spec: SessionSpec, nodes: list[dict], aggregators: list[dict]) -> list[int]:
+    """Without counting nothing is merged. With acknowledged delivery the aggregator knows every
+    position no node took (a lost node's share was re-routed); else a position is missing if its
+    node said so or never reported."""
+    acked = [a for a in aggregators if "lost_positions" in a]
+    if acked:
+        return sorted({int(p) for a in acked for p in a["lost_positions"]})
     reported = {n["node_index"] for n in nodes}
     lost = [p for n in nodes for p in n.get("missing", [])]
     for i in range(spec.nodes):
         if i not in reported:
             lost.extend(_node_positions(spec, i).tolist())
     return sorted(set(lost))
+
+
+def _delivery(aggregators: list[dict]) -> dict:
+    """What acknowledged delivery did: nodes lost, positions re-routed, and why positions were lost."""
+    return {"nodes_lost": [n for a in aggregators for n in a.get("nodes_lost", [])],
+            "positions_rerouted": sum(len(a.get("rerouted_positions", [])) for a in aggregators),
+            "lost_reasons": _sum_counters(a.get("lost_reasons") for a in aggregators)}
 
 
 def account_without_outputs(spec: SessionSpec, workflow: str, state: SessionState, reason: str,
@@ -117,6 +129,8 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
     outputs: dict[str, Optional[str]] = {"hdf5": None, "image": None}
     events_total = 0
     parts = durable_parts(spec) if spec.counting.enabled else []
+    # Two differing copies of a sector arrived: neither can be trusted, the position is left out.
+    conflicted = sorted({p for n in nodes for p in n.get("conflicted", [])})
     if spec.counting.enabled:
         check_room(paths.counts, parts, spec.frames_expected)
         # After a re-route two nodes may both have counted a position: the first copy is kept.
@@ -124,16 +138,17 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         report = merge_parts(parts, paths.counts, spec.scan_width, spec.scan_height,
                              spec.profile.frame_shape, overwrite=overwrite, on_duplicate="first",
                              center=v.center, radius=v.bf_radius, adf_inner=v.adf_inner,
-                             adf_outer=v.adf_outer)
+                             adf_outer=v.adf_outer, exclude=conflicted)
         outputs["hdf5"] = str(paths.counts)
         events_total = report.total_events
         hdf5_closed = time.time()
         outputs.update(write_figures(spec, report))
         not_counted = report.missing
         duplicates = report.duplicates
+        conflicted = sorted(set(conflicted) | set(report.conflicted))  # two nodes' copies differ
     else:
         hdf5_closed = time.time()
-        not_counted = _uncounted(spec, nodes)
+        not_counted = sorted(set(_uncounted(spec, nodes, aggregators)) | set(conflicted))
         duplicates = 0
     timings = dict(timings)
     timings["merge_s"] = hdf5_closed - t0
@@ -141,7 +156,7 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
     received = sum(n["frames_received"] for n in nodes)
     partial_seen = {p for n in nodes for p in n.get("partial", [])}
     partial = sorted(p for p in not_counted if p in partial_seen)
-    missing = sorted(p for p in not_counted if p not in partial_seen)
+    missing = sorted(p for p in not_counted if p not in partial_seen and p not in conflicted)
     counted = spec.frames_expected - len(not_counted)
     if state is None:
         state = SessionState.COMPLETED if not not_counted else SessionState.INCOMPLETE
@@ -162,7 +177,9 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         "complete": not not_counted,
         "missing_positions": missing,
         "partial_positions": partial,
+        "conflicted_positions": conflicted,
         "duplicates_dropped": duplicates,
+        "delivery": _delivery(aggregators),
         "salvaged": {"parts": [str(p) for p in parts], "nodes_reported": len(nodes),
                      "unfinished_part_files_removed": discarded},
         "events": events_total,

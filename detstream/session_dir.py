@@ -56,6 +56,11 @@ class SessionDir:
         return self.root / "dark_reference.npy"
 
     @property
+    def node_env(self) -> Path:
+        """NAME=VALUE secrets a batch job's nodes source (0600, removed when the session ends)."""
+        return self.root / "node.env"
+
+    @property
     def parts(self) -> Path:
         return self.root / "parts"
 

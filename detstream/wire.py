@@ -1,10 +1,10 @@
 """The wire format between services: a versioned fixed-size header, then the sector payload.
 
-A message is two ZeroMQ frames ``[header, payload]``. Version 1 header, little endian:
+A message is two ZeroMQ frames ``[header, payload]``. Version 2 header, little endian:
 
 | field          | type | note                                            |
 |----------------|------|-------------------------------------------------|
-| version        | u8   | 1                                               |
+| version        | u8   | 2                                               |
 | kind           | u8   | 0 = sector data, 1 = end of scan, 2 = FIN       |
 | sector         | u16  | sector (module) index                           |
 | scan_number    | u32  | camera's scan number                            |
@@ -13,8 +13,11 @@ A message is two ZeroMQ frames ``[header, payload]``. Version 1 header, little e
 | scan_height    | u16  | scan size y                                     |
 | x, y           | u16  | scan position; position index = y * width + x   |
 | count          | u64  | data: per-sector sequence number; end: frames sent; FIN: positions acked |
+| session        | u32  | the session's token (SessionSpec.session_token)  |
 
-The first seven fields are the camera's raw v5 header; version, kind and count are ours.
+The first seven fields are the camera's raw v5 header; version, kind, count and session are
+ours. Version 2 added the session token: with the scan number it names the session a message
+belongs to, so another session's message is rejected (``wrong_session``, ``wrong_scan``).
 End-of-scan and FIN messages have an empty payload. FIN goes from the aggregator to a node
 once every position it sent anywhere is acknowledged: the node may then exit.
 
@@ -23,14 +26,14 @@ Acknowledgements travel the other way, node to aggregator, on a socket of their 
 
 | field    | type | note                                                         |
 |----------|------|--------------------------------------------------------------|
-| version  | u8   | 1                                                            |
+| version  | u8   | 2                                                            |
 | kind     | u8   | 1 = ACK (payload: uint32 positions now durable), 2 = HEARTBEAT |
 | node     | u16  | the sender's node index                                      |
 | received | u64  | frames the node has assembled so far                         |
 | counted  | u64  | frames the node has counted so far                           |
 
-Adding the FIN kind and the control messages left the sector header's layout as it was, so
-its version stays 1.
+Adding the FIN kind and the control messages left the sector header's layout as it was;
+the session token (version 2) changed it.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ from typing import Optional
 
 import numpy as np
 
-WIRE_VERSION = 1
-_HEADER = struct.Struct("<BBHIIHHHHQ")
+WIRE_VERSION = 2
+_HEADER = struct.Struct("<BBHIIHHHHQI")
 HEADER_SIZE = _HEADER.size
 
 
@@ -82,6 +85,7 @@ class Header:
     x: int
     y: int
     count: int = 0
+    session: int = 0
     version: int = WIRE_VERSION
 
     @property
@@ -91,7 +95,7 @@ class Header:
     def pack(self) -> bytes:
         return _HEADER.pack(
             self.version, int(self.kind), self.sector, self.scan_number, self.frame_number,
-            self.scan_width, self.scan_height, self.x, self.y, self.count,
+            self.scan_width, self.scan_height, self.x, self.y, self.count, self.session,
         )
 
     @classmethod
@@ -105,27 +109,29 @@ class Header:
             raise MalformedMessage("unknown_version", f"header version {version}, expected {WIRE_VERSION}")
         if n != HEADER_SIZE:
             raise MalformedMessage("short_header", f"header is {n} bytes, expected {HEADER_SIZE}")
-        version, kind, sector, scan, frame, w, h, x, y, count = _HEADER.unpack(buf)
+        version, kind, sector, scan, frame, w, h, x, y, count, session = _HEADER.unpack(buf)
         try:
             kind = Kind(kind)
         except ValueError:
             raise MalformedMessage("unknown_kind", f"message kind {kind}") from None
-        return cls(kind, sector, scan, frame, w, h, x, y, count, version)
+        return cls(kind, sector, scan, frame, w, h, x, y, count, session, version)
 
 
 def data_header(sector: int, scan_number: int, frame_number: int, scan_width: int,
-                scan_height: int, x: int, y: int, seq: int) -> bytes:
+                scan_height: int, x: int, y: int, seq: int, session: int = 0) -> bytes:
     return _HEADER.pack(WIRE_VERSION, Kind.DATA, sector, scan_number, frame_number,
-                        scan_width, scan_height, x, y, seq)
+                        scan_width, scan_height, x, y, seq, session)
 
 
-def end_header(sector: int, scan_number: int, scan_width: int, scan_height: int, frames_sent: int) -> bytes:
-    return _HEADER.pack(WIRE_VERSION, Kind.END, sector, scan_number, 0, scan_width, scan_height, 0, 0, frames_sent)
+def end_header(sector: int, scan_number: int, scan_width: int, scan_height: int, frames_sent: int,
+               session: int = 0) -> bytes:
+    return _HEADER.pack(WIRE_VERSION, Kind.END, sector, scan_number, 0, scan_width, scan_height, 0, 0, frames_sent,
+                        session)
 
 
-def fin_header(scan_number: int, scan_width: int, scan_height: int, acked: int) -> bytes:
+def fin_header(scan_number: int, scan_width: int, scan_height: int, acked: int, session: int = 0) -> bytes:
     """FIN: every position is acknowledged, the node may exit; ``acked`` is how many it acknowledged."""
-    return _HEADER.pack(WIRE_VERSION, Kind.FIN, 0, scan_number, 0, scan_width, scan_height, 0, 0, acked)
+    return _HEADER.pack(WIRE_VERSION, Kind.FIN, 0, scan_number, 0, scan_width, scan_height, 0, 0, acked, session)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 
 from detstream.backends.local import LocalBackend
-from detstream.blocks import DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials
+from detstream.blocks import DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials, SlurmCompute
 from detstream.config import DEFAULT_PREFIX, MAX_SCAN_SIDE
 from detstream.profile import PROFILES, get_profile
 from detstream.session import make_spec
@@ -80,12 +80,17 @@ Disk = Annotated[Union[Annotated[list[float], Field(title="row, col, radius", mi
                        _titled_none("found in the pattern")], Doc(
     "The bright-field disk for the virtual images: centre row, centre column and radius in detector "
     "pixels. 'found in the pattern': located in the summed diffraction pattern.")]
-BackendName = Annotated[Literal["local", "sfapi"], Doc(
-    "Where the nodes come from: this machine (local), or NERSC through the Superfacility API (sfapi).")]
+BACKENDS = ("local", "sfapi", "slurm")
+BackendName = Annotated[Literal[BACKENDS], Doc(
+    "Where the nodes come from: this machine (local), NERSC through the Superfacility API (sfapi), "
+    "or a Slurm cluster through sbatch (slurm).")]
 Credentials = Annotated[Union[_saved(SfapiCredentials), _titled_none("none")], Doc(
     "SFAPI client credentials, for backend=sfapi.")]
 Compute = Annotated[Union[_saved(NerscCompute), _titled_none("defaults")], Doc(
     "The batch job for backend=sfapi; 'defaults': exclusive realtime CPU nodes on Perlmutter, 30 minutes.")]
+SlurmComputeBlock = Annotated[Union[_saved(SlurmCompute), _titled_none("defaults")], Doc(
+    "The Slurm cluster and batch job for backend=slurm; 'defaults': the site's SLURM_CONF, default QOS "
+    "and partition, 30 minutes, `detstream` from PATH on the nodes.")]
 Etcd = Annotated[Union[_saved(EtcdCoordinator), _titled_none("etcd_url or private")], Doc(
     "etcd endpoints, key prefix and login. 'etcd_url or private' uses etcd_url and etcd_prefix, "
     "or without a URL starts an etcd for the session.")]
@@ -99,6 +104,9 @@ RegisterTimeout = Annotated[float, Doc("Seconds for every service to register in
 StallTimeout = Annotated[float, Doc(
     "Seconds without a new frame, once data flows, before the session fails as stalled.", gt=0)]
 Overwrite = Annotated[bool, Doc("Replace an existing output of the same session id.")]
+Security = Annotated[Literal["auto", "curve", "none"], Doc(
+    "CURVE on the ZeroMQ hops: auto = wherever a socket listens beyond loopback or ipc; curve = always; "
+    "none = never.")]
 SessionId = Annotated[Union[Annotated[str, Field(title="id")], _titled_none("generated")], Doc(
     "Session id (generated if empty).")]
 
@@ -124,12 +132,14 @@ def _shared(
     backend: BackendName = "local",
     sfapi_credentials: Credentials = None,
     nersc_compute: Compute = None,
+    slurm_compute: SlurmComputeBlock = None,
     etcd: Etcd = None,
     etcd_url: EtcdUrl = None,
     etcd_prefix: EtcdPrefix = DEFAULT_PREFIX,
     reserve_timeout_s: ReserveTimeout = 300.0,
     register_timeout_s: RegisterTimeout = 60.0,
     stall_timeout_s: StallTimeout = 30.0,
+    security: Security = "auto",
     session_id: SessionId = None,
     overwrite: Overwrite = False,
 ) -> None:
@@ -204,7 +214,7 @@ def spec_from(p: dict, etcd: EtcdCoordinator):
         virtual=virtual_of(p),
         seed=p["seed"], nodes=p["nodes"], workers_per_node=p["workers_per_node"],
         etcd_prefix=etcd.prefix, register_timeout_s=p["register_timeout_s"],
-        stall_timeout_s=p["stall_timeout_s"])
+        stall_timeout_s=p["stall_timeout_s"], security=p["security"])
 
 
 def virtual_of(p: dict) -> dict:
@@ -216,21 +226,23 @@ def virtual_of(p: dict) -> dict:
 
 
 def make_backend(p: dict, session_dir, service_env: dict[str, str]):
-    """The compute backend a flow asked for; local nodes get the etcd login in ``service_env``."""
+    """The compute backend a flow asked for; local nodes get the etcd login in ``service_env``
+    (a batch job's nodes read it from the session's 0600 node.env instead)."""
     from prefect import get_run_logger
 
     if p["backend"] == "local":
         return LocalBackend(log_dir=session_dir / "logs", env=service_env)
-    if p["backend"] != "sfapi":
-        raise ValueError(f"unknown backend {p['backend']!r}; known: local, sfapi")
+    if p["backend"] not in BACKENDS:
+        raise ValueError(f"unknown backend {p['backend']!r}; known: {', '.join(BACKENDS)}")
+    if p["backend"] == "sfapi" and p.get("sfapi_credentials") is None:
+        raise ValueError("backend 'sfapi' needs sfapi_credentials (an SfapiCredentials block)")
+    if p["backend"] == "slurm":
+        from detstream.backends.slurm import SlurmBackend
+
+        slurm = p.get("slurm_compute") or SlurmCompute()
+        return SlurmBackend(slurm.settings(), slurm.job_settings(), work_dir=session_dir / "logs",
+                            logger=get_run_logger())
     from detstream.backends.sfapi import SfapiBackend
 
-    if p.get("sfapi_credentials") is None:
-        raise ValueError("backend 'sfapi' needs sfapi_credentials (an SfapiCredentials block)")
-    if service_env:
-        get_run_logger().warning(
-            "the batch job's nodes get no etcd login from the flow (it would be written into the "
-            "batch script): set %s on the nodes, e.g. in a module or conda environment",
-            ", ".join(sorted(service_env)))
     compute = p.get("nersc_compute") or NerscCompute()
     return SfapiBackend(p["sfapi_credentials"].settings(), compute.job_settings(), logger=get_run_logger())

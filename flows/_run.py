@@ -10,6 +10,7 @@ from prefect.context import FlowRunContext
 from prefect.states import Failed
 
 from detstream import results
+from detstream.services.security import session_env
 from detstream.session import Session, SessionCancelled, SessionError, SessionIncomplete
 from detstream.states import SessionState
 from detstream.tasks.nodes import release_nodes
@@ -68,8 +69,9 @@ def run_session(session_cls: type[Session], params: dict, spec, etcd, steps: Cal
     """
     logger = get_run_logger()
     key = run_key(spec.session_id)
-    with etcd.coordination() as (endpoint, coord):
-        env = etcd.service_env()
+    etcd_context = etcd.coordination((spec.session_id, spec.detector))
+    with etcd_context as (endpoint, coord):
+        env = {**etcd.service_env(), **etcd_context.service_env, **session_env(spec)}  # budget, login, CURVE
         session = session_cls(spec, coord, P.make_backend(params, spec.session_dir, env), endpoint,
                               overwrite=params["overwrite"], service_env=env, **session_kwargs)
         ACTIVE_SESSIONS[key] = session

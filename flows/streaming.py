@@ -20,7 +20,7 @@ from ._run import run_session
 Fallback = Annotated[Literal["file-transfer", "none"], P.Doc(
     "If reservation fails, no node registers, or the stream stalls: run the file-transfer workflow on the "
     "same scan.")]
-FallbackBackend = Annotated[Literal["local", "sfapi"], P.Doc("Backend for the fallback's count job.")]
+FallbackBackend = Annotated[Literal[P.BACKENDS], P.Doc("Backend for the fallback's count job.")]
 
 
 @flow(name="streaming-session", on_failure=[release_on_failure], on_crashed=[release_on_failure],

@@ -19,10 +19,11 @@ class JobState(str, enum.Enum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    ENDED = "ENDED"  # gone from the scheduler before its end state was seen (e.g. purged after MinJobAge)
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.ENDED)
 
 
 class Reservation(BaseModel):
@@ -40,6 +41,7 @@ class Reservation(BaseModel):
     started_at: Optional[float] = Field(default=None, description="Unix time the job was first seen running.")
     queue_wait_s: Optional[float] = Field(default=None, description="Seconds from submission to running.")
     scheduler_state: Optional[str] = Field(default=None, description="The scheduler's own state name, e.g. Slurm's.")
+    failure: Optional[str] = Field(default=None, description="Why the job failed, as the scheduler says (exit code, output).")
 
 
 class ReservationError(RuntimeError):
@@ -56,6 +58,8 @@ class NodeLaunch(BaseModel):
     session_id: str
     etcd_endpoint: str
     etcd_prefix: str
+    env_file: Optional[str] = Field(default=None, description="A 0600 file of NAME=VALUE lines (the etcd login, "
+                                    "CURVE keys) the node sources before it starts; never its argv.")
 
     def argv(self, node_index: Optional[int] = None) -> list[str]:
         args = [self.service, "--session", self.session_id, "--etcd", self.etcd_endpoint,
@@ -69,6 +73,8 @@ class ComputeBackend(abc.ABC):
     """Reserve ``nodes`` compute nodes and run the launch's service on each."""
 
     name: str = "abstract"
+    #: False when the backend hands `env` to its processes itself; True: secrets go in `NodeLaunch.env_file`.
+    needs_env_file: bool = True
 
     def check_request(self, nodes: int, workers_per_node: int) -> None:
         """Refuse, with a plain message, a request this backend can never satisfy (ValueError)."""

@@ -15,7 +15,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ..config import DEFAULT_PREFIX
-from .base import NodeLaunch
+from .base import NodeLaunch, ReservationError
 
 #: Streaming sessions are capped at two hours (as the production gateway did).
 MAX_WALLTIME_MINUTES = 120
@@ -182,11 +182,14 @@ def render_job_script(job: NerscJobSettings, nodes: int, launch: NodeLaunch) -> 
     header = [
         "#!/bin/bash",
         f"#SBATCH -N {nodes}",
-        f"#SBATCH -q {job.qos}",
-        f"#SBATCH -C {job.constraint}",
-        f"#SBATCH -t {_walltime(job.walltime_minutes)}",
-        f"#SBATCH -J {job.job_name(launch.session_id)}",
     ]
+    if job.qos:
+        header.append(f"#SBATCH -q {job.qos}")
+    if job.constraint:
+        header.append(f"#SBATCH -C {job.constraint}")
+    if getattr(job, "partition", None):
+        header.append(f"#SBATCH -p {job.partition}")
+    header += [f"#SBATCH -t {_walltime(job.walltime_minutes)}", f"#SBATCH -J {job.job_name(launch.session_id)}"]
     if job.account:
         header.append(f"#SBATCH -A {job.account}")
     if job.exclusive:
@@ -208,6 +211,8 @@ def render_job_script(job: NerscJobSettings, nodes: int, launch: NodeLaunch) -> 
     if job.conda_env:
         body += ['eval "$(conda shell.bash hook)"', f"conda activate {shlex.quote(job.conda_env)}"]
     body += [f"export {name}={shlex.quote(value)}" for name, value in job.env.items()]
+    if launch.env_file:  # the session's secrets: a 0600 file the nodes read, never the script's text
+        body.append(f"set -a; . {shlex.quote(launch.env_file)}; set +a")
 
     srun = ["srun", "-N", str(nodes), "--ntasks-per-node=1", *job.srun_options]
     if job.image and job.container == "shifter":
@@ -216,6 +221,8 @@ def render_job_script(job: NerscJobSettings, nodes: int, launch: NodeLaunch) -> 
         srun += ["podman-hpc", "run", "--rm", "--network", "host"]
         for name in ["SLURM_PROCID", "SLURM_NODEID", "SLURM_JOB_ID", *job.env]:
             srun += ["-e", name]
+        if launch.env_file:
+            srun += ["--env-file", launch.env_file]
         srun.append(job.image)
     line = f"{_q(srun)} {_q([*job.command, *launch.argv()])}"
     if launch.service in LISTENING_SERVICES:
@@ -223,6 +230,16 @@ def render_job_script(job: NerscJobSettings, nodes: int, launch: NodeLaunch) -> 
         line += f" --bind-host {shlex.quote(job.bind_host)} --advertise-host {advertise}"
     body.append(line)
     return "\n".join(header + body) + "\n"
+
+
+def batch_script(job: NerscJobSettings, nodes: int, launch: NodeLaunch) -> str:
+    """``render_job_script`` for a backend's reserve: what cannot be rendered is a ReservationError."""
+    if nodes < 1:
+        raise ReservationError(f"cannot reserve {nodes} nodes")
+    try:
+        return render_job_script(job, nodes, launch)
+    except ValueError as err:
+        raise ReservationError(f"cannot write the batch script: {err}") from None
 
 
 def render_for_cli(*, session_id: str, etcd_endpoint: str, etcd_prefix: str = DEFAULT_PREFIX,

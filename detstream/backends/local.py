@@ -20,6 +20,8 @@ class LocalBackend(ComputeBackend):
 
     name = "local"
 
+    needs_env_file = False
+
     def __init__(self, log_dir: Path, env: dict | None = None):
         self.log_dir = Path(log_dir)
         self.env = env

@@ -6,6 +6,7 @@ Every request goes through `EtcdClient.call`, which retries through etcd outages
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar, Union
@@ -102,12 +103,15 @@ class EtcdClient:
         username: Optional[str] = None,
         password: Any = None,
         ca_file: Optional[str] = None,
+        cert_file: Optional[str] = None,
+        key_file: Optional[str] = None,
         timeout: float = 10.0,
         outage_budget_s: float = DEFAULT_OUTAGE_BUDGET_S,
     ) -> None:
         """Connect lazily (no request is made unless credentials are given).
 
-        `password` may be a str or a pydantic SecretStr. `ca_file` verifies an https endpoint.
+        `password` may be a str or a pydantic SecretStr. `ca_file` verifies an https endpoint;
+        `cert_file`/`key_file` are the client certificate an etcd with --client-cert-auth asks for.
         `timeout` bounds one HTTP request; `outage_budget_s` how long requests keep retrying
         while etcd is unreachable (0: never retry).
         """
@@ -115,7 +119,12 @@ class EtcdClient:
             raise ValueError("give both username and password, or neither")
         if outage_budget_s < 0:
             raise ValueError(f"outage_budget_s must be 0 or more, got {outage_budget_s}")
+        if (cert_file is None) != (key_file is None):
+            raise ValueError("give both cert_file and key_file, or neither")
         protocol, host, port = _parse_endpoint(endpoint)
+        for what, path in (("CA", ca_file), ("client certificate", cert_file), ("client key", key_file)):
+            if path is not None and not os.path.isfile(path):
+                raise CoordinationError(f"etcd at {endpoint}: the {what} file {path} does not exist")
         self.endpoint = f"{protocol}://{host if ':' not in host else '[' + host + ']'}:{port}"
         self.username = username
         self.timeout = float(timeout)
@@ -126,7 +135,10 @@ class EtcdClient:
         self._outage_lock = threading.Lock()
         self.__password = _secret(password)
         self._auth_lock = threading.Lock()
-        self._gateway = _Gateway(host=host, port=port, protocol=protocol, ca_cert=ca_file, timeout=self.timeout)
+        self._gateway = _Gateway(host=host, port=port, protocol=protocol, ca_cert=ca_file, cert_cert=cert_file,
+                                 cert_key=key_file, timeout=self.timeout)
+        if ca_file is not None:  # else REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE would silently replace our CA
+            self._gateway.session.trust_env = False
         if username is not None:
             self._gateway.reauthenticate = self._authenticate
             self._retrying(self._authenticate, "authenticate")
@@ -241,6 +253,8 @@ class EtcdClient:
                 if _is_outage(exc):
                     raise
                 message = _error_message(exc)
+                if "certificate" in message.lower() or "ssl" in message.lower():
+                    raise self._error(exc, "authenticate") from None
                 if "authentication is not enabled" in message:
                     log.warning("etcd at %s has auth disabled; continuing without a token", self.endpoint)
                     gateway.token_missing = False
@@ -258,10 +272,18 @@ class EtcdClient:
     def _error(self, exc: BaseException, what: str) -> CoordinationError:
         """A failure that is not an outage (or a set-up error such as TLS), with today's clear wording."""
         message = _describe(exc)
+        lowered = message.lower()
+        if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:
+            return CoordinationError(
+                f"cannot reach etcd at {self.endpoint} to {what}: its TLS certificate is not signed by a CA "
+                f"this client trusts; give the CA bundle (ca_file, or DETSTREAM_ETCD_CA_FILE)")
+        if "certificate required" in lowered or "bad_certificate" in lowered or "bad certificate" in lowered:
+            return CoordinationError(
+                f"cannot reach etcd at {self.endpoint} to {what}: it asks for a client certificate; give "
+                f"cert_file and key_file (or DETSTREAM_ETCD_CERT_FILE and DETSTREAM_ETCD_KEY_FILE)")
         if isinstance(exc, (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError, requests.RequestException)):
             return CoordinationError(f"cannot reach etcd at {self.endpoint} to {what}: {_short_reason(message)}")
         cls = CoordinationError
-        lowered = message.lower()
         if "user name is empty" in lowered or "invalid auth token" in lowered or "authentication failed" in lowered:
             cls = AuthenticationError
             if "user name is empty" in lowered:
@@ -368,6 +390,8 @@ def enable_auth(
     user_password: Any = None,
     prefix: str = DEFAULT_PREFIX,
     ca_file: Optional[str] = None,
+    cert_file: Optional[str] = None,
+    key_file: Optional[str] = None,
     timeout: float = 10.0,
 ) -> None:
     """Turn on etcd auth: create `root` (role root) and optionally `user` with read-write on `prefix`/.
@@ -377,28 +401,32 @@ def enable_auth(
     if (user is None) != (user_password is None):
         raise ValueError("give both user and user_password, or neither")
     check_prefix(prefix)
-    with EtcdClient(endpoint, ca_file=ca_file, timeout=timeout) as admin:
-
-        def call(path: str, payload: dict, what: str) -> None:
-            try:
-                admin.call(path, payload, what=what)
-            except CoordinationError as exc:
-                if "already exists" not in str(exc) and "already granted" not in str(exc):
-                    raise
-
-        call("auth/user/add", {"name": "root", "password": _secret(root_password)}, "add user root")
-        call("auth/role/add", {"name": "root"}, "add role root")
-        call("auth/user/grant", {"user": "root", "role": "root"}, "grant role root")
+    with EtcdClient(endpoint, ca_file=ca_file, cert_file=cert_file, key_file=key_file, timeout=timeout) as admin:
+        add_user(admin, "root", root_password, role="root")
         if user is not None:
-            role = f"{key_segment(user, 'user')}-rw"
-            scope = (prefix + "/").encode("utf-8")
-            call("auth/user/add", {"name": user, "password": _secret(user_password)}, f"add user {user}")
-            call("auth/role/add", {"name": role}, f"add role {role}")
-            call(
-                "auth/role/grant",
-                {"name": role, "perm": {"permType": "READWRITE", "key": _b64(scope), "range_end": _b64(_prefix_end(scope))}},
-                f"grant {role} read-write on {prefix}/",
-            )
-            call("auth/user/grant", {"user": user, "role": role}, f"grant role {role}")
-        call("auth/enable", {}, "enable auth")
+            add_user(admin, user, user_password, role=f"{key_segment(user, 'user')}-rw", prefixes=[prefix + "/"])
+        admin_call(admin, "auth/enable", {}, "enable auth")
+
+
+def admin_call(admin: EtcdClient, path: str, payload: dict, what: str) -> None:
+    """One auth-admin request; an entry that already exists is kept."""
+    try:
+        admin.call(path, payload, what=what)
+    except CoordinationError as exc:
+        if "already exists" not in str(exc) and "already granted" not in str(exc):
+            raise
+
+
+def add_user(admin: EtcdClient, user: str, password: Any, *, role: str, prefixes: Iterable[str] = (),
+             keys: Iterable[str] = ()) -> None:
+    """Add `user` with `password` and its own `role`, read-write on each of `prefixes` and `keys` only."""
+    admin_call(admin, "auth/user/add", {"name": user, "password": _secret(password)}, f"add user {user}")
+    admin_call(admin, "auth/role/add", {"name": role}, f"add role {role}")
+    scopes = [(p.encode("utf-8"), True) for p in prefixes] + [(k.encode("utf-8"), False) for k in keys]
+    for scope, whole_prefix in scopes:
+        perm = {"permType": "READWRITE", "key": _b64(scope)}
+        if whole_prefix:
+            perm["range_end"] = _b64(_prefix_end(scope))
+        admin_call(admin, "auth/role/grant", {"name": role, "perm": perm}, f"grant {role} read-write on {scope!r}")
+    admin_call(admin, "auth/user/grant", {"user": user, "role": role}, f"grant role {role}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,6 +43,7 @@ class MergeReport:
     images: np.ndarray | None = None  # (2, scan_height, scan_width): bright field, dark field
     disk: DiskEstimate | None = None
     duplicates: int = 0  # later copies of a position dropped (on_duplicate="first")
+    conflicted: list[int] = field(default_factory=list)  # copies whose events differ: left out
     detectors: VirtualDetectors | None = None
     summed_pattern: np.ndarray | None = None  # frame-shaped, every written frame's events
 
@@ -96,6 +97,7 @@ def merge_parts(
     accumulators: Sequence[BlockAccumulator] = (),
     block_positions: int = 8192,
     on_duplicate: str = "error",
+    exclude: Sequence[int] = (),
 ) -> MergeReport:
     """Merge part files into one stempy file (temp + rename), reading each part once, a block
     at a time. Positions in no part are written empty and listed in ``missing``; a position in
@@ -105,6 +107,8 @@ def merge_parts(
     dark-field images (ring ``adf_inner``..``adf_outer``, see ``VirtualDetectors.around``) and the
     summed pattern are computed in the same pass and written as ``stem/images`` (stempy's
     layout) and ``summed_pattern``; the disk, unless given, comes from the parts' summed patterns.
+    Positions in ``exclude`` (conflicted ones) are written empty and listed in ``missing``, and
+    so is a position whose copies in two parts differ (listed in ``conflicted`` too).
     """
     if on_duplicate not in ("error", "first"):
         raise ValueError(f"on_duplicate must be 'error' or 'first', not {on_duplicate!r}")
@@ -116,7 +120,9 @@ def merge_parts(
         raise refuse(out)
 
     parts = [read_part(p) for p in part_paths]
+    conflicted = _conflicting_copies(parts, n, block_positions) if on_duplicate == "first" else []
     owner = np.full(n, -1, dtype=np.int64)
+    owner[np.asarray([*exclude, *conflicted], dtype=np.int64)] = -2  # left out whatever the parts hold
     keep: list[np.ndarray | None] = []  # per part, which stored frames to write (None: all)
     duplicates = 0
     for k, part in enumerate(parts):
@@ -128,15 +134,17 @@ def merge_parts(
                 f"{part.path}: scan position {int(pos.max())} outside a "
                 f"{scan_width}x{scan_height} scan"
             )
+        left_out = owner[pos] == -2
         if on_duplicate == "first":
             once = np.zeros(pos.size, bool)
             once[np.unique(pos, return_index=True)[1]] = True
-            mask = once & (owner[pos] < 0)
-            duplicates += int(pos.size - mask.sum())
+            mask = once & (owner[pos] == -1)
+            duplicates += int(pos.size - mask.sum() - left_out.sum())
             keep.append(None if mask.all() else mask)
             owner[pos[mask]] = k
             continue
-        keep.append(None)
+        keep.append(~left_out if left_out.any() else None)
+        pos = pos[~left_out]
         uniq, counts = np.unique(pos, return_counts=True)
         if np.any(counts > 1):
             raise ValueError(f"{part.path}: scan position {int(uniq[counts > 1][0])} appears twice")
@@ -224,9 +232,32 @@ def merge_parts(
         images=None if virtual is None else virtual.images,
         disk=disk,
         duplicates=duplicates,
+        conflicted=conflicted,
         detectors=None if virtual is None else virtual.detectors,
         summed_pattern=None if pattern_sum is None else pattern_sum.reshape(frame_shape),
     )
+
+
+def _conflicting_copies(parts, n: int, block_positions: int) -> list[int]:
+    """Positions held more than once whose copies' events differ (a pass over those positions only)."""
+    held = np.concatenate([p.positions.astype(np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
+    held = held[(held >= 0) & (held < n)]
+    repeated = np.flatnonzero(np.bincount(held, minlength=n) > 1)
+    if not repeated.size:
+        return []
+    first: dict[int, np.ndarray] = {}
+    conflicted: set[int] = set()
+    for part in parts:
+        if not np.isin(part.positions, repeated).any():
+            continue
+        for positions, flat, offs in part.iter_blocks(block_positions):
+            for i in np.flatnonzero(np.isin(positions, repeated)):
+                p, events = int(positions[i]), np.sort(flat[offs[i] : offs[i + 1]])
+                if p not in first:
+                    first[p] = events
+                elif not np.array_equal(first[p], events):
+                    conflicted.add(p)
+    return sorted(conflicted)
 
 
 def _select_frames(

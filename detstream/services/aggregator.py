@@ -39,6 +39,7 @@ from zmq.utils.monitor import recv_monitor_message
 from .. import wire
 from ..profile import DetectorProfile
 from ..wire import Control, Kind, MalformedMessage
+from . import security
 from .validation import MessageValidator, RejectLog
 
 log = logging.getLogger("detstream.aggregator")
@@ -145,7 +146,8 @@ class Aggregator:
     def __init__(self, profile: DetectorProfile, scan_width: int, scan_height: int,
                  node_endpoints: Sequence[str], bind: str = "tcp://127.0.0.1:*", hwm: int = 64,
                  ctx: Optional[zmq.Context] = None, ack_endpoints: Optional[Sequence[str]] = None,
-                 window_frames: int = 1024, node_timeout_s: float = 10.0, linger_s: float = 10.0):
+                 window_frames: int = 1024, node_timeout_s: float = 10.0, linger_s: float = 10.0,
+                 curve: Optional[security.Curve] = None):
         self.profile = profile
         self.sectors = profile.sectors
         self.positions = scan_width * scan_height
@@ -153,6 +155,7 @@ class Aggregator:
         self.rejects = RejectLog(log)
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
+        self.guard = curve.start(self.ctx, self.rejects) if curve else None
         self.hwm = hwm
         self.linger_ms = int(linger_s * 1000)
         self.acks = ack_endpoints is not None
@@ -172,7 +175,7 @@ class Aggregator:
         self.monitors: list[Optional[zmq.Socket]] = []
         self.ack_in: list[Optional[zmq.Socket]] = []
         for i, ep in enumerate(node_endpoints):
-            s = self.ctx.socket(zmq.PUSH)
+            s = security.client(curve, self.ctx.socket(zmq.PUSH), "distributor")
             s.setsockopt(zmq.SNDHWM, hwm)
             s.setsockopt(zmq.LINGER, self.linger_ms)
             self.monitors.append(
@@ -180,7 +183,7 @@ class Aggregator:
             s.connect(ep)
             self.outbound.append(s)
             if self.acks:
-                a = self.ctx.socket(zmq.PULL)
+                a = security.client(curve, self.ctx.socket(zmq.PULL), "distributor")
                 a.setsockopt(zmq.LINGER, 0)
                 a.connect(ack_endpoints[i])
                 self.ack_in.append(a)
@@ -210,7 +213,7 @@ class Aggregator:
         self._closed = False
 
     def _pull(self, bind: str) -> zmq.Socket:
-        s = self.ctx.socket(zmq.PULL)
+        s = security.server(self.guard, self.ctx.socket(zmq.PULL))
         s.setsockopt(zmq.RCVHWM, self.hwm)
         s.setsockopt(zmq.LINGER, 0)
         s.bind(bind)
@@ -375,7 +378,8 @@ class Aggregator:
                 if self._node[node].alive:
                     self._send(node, [
                         wire.end_header(header.sector, header.scan_number, header.scan_width,
-                                        header.scan_height, self.per_sector_node[header.sector][node]),
+                                        header.scan_height, self.per_sector_node[header.sector][node],
+                                        header.session),
                         b""])
             return
         if header.kind is not Kind.DATA:
@@ -601,7 +605,8 @@ class Aggregator:
         for n, state in enumerate(self._node):
             if state.alive:
                 self._send(n, [wire.fin_header(self._scan_number, self.validator.scan_width,
-                                                 self.validator.scan_height, self.stats.positions_acked[n]), b""])
+                                                 self.validator.scan_height, self.stats.positions_acked[n],
+                                                 self.validator.session_token), b""])
                 self.stats.fin_sent.append(n)
         deadline = time.monotonic() + wait_s
         waiting = set(self.stats.fin_sent)
@@ -651,5 +656,7 @@ class Aggregator:
                     s.disable_monitor()
                     self.monitors[n].close(0)
                 s.close(self.linger_ms)
+        if self.guard is not None:
+            self.guard.stop()
         if self._own_ctx:
             self.ctx.term()  # returns once queued messages are delivered or the linger expires

@@ -34,7 +34,8 @@ from ..profile import DetectorProfile
 from ..wire import Control, Kind, MalformedMessage
 from .aggregator import route
 from .counting_pool import CountingPool
-from .validation import MessageValidator, RejectLog
+from . import security
+from .validation import MessageValidator, RejectLog, SectorCopies
 
 log = logging.getLogger("detstream.distributor")
 
@@ -50,6 +51,7 @@ class DistributorResult:
     bytes_received: int = 0
     missing: list[int] = field(default_factory=list)
     partial: list[int] = field(default_factory=list)
+    conflicted: list[int] = field(default_factory=list)
     rejected: dict = field(default_factory=dict)
     end_markers: int = 0
     fin: bool = False
@@ -78,7 +80,7 @@ class Distributor:
                  max_partial_frames: int = 256, stall_timeout_s: float = 60.0,
                  ctx: Optional[zmq.Context] = None, acks: bool = False, segment_frames: int = 256,
                  segment_seconds: float = 0.5, heartbeat_s: float = 0.5, linger_s: float = 2.0,
-                 live=None):
+                 live=None, curve: Optional[security.Curve] = None):
         """``live``: a detstream.live.LiveImages fed every counted frame (the live images)."""
         if not 0 <= node_index < nodes:
             raise ValueError(f"node index {node_index} outside 0..{nodes - 1}")
@@ -87,6 +89,7 @@ class Distributor:
         self.nodes = nodes
         self.positions = scan_width * scan_height
         self.validator = MessageValidator(profile, scan_width, scan_height)
+        self.copies = SectorCopies(self.positions, profile.sectors)
         self.rejects = RejectLog(log)
         self.part_writer = part_writer
         # Producers may run up to their queues' depth (send + receive HWM, and socket buffers)
@@ -107,7 +110,8 @@ class Distributor:
             if self._own_ctx:
                 self.ctx.term()
             raise
-        self.inbound = self.ctx.socket(zmq.PULL)
+        self.guard = curve.start(self.ctx, self.rejects) if curve else None
+        self.inbound = security.server(self.guard, self.ctx.socket(zmq.PULL))
         self.inbound.setsockopt(zmq.RCVHWM, hwm)
         self.inbound.setsockopt(zmq.LINGER, 0)
         self.inbound.bind(bind)
@@ -115,7 +119,7 @@ class Distributor:
         self.ack_endpoint: Optional[str] = None
         self.ack_out = self.monitor = None
         if acks:
-            self.ack_out = self.ctx.socket(zmq.PUSH)
+            self.ack_out = security.server(self.guard, self.ctx.socket(zmq.PUSH), watch=False)
             self.ack_out.setsockopt(zmq.SNDHWM, 10_000)
             self.ack_out.setsockopt(zmq.LINGER, int(linger_s * 1000))
             self.monitor = self.ack_out.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -164,7 +168,7 @@ class Distributor:
                 "wrong_node", f"position {pos} belongs to node {route(pos, self.nodes)}"))
             return
         if self._done[pos]:
-            self.rejects.reject(MalformedMessage("duplicate_sector", f"sector {s} of finished position {pos}"))
+            self.rejects.reject(self.copies.second(pos, s, parts[1]))
             return
         sectors = self._pending.get(pos)
         if sectors is None:
@@ -172,9 +176,10 @@ class Distributor:
                 self._evict_oldest()
             sectors = self._pending[pos] = [None] * self.profile.sectors
         if sectors[s] is not None:
-            self.rejects.reject(MalformedMessage("duplicate_sector", f"sector {s} of position {pos} twice"))
+            self.rejects.reject(self.copies.second(pos, s, parts[1], sectors[s]))
             return
         sectors[s] = parts[1]
+        self.copies.first(pos, s, parts[1])
         self._blocks_per_sector[s] += 1
         self.result.bytes_received += self.profile.sector_nbytes
         if all(p is not None for p in sectors):
@@ -363,6 +368,7 @@ class Distributor:
             mine = np.arange(self.node_index, self.positions, self.nodes)
             r.missing = mine[~self._done[mine]].tolist()
         r.rejected = self.rejects.as_dict()
+        r.conflicted = sorted(self.copies.conflicted)
         r.counting_seconds = self.pool.counting_seconds
         if self.pool.enabled and r.frames_counted != r.frames_received:
             log.error("%d frames received but %d counted", r.frames_received, r.frames_counted)
@@ -381,5 +387,7 @@ class Distributor:
             self.ack_out.disable_monitor()
             self.monitor.close(0)
             self.ack_out.close()
+        if self.guard is not None:
+            self.guard.stop()
         if self._own_ctx:
             self.ctx.term()

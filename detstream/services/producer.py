@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import zmq
 
 from .. import wire
+from . import security
 
 log = logging.getLogger("detstream.producer")
 
@@ -61,7 +62,8 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                  on_progress: Optional[Callable[[int], None]] = None,
                  should_stop: Optional[Callable[[], bool]] = None,
                  linger_s: float = 60.0, stop_check_s: float = 0.5,
-                 send_timeout_s: Optional[float] = None) -> ProducerStats:
+                 send_timeout_s: Optional[float] = None, curve: Optional[security.Curve] = None,
+                 session_token: int = 0) -> ProducerStats:
     """Stream ``source``'s sector ``sector`` to the aggregator at ``endpoint``.
 
     ``tee``, if given, receives ``write(meta, block)`` for every block (the file path's writer).
@@ -70,7 +72,7 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
     """
     own_ctx = ctx is None
     ctx = ctx or zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
+    sock = security.client(curve, ctx.socket(zmq.PUSH), "aggregator")
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
     sock.setsockopt(zmq.SNDTIMEO, max(1, int(stop_check_s * 1000)))
@@ -86,7 +88,7 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                     log.warning("stop requested after %d blocks of sector %d", seq, sector)
                     break
             header = wire.data_header(sector, meta.scan_number, meta.frame_number, meta.scan_width,
-                                      meta.scan_height, meta.x, meta.y, seq)
+                                      meta.scan_height, meta.x, meta.y, seq, session_token)
             if stats.first_send is None:
                 stats.first_send = time.time()
             if not _send(sock, [header, block], should_stop, send_timeout_s):
@@ -101,7 +103,7 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                 on_progress(stats.frames_sent)
         if not stopped:
             end = wire.end_header(sector, source.scan_number, source.scan_width, source.scan_height,
-                                  stats.frames_sent)
+                                  stats.frames_sent, session_token)
             stopped = not _send(sock, [end, b""], should_stop, send_timeout_s)
         stats.last_send = time.time()
     except BaseException:

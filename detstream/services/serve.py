@@ -26,6 +26,7 @@ from ..live import publish as live_publish
 from ..states import TERMINAL_STATES
 from .aggregator import Aggregator
 from .distributor import Distributor
+from . import security
 from .producer import run_producer
 from .segments import SegmentedPart
 
@@ -139,7 +140,12 @@ class EtcdLink:
 
 
 def service_info(endpoint: Optional[str], **extra) -> dict:
-    return {"endpoint": endpoint, "pid": os.getpid(), "host": socket.gethostname(), **extra}
+    """A service's registration; under Slurm also its node name and job id (hostnames may repeat)."""
+    info = {"endpoint": endpoint, "pid": os.getpid(), "host": socket.gethostname(), **extra}
+    for key, var in (("slurm_node", "SLURMD_NODENAME"), ("slurm_job_id", "SLURM_JOB_ID")):
+        if os.environ.get(var):
+            info[key] = os.environ[var]
+    return info
 
 
 def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: str = "127.0.0.1",
@@ -170,8 +176,11 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
                        spec.counting, workers=spec.workers_per_node, part_writer=writer,
                        bind=f"tcp://{bind_host}:*", hwm=spec.send_hwm, max_partial_frames=max_partial,
                        stall_timeout_s=spec.stall_timeout_s, acks=spec.acks,
-                       segment_frames=spec.segment_frames, segment_seconds=spec.segment_seconds, live=live)
-    info = service_info(_advertise(dist.endpoint, bind_host, advertise_host), node_index=node_index)
+                       segment_frames=spec.segment_frames, segment_seconds=spec.segment_seconds, live=live,
+                       curve=_curve(coord, spec, "distributor", bind_host))
+    dist.validator.expect_session(spec.scan_number, spec.session_token)
+    info = service_info(_advertise(dist.endpoint, bind_host, advertise_host), node_index=node_index,
+                        curve=dist.guard is not None)
     if dist.ack_endpoint:
         info["ack_endpoint"] = _advertise(dist.ack_endpoint, bind_host, advertise_host)
     try:
@@ -215,6 +224,19 @@ def finish_node(coord: Coordinator, spec: SessionSpec, name: str, report: dict, 
                   report_path(spec, "distributor", name))
 
 
+def _curve(coord: Coordinator, spec: SessionSpec, role: str, bind_host: Optional[str],
+           servers: list[tuple[str, dict]] = ()) -> Optional[security.Curve]:
+    """This service's CURVE: a server if its mode and bind host say so, a client of each server
+    whose etcd record says it uses CURVE; None when neither."""
+    serve = bind_host is not None and security.uses_curve(spec.security, f"tcp://{bind_host}:0")
+    curve_roles = {r for r, info in servers if info.get("curve")}
+    if any(r in curve_roles and not info.get("curve") for r, info in servers):
+        raise ValueError(f"the {role}'s servers disagree on CURVE: some of them use it, some do not")
+    if not (serve or curve_roles):
+        return None
+    return security.Curve(role, coord.public_keys(spec.session_id), serve=serve, servers=frozenset(curve_roles))
+
+
 def _advertise(endpoint: str, bind_host: str, advertise_host: Optional[str]) -> str:
     """The endpoint as others reach it: the bound host replaced by the advertised one."""
     return endpoint.replace(bind_host, advertise_host, 1) if advertise_host else endpoint
@@ -231,8 +253,10 @@ def serve_aggregator(coord: Coordinator, sid: str, bind_host: str = "127.0.0.1",
     agg = Aggregator(spec.profile, spec.scan_width, spec.scan_height,
                      [info["endpoint"] for info in ordered], bind=f"tcp://{bind_host}:*",
                      hwm=spec.send_hwm, ack_endpoints=acks, window_frames=spec.delivery_window,
-                     node_timeout_s=spec.node_timeout_s)
-    info = service_info(_advertise(agg.endpoint, bind_host, advertise_host),
+                     node_timeout_s=spec.node_timeout_s,
+                     curve=_curve(coord, spec, "aggregator", bind_host, [("distributor", i) for i in ordered]))
+    agg.validator.expect_session(spec.scan_number, spec.session_token)
+    info = service_info(_advertise(agg.endpoint, bind_host, advertise_host), curve=agg.guard is not None,
                         sector_endpoints=[_advertise(e, bind_host, advertise_host) for e in agg.sector_endpoints])
     try:
         with coord.lease(SERVICE_LEASE_TTL_S) as lease:
@@ -269,9 +293,15 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
         coord.arrive(sid, "producers", name)
         coord.wait_barrier(sid, "producers", spec.profile.sectors, spec.register_timeout_s)
         log.info("sector %d: streaming %d frames to %s", sector, source.frames, endpoint)
-        stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm,
-                             should_stop=lambda: stop_requested(coord, sid)() is not None,
-                             send_timeout_s=spec.stall_timeout_s)
+        link = EtcdLink(coord, sid, spec.scan_number, None)  # stop checks off the send path
+        try:
+            stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm,
+                                 should_stop=lambda: link.should_stop() is not None,
+                                 send_timeout_s=spec.stall_timeout_s,
+                                 curve=_curve(coord, spec, "producer", None, [("aggregator", agg)]),
+                                 session_token=spec.session_token)
+        finally:
+            link.close()
         report = stats.as_dict()
         write_report(report_path(spec, "producer", name), report)
         return report

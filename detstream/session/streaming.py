@@ -64,7 +64,7 @@ class StreamingSession(Session):
 
         def draining() -> None:  # the producers are done: what is left is in flight
             if "acquire_s" not in self.timings:
-                self.coord.set_state(self.sid, SessionState.DRAINING)
+                self.note_state(SessionState.DRAINING)
                 self.timings["acquire_s"] = time.time() - t0
 
         try:
