@@ -85,7 +85,14 @@ class SessionSpec(BaseModel):
     etcd_prefix: str = DEFAULT_PREFIX
     register_timeout_s: float = Field(default=60.0, gt=0, description="Wait for services to register.")
     stall_timeout_s: float = Field(default=60.0, gt=0, description="No progress for this long ends the scan.")
-    send_hwm: int = Field(default=64, gt=0, description="ZeroMQ high-water mark, in messages.")
+    send_hwm: int = Field(default=64, gt=0, description="ZeroMQ high-water mark, in sector blocks "
+                          "(queues hold send_hwm // batch_blocks batches, at least 2).")
+    batch_blocks: int = Field(default=16, gt=0, le=1024, description="Sector blocks per producer "
+                              "message, all of positions owned by one node (benchmarks/bench_batching.py "
+                              "chose the default).")
+    transport: Literal["auto", "tcp", "ipc"] = Field(
+        default="auto", description="How services reach one another: ipc:// sockets (same host only) "
+        "or tcp://. auto: the backend decides (local: ipc; cluster backends: tcp).")
     acks: bool = Field(default=True, description="Acknowledged delivery: nodes acknowledge durable "
                        "frames, the aggregator re-routes a lost node's unacknowledged frames. Off: "
                        "fire-and-forget, kept for comparison.")
@@ -122,6 +129,11 @@ class SessionSpec(BaseModel):
     def delivery_window(self) -> int:
         """The aggregator's window in frames: room for every node to fill a segment twice over."""
         return self.window_frames or 2 * self.segment_frames * self.nodes
+
+    @property
+    def hwm_messages(self) -> int:
+        """The ZeroMQ high-water mark in messages: send_hwm blocks in batches, at least 2."""
+        return max(2, self.send_hwm // self.batch_blocks)
 
     @property
     def frames_expected(self) -> int:

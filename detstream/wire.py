@@ -1,6 +1,12 @@
-"""The wire format between services: a versioned fixed-size header, then the sector payload.
+"""The wire format between services: versioned fixed-size headers, then the sector payloads.
 
-A message is two ZeroMQ frames ``[header, payload]``. Version 1 header, little endian:
+Version 2 (batches): a message is ``[headers, payload_1, ..., payload_N]``: the first ZeroMQ
+frame holds N sector headers back to back (N x 28 bytes), then one frame per block, so the
+payloads still travel zero-copy and an aggregator forwards the whole message as received.
+N = 1 is version 1's two-frame message. A producer puts in one batch only blocks of positions
+owned by one node. Each block is validated on its own: a bad block is rejected alone. A
+message whose frame count does not match its headers cannot be paired and is rejected whole.
+Sector header, little endian (every header of a batch carries the version):
 
 | field          | type | note                                            |
 |----------------|------|-------------------------------------------------|
@@ -29,8 +35,8 @@ Acknowledgements travel the other way, node to aggregator, on a socket of their 
 | received | u64  | frames the node has assembled so far                         |
 | counted  | u64  | frames the node has counted so far                           |
 
-Adding the FIN kind and the control messages left the sector header's layout as it was, so
-its version stays 1.
+The sector header's layout is version 1's; version 2 says a message may carry a batch. The
+control header's layout and version (1) are unchanged.
 """
 
 from __future__ import annotations
@@ -42,9 +48,16 @@ from typing import Optional
 
 import numpy as np
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+CONTROL_VERSION = 1
 _HEADER = struct.Struct("<BBHIIHHHHQ")
 HEADER_SIZE = _HEADER.size
+#: The sector header as a numpy record, to read every header of a batch at once.
+HEADER_DTYPE = np.dtype({
+    "names": ["version", "kind", "sector", "scan_number", "frame_number", "scan_width",
+              "scan_height", "x", "y", "count"],
+    "formats": ["u1", "u1", "<u2", "<u4", "<u4", "<u2", "<u2", "<u2", "<u2", "<u8"],
+    "offsets": [0, 1, 2, 4, 8, 12, 14, 16, 18, 20], "itemsize": HEADER_SIZE})
 
 
 class Kind(IntEnum):
@@ -119,6 +132,24 @@ def data_header(sector: int, scan_number: int, frame_number: int, scan_width: in
                         scan_width, scan_height, x, y, seq)
 
 
+def batch_message(headers, payloads) -> list:
+    """The frames of one batch: the headers joined into one frame, then each payload as it is."""
+    return [b"".join(headers), *payloads]
+
+
+def parse_headers(buf) -> np.ndarray:
+    """Every header of a batch's first frame (a view); raise MalformedMessage if it cannot be."""
+    n = len(buf)
+    if n == 0 or n % HEADER_SIZE:
+        raise MalformedMessage("short_header", f"headers frame is {n} bytes, not a multiple of {HEADER_SIZE}")
+    return np.frombuffer(buf, dtype=HEADER_DTYPE)
+
+
+def pack_headers(headers: np.ndarray) -> bytes:
+    """Headers (HEADER_DTYPE) as a batch's first frame."""
+    return np.ascontiguousarray(headers, dtype=HEADER_DTYPE).tobytes()
+
+
 def end_header(sector: int, scan_number: int, scan_width: int, scan_height: int, frames_sent: int) -> bytes:
     return _HEADER.pack(WIRE_VERSION, Kind.END, sector, scan_number, 0, scan_width, scan_height, 0, 0, frames_sent)
 
@@ -143,7 +174,7 @@ def control_message(kind: Control, node: int, received: int, counted: int,
                     positions: Optional[np.ndarray] = None) -> list:
     """The two frames of an ACK or HEARTBEAT."""
     payload = b"" if positions is None else np.ascontiguousarray(positions, dtype="<u4").tobytes()
-    return [_CONTROL.pack(WIRE_VERSION, int(kind), node, received, counted), payload]
+    return [_CONTROL.pack(CONTROL_VERSION, int(kind), node, received, counted), payload]
 
 
 def parse_control(parts) -> ControlMessage:
@@ -151,9 +182,9 @@ def parse_control(parts) -> ControlMessage:
     if len(parts) != 2:
         raise MalformedMessage("wrong_part_count", f"{len(parts)} parts, expected 2 (header, payload)")
     head, payload = (p.buffer if hasattr(p, "buffer") else p for p in parts)
-    if len(head) < 1 or bytes(head[:1])[0] != WIRE_VERSION:
+    if len(head) < 1 or bytes(head[:1])[0] != CONTROL_VERSION:
         raise MalformedMessage("unknown_version", f"control header version "
-                               f"{bytes(head[:1])[0] if len(head) else None}, expected {WIRE_VERSION}")
+                               f"{bytes(head[:1])[0] if len(head) else None}, expected {CONTROL_VERSION}")
     if len(head) != _CONTROL.size:
         raise MalformedMessage("short_header", f"control header is {len(head)} bytes, expected {_CONTROL.size}")
     _, kind, node, received, counted = _CONTROL.unpack(head)

@@ -69,6 +69,9 @@ class ComputeBackend(abc.ABC):
     """Reserve ``nodes`` compute nodes and run the launch's service on each."""
 
     name: str = "abstract"
+    #: How the session's services reach its nodes' services: "ipc" only when every node runs
+    #: on the orchestrator's host; across hosts "tcp".
+    transport: str = "tcp"
 
     def check_request(self, nodes: int, workers_per_node: int) -> None:
         """Refuse, with a plain message, a request this backend can never satisfy (ValueError)."""

@@ -34,6 +34,7 @@ from ..profile import DetectorProfile
 from ..wire import Control, Kind, MalformedMessage
 from .aggregator import route
 from .counting_pool import CountingPool
+from .endpoints import bind_address
 from .validation import MessageValidator, RejectLog
 
 log = logging.getLogger("detstream.distributor")
@@ -107,7 +108,7 @@ class Distributor:
         self.inbound = self.ctx.socket(zmq.PULL)
         self.inbound.setsockopt(zmq.RCVHWM, hwm)
         self.inbound.setsockopt(zmq.LINGER, 0)
-        self.inbound.bind(bind)
+        self.inbound.bind(bind_address(bind, f"node-{node_index}-data"))
         self.endpoint = self.inbound.getsockopt_string(zmq.LAST_ENDPOINT)
         self.ack_endpoint: Optional[str] = None
         self.ack_out = self.monitor = None
@@ -116,7 +117,7 @@ class Distributor:
             self.ack_out.setsockopt(zmq.SNDHWM, 10_000)
             self.ack_out.setsockopt(zmq.LINGER, int(linger_s * 1000))
             self.monitor = self.ack_out.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-            self.ack_out.bind(bind)
+            self.ack_out.bind(bind_address(bind, f"node-{node_index}-acks"))
             self.ack_endpoint = self.ack_out.getsockopt_string(zmq.LAST_ENDPOINT)
         mine = len(range(node_index, self.positions, nodes))
         self.result = DistributorResult(node_index=node_index, frames_expected=mine)
@@ -135,28 +136,34 @@ class Distributor:
     # -- receiving -------------------------------------------------------------------------
     def _handle(self, parts) -> None:
         try:
-            header = self.validator.check(parts)
+            batch = self.validator.check_batch(parts, self.rejects.reject)
         except MalformedMessage as err:
             self.rejects.reject(err)
+            return
+        heads = batch.headers
+        if not len(heads):
             return
         now = time.time()
         if self.result.first_recv is None:
             self.result.first_recv = now
         self.result.last_recv = now
-        s = header.sector
-        if header.kind is Kind.END:
-            if s in self._ends:
-                self.rejects.reject(MalformedMessage("duplicate_end", f"second END for sector {s}"))
+        for kind, s, count, pos, part in zip(heads["kind"].tolist(), heads["sector"].tolist(),
+                                             heads["count"].tolist(), batch.positions.tolist(), batch.payloads):
+            if kind == Kind.DATA:
+                self._block(s, pos, part)
+            elif kind == Kind.END:
+                if s in self._ends:
+                    self.rejects.reject(MalformedMessage("duplicate_end", f"second END for sector {s}"))
+                else:
+                    self._ends[s] = count
+                    self.result.end_markers += 1
             else:
-                self._ends[s] = header.count
-                self.result.end_markers += 1
-            return
-        if header.kind is Kind.FIN:
-            self.result.fin = True
-            return
-        pos = header.position
+                self.result.fin = True
+
+    def _block(self, s: int, pos: int, part) -> None:
+        """One sector block: into its position's frame; a complete frame waits for a slot."""
         # With acks the aggregator is the routing authority: it re-routes a lost node's positions.
-        if not self.acks and route(pos, self.nodes) != self.node_index:
+        if not self.acks and pos % self.nodes != self.node_index:
             self.rejects.reject(MalformedMessage(
                 "wrong_node", f"position {pos} belongs to node {route(pos, self.nodes)}"))
             return
@@ -171,7 +178,7 @@ class Distributor:
         if sectors[s] is not None:
             self.rejects.reject(MalformedMessage("duplicate_sector", f"sector {s} of position {pos} twice"))
             return
-        sectors[s] = parts[1]
+        sectors[s] = part
         self._blocks_per_sector[s] += 1
         self.result.bytes_received += self.profile.sector_nbytes
         if all(p is not None for p in sectors):

@@ -1,6 +1,8 @@
-"""Producer: one per sector. Sends each sector block as ``[header, payload]`` to the aggregator.
+"""Producer: one per sector. Sends its sector blocks in batches to the aggregator.
 
-The payload goes zero-copy (pyzmq ``copy=False``); a PUSH socket with a send high-water mark
+A batch (wire version 2: ``[headers, payload_1, ..., payload_N]``) holds up to ``batch_blocks``
+blocks, all of positions owned by one node (``position % nodes``), so the aggregator forwards it
+whole. Payloads go zero-copy (pyzmq ``copy=False``); a PUSH socket with a send high-water mark
 holds the producer back when the aggregator falls behind, which is the backpressure that
 bounds memory. A held-back send waits in slices of ``stop_check_s`` (SNDTIMEO), checking
 ``should_stop`` between them, and gives up after ``send_timeout_s``: no send blocks forever.
@@ -61,8 +63,10 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                  on_progress: Optional[Callable[[int], None]] = None,
                  should_stop: Optional[Callable[[], bool]] = None,
                  linger_s: float = 60.0, stop_check_s: float = 0.5,
-                 send_timeout_s: Optional[float] = None) -> ProducerStats:
-    """Stream ``source``'s sector ``sector`` to the aggregator at ``endpoint``.
+                 send_timeout_s: Optional[float] = None, batch_blocks: int = 1,
+                 nodes: int = 1) -> ProducerStats:
+    """Stream ``source``'s sector ``sector`` to the aggregator at ``endpoint``, ``batch_blocks``
+    blocks per message, each message for one of ``nodes`` nodes.
 
     ``tee``, if given, receives ``write(meta, block)`` for every block (the file path's writer).
     ``should_stop`` is checked between blocks, at most every ``stop_check_s``, and while a send
@@ -75,9 +79,29 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
     sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
     sock.setsockopt(zmq.SNDTIMEO, max(1, int(stop_check_s * 1000)))
     sock.connect(endpoint)
-    stats = ProducerStats(sector=sector)
+    stats = ProducerStats(sector=sector, extra={"batch_blocks": batch_blocks})
     next_check = 0.0
     stopped = False
+    open_batches: list[tuple[list, list]] = [([], []) for _ in range(nodes)]  # per node: headers, blocks
+    last_progress = 0
+
+    def send_batch(node: int) -> bool:
+        nonlocal last_progress
+        headers, blocks = open_batches[node]
+        if not blocks:
+            return True
+        if stats.first_send is None:
+            stats.first_send = time.time()
+        if not _send(sock, wire.batch_message(headers, blocks), should_stop, send_timeout_s):
+            return False
+        stats.frames_sent += len(blocks)
+        stats.bytes_sent += sum(b.nbytes if hasattr(b, "nbytes") else len(b) for b in blocks)
+        open_batches[node] = ([], [])
+        if on_progress is not None and stats.frames_sent - last_progress >= 256:
+            last_progress = stats.frames_sent
+            on_progress(stats.frames_sent)
+        return True
+
     try:
         for seq, (meta, block) in enumerate(source.iter_sector(sector)):
             if should_stop is not None and time.monotonic() >= next_check:
@@ -85,20 +109,21 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                 if should_stop():
                     log.warning("stop requested after %d blocks of sector %d", seq, sector)
                     break
-            header = wire.data_header(sector, meta.scan_number, meta.frame_number, meta.scan_width,
-                                      meta.scan_height, meta.x, meta.y, seq)
-            if stats.first_send is None:
-                stats.first_send = time.time()
-            if not _send(sock, [header, block], should_stop, send_timeout_s):
+            node = (meta.y * meta.scan_width + meta.x) % nodes
+            headers, blocks = open_batches[node]
+            headers.append(wire.data_header(sector, meta.scan_number, meta.frame_number, meta.scan_width,
+                                            meta.scan_height, meta.x, meta.y, seq))
+            blocks.append(block)
+            if tee is not None:
+                tee.write(meta, block)
+            if len(blocks) >= batch_blocks and not send_batch(node):
                 log.warning("stop requested after %d blocks of sector %d (held back)", seq, sector)
                 stopped = True
                 break
-            if tee is not None:
-                tee.write(meta, block)
-            stats.frames_sent += 1
-            stats.bytes_sent += block.nbytes if hasattr(block, "nbytes") else len(block)
-            if on_progress is not None and stats.frames_sent % 256 == 0:
-                on_progress(stats.frames_sent)
+        for node in range(nodes):  # what is left, then the END marker
+            if stopped or not send_batch(node):
+                stopped = True
+                break
         if not stopped:
             end = wire.end_header(sector, source.scan_number, source.scan_width, source.scan_height,
                                   stats.frames_sent)

@@ -23,6 +23,7 @@ from ..etcd import CoordinationError
 from ..states import TERMINAL_STATES
 from .aggregator import Aggregator
 from .distributor import Distributor
+from .endpoints import advertise, bind_base
 from .producer import run_producer
 from .segments import SegmentedPart
 
@@ -138,15 +139,19 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
         writer = (SegmentedPart(parts_dir, name, spec.profile.frame_shape) if spec.acks
                   else PartWriter(part_path, spec.profile.frame_shape))
     # A partial frame the aggregator may still complete must not be evicted: room for its window.
-    max_partial = max(256, spec.delivery_window) if spec.acks else 256
+    # Sectors may run apart by their queues (in blocks) and a batch per node.
+    max_partial = max(256, 4 * spec.send_hwm + 2 * spec.batch_blocks * spec.nodes)
+    if spec.acks:
+        max_partial = max(max_partial, spec.delivery_window)
     dist = Distributor(spec.profile, spec.scan_width, spec.scan_height, node_index, spec.nodes,
                        spec.counting, workers=spec.workers_per_node, part_writer=writer,
-                       bind=f"tcp://{bind_host}:*", hwm=spec.send_hwm, max_partial_frames=max_partial,
+                       bind=bind_base(spec.transport, sid, bind_host), hwm=spec.hwm_messages,
+                       max_partial_frames=max_partial,
                        stall_timeout_s=spec.stall_timeout_s, acks=spec.acks,
                        segment_frames=spec.segment_frames, segment_seconds=spec.segment_seconds)
-    info = service_info(_advertise(dist.endpoint, bind_host, advertise_host), node_index=node_index)
+    info = service_info(advertise(dist.endpoint, bind_host, advertise_host), node_index=node_index)
     if dist.ack_endpoint:
-        info["ack_endpoint"] = _advertise(dist.ack_endpoint, bind_host, advertise_host)
+        info["ack_endpoint"] = advertise(dist.ack_endpoint, bind_host, advertise_host)
     try:
         with coord.lease(SERVICE_LEASE_TTL_S) as lease:
             coord.register_service(sid, "distributor", name, info, lease)
@@ -188,12 +193,6 @@ def finish_node(coord: Coordinator, spec: SessionSpec, name: str, report: dict, 
                   report_path(spec, "distributor", name))
 
 
-def _advertise(endpoint: str, bind_host: str, advertise_host: Optional[str]) -> str:
-    """The endpoint as others reach it: the bound host replaced by the advertised one."""
-    return endpoint.replace(bind_host, advertise_host, 1) if advertise_host else endpoint
-
-
-
 def serve_aggregator(coord: Coordinator, sid: str, bind_host: str = "127.0.0.1",
                      advertise_host: Optional[str] = None) -> dict:
     """Wait for every node's distributor, then route the producers' sectors to them."""
@@ -202,11 +201,11 @@ def serve_aggregator(coord: Coordinator, sid: str, bind_host: str = "127.0.0.1",
     ordered = sorted(nodes.values(), key=lambda info: info["node_index"])
     acks = [info["ack_endpoint"] for info in ordered] if spec.acks else None
     agg = Aggregator(spec.profile, spec.scan_width, spec.scan_height,
-                     [info["endpoint"] for info in ordered], bind=f"tcp://{bind_host}:*",
-                     hwm=spec.send_hwm, ack_endpoints=acks, window_frames=spec.delivery_window,
+                     [info["endpoint"] for info in ordered], bind=bind_base(spec.transport, sid, bind_host),
+                     hwm=spec.hwm_messages, ack_endpoints=acks, window_frames=spec.delivery_window,
                      node_timeout_s=spec.node_timeout_s)
-    info = service_info(_advertise(agg.endpoint, bind_host, advertise_host),
-                        sector_endpoints=[_advertise(e, bind_host, advertise_host) for e in agg.sector_endpoints])
+    info = service_info(advertise(agg.endpoint, bind_host, advertise_host),
+                        sector_endpoints=[advertise(e, bind_host, advertise_host) for e in agg.sector_endpoints])
     try:
         with coord.lease(SERVICE_LEASE_TTL_S) as lease:
             coord.register_service(sid, "aggregator", "0", info, lease)
@@ -242,7 +241,8 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
         coord.arrive(sid, "producers", name)
         coord.wait_barrier(sid, "producers", spec.profile.sectors, spec.register_timeout_s)
         log.info("sector %d: streaming %d frames to %s", sector, source.frames, endpoint)
-        stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm,
+        stats = run_producer(source, sector, endpoint, hwm=spec.hwm_messages,
+                             batch_blocks=spec.batch_blocks, nodes=spec.nodes,
                              should_stop=lambda: stop_requested(coord, sid)() is not None,
                              send_timeout_s=spec.stall_timeout_s)
         report = stats.as_dict()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 import time
 
@@ -27,31 +29,48 @@ class Collected:
 
     def add(self, position, events):
         assert position not in self.events
-        self.events[position] = events
+        self.events[position] = np.array(events)  # a copy: the view would keep the message
 
 
 class Pipeline:
-    """Distributors + aggregator on threads in this process, every socket real."""
+    """Distributors + aggregator on threads in this process, every socket real; with ``acks``,
+    acknowledged delivery (the sessions' default)."""
 
     def __init__(self, profile, w, h, nodes, counting=CountingParams(enabled=False), stall=10.0,
-                 hwm=64):
+                 hwm=64, bind="tcp://127.0.0.1:*", acks=False, window=64):
         self.ctx = zmq.Context()
         self.parts = [Collected() for _ in range(nodes)]
         self.dists = [Distributor(profile, w, h, i, nodes, counting, workers=1, part_writer=self.parts[i],
-                                  ctx=self.ctx, stall_timeout_s=stall, hwm=hwm) for i in range(nodes)]
-        self.agg = Aggregator(profile, w, h, [d.endpoint for d in self.dists], ctx=self.ctx, hwm=hwm)
+                                  ctx=self.ctx, stall_timeout_s=stall, hwm=hwm, bind=bind, acks=acks,
+                                  segment_seconds=0.05) for i in range(nodes)]
+        self.agg = Aggregator(profile, w, h, [d.endpoint for d in self.dists], ctx=self.ctx, hwm=hwm, bind=bind,
+                              ack_endpoints=[d.ack_endpoint for d in self.dists] if acks else None,
+                              window_frames=window, linger_s=1.0)
         self.results = {}
         self.threads = [threading.Thread(target=lambda d=d: self.results.__setitem__(d.node_index, d.run()),
                                          daemon=True) for d in self.dists]
-        self.threads.append(threading.Thread(target=self.agg.run, kwargs={"stall_timeout_s": stall}, daemon=True))
+        self.threads.append(threading.Thread(target=lambda: self.results.__setitem__("agg", self.agg.run(
+            stall_timeout_s=stall, fin_wait_s=1.0)), daemon=True))
         for t in self.threads:
             t.start()
+
+    def produce(self, source, batch=1):
+        """Stream every sector of ``source``, ``batch`` blocks per message."""
+        _produce(source, self.agg.sector_endpoints, self.ctx, range(source.profile.sectors), batch, len(self.dists))
 
     def join(self, timeout=60):
         for t in self.threads:
             t.join(timeout)
             assert not t.is_alive(), "pipeline did not finish"
         return [self.results[i] for i in range(len(self.dists))]
+
+    def events(self) -> dict[int, np.ndarray]:
+        """Every node's counted events by position (each position on one node only)."""
+        out = {}
+        for part in self.parts:
+            assert not set(out) & set(part.events)
+            out.update(part.events)
+        return out
 
     def close(self):
         self.agg.close()
@@ -62,9 +81,13 @@ class Pipeline:
 
 @pytest.fixture
 def pipelines():
-    made = []
+    """Make Pipelines (transport="ipc": in a private temp folder); all closed and removed at the end."""
+    made, dirs = [], []
 
-    def make(*args, **kw):
+    def make(*args, transport="tcp", **kw):
+        if transport == "ipc":
+            dirs.append(tempfile.mkdtemp(prefix="ds-"))
+            kw["bind"] = f"ipc://{dirs[-1]}"
         p = Pipeline(*args, **kw)
         made.append(p)
         return p
@@ -72,10 +95,14 @@ def pipelines():
     yield make
     for p in made:
         p.close()
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
 
 
-def _produce(src, endpoint, ctx, sectors):
-    threads = [threading.Thread(target=run_producer, args=(src, s, endpoint), kwargs={"ctx": ctx})
+def _produce(src, endpoint, ctx, sectors, batch=1, nodes=1):
+    """One producer thread per sector; ``endpoint`` is one for all, or a list (one per sector)."""
+    threads = [threading.Thread(target=run_producer, args=(src, s, endpoint if isinstance(endpoint, str) else endpoint[s]),
+                                kwargs={"ctx": ctx, "batch_blocks": batch, "nodes": nodes})
                for s in sectors]
     for t in threads:
         t.start()
@@ -209,3 +236,72 @@ def test_backpressure_blocks_the_producer_and_memory_stays_bounded():
         assert got == 64 * 64 + 1                              # every block and the END marker
     finally:
         ctx.destroy(linger=0)
+
+
+# --------------------------------------------------------------------------- batches (wire v2) and ipc
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    sim = Simulator(NCEM_4D_CAMERA, 7, 5, seed=11, pool_size=6)
+    path = tmp_path_factory.mktemp("dark") / "dark.npy"
+    np.save(path, sim.dark_reference())
+    return sim, CountingParams(dark_reference=path)
+
+
+def _stream(pipelines, scan, batch, transport, nodes=2):
+    sim, counting = scan
+    p = pipelines(sim.profile, sim.scan_width, sim.scan_height, nodes, counting, transport=transport,
+                  acks=True, stall=20.0)
+    if transport == "ipc":
+        assert p.agg.endpoint.startswith("ipc://") and p.dists[0].endpoint.startswith("ipc://")
+    p.produce(sim, batch)
+    res = p.join()
+    agg = p.results["agg"]
+    assert agg.lost == [] and agg.finish_reason == "complete" and agg.rejected == {}
+    assert sum(r.frames_counted for r in res) == sim.frames
+    return p.events(), res
+
+
+def test_batched_and_ipc_give_the_events_of_the_unbatched_tcp_path(pipelines, scan):
+    sim, _ = scan
+    reference, _ = _stream(pipelines, scan, 1, "tcp")
+    assert sorted(reference) == list(range(sim.frames))
+    dark = sim.dark_reference()
+    np.testing.assert_array_equal(reference[3], count_frame(sim.frame(3), dark, None, 12.0, 2000.0))
+    for batch, transport in [(8, "tcp"), (5, "ipc")]:
+        got, res = _stream(pipelines, scan, batch, transport)
+        assert sorted(got) == sorted(reference)
+        for pos in reference:
+            np.testing.assert_array_equal(got[pos], reference[pos], err_msg=f"{batch} {transport}: position {pos}")
+        assert res[0].rejected == {}
+
+
+def test_a_bad_block_inside_a_batch_is_rejected_alone(pipelines):
+    prof = SMALL_TEST_CAMERA
+    w, h = 4, 2
+    p = pipelines(prof, w, h, 1, acks=True)
+    senders = []
+    for ep in p.agg.sector_endpoints:
+        s = p.ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 2000)
+        s.connect(ep)
+        senders.append(s)
+    good = np.zeros(prof.sector_shape, np.uint16).tobytes()
+    hdr = lambda sector, pos, x=None: wire.data_header(sector, 1, pos + 1, w, h, pos % w if x is None else x,
+                                                       pos // w, pos)
+    # Sector 0's batch: position 2's block is short, the 4th block lies outside the scan.
+    senders[0].send_multipart(wire.batch_message([hdr(0, 0), hdr(0, 1), hdr(0, 2), hdr(0, 3, x=9)],
+                                                 [good, good, good[:-2], good]))
+    senders[0].send_multipart(wire.batch_message([hdr(0, p) for p in range(4, 8)], [good] * 4))
+    # A batch whose frames do not pair with its headers cannot be read: rejected whole.
+    senders[0].send_multipart([hdr(0, 5) + hdr(0, 6), good])
+    for sector in range(1, prof.sectors):
+        senders[sector].send_multipart(wire.batch_message([hdr(sector, p) for p in range(8)], [good] * 8))
+    for sector, s in enumerate(senders):
+        s.send_multipart([wire.end_header(sector, 1, w, h, 8), b""])
+    (res,) = p.join()
+    for s in senders:
+        s.close(0)
+    agg = p.results["agg"]
+    assert agg.rejected == {"payload_size": 1, "frame_outside_scan": 1, "wrong_part_count": 1}
+    assert res.frames_received == 6 and res.rejected == {}    # every position but 2 and 3
+    assert sorted(agg.lost) == [2, 3] and agg.lost_reasons == {"incomplete": 2}

@@ -49,7 +49,7 @@ def test_control_messages_round_trip_and_bad_ones_are_named():
     with pytest.raises(MalformedMessage, match="payload_size"):
         wire.parse_control([head, payload[:-1]])
     fin = wire.Header.unpack(wire.fin_header(1, 4, 2, 8))
-    assert fin.kind is Kind.FIN and fin.count == 8 and fin.version == 1
+    assert fin.kind is Kind.FIN and fin.count == 8 and fin.version == wire.WIRE_VERSION
 
 
 def test_segments_are_durable_one_by_one_and_the_index_reads_as_one_part(tmp_path):
