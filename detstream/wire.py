@@ -1,11 +1,13 @@
 """The wire format between services: versioned fixed-size headers, then the sector payloads.
 
-Version 2 (batches): a message is ``[headers, payload_1, ..., payload_N]``: the first ZeroMQ
-frame holds N sector headers back to back (N x 28 bytes), then one frame per block, so the
-payloads still travel zero-copy and an aggregator forwards the whole message as received.
-N = 1 is version 1's two-frame message. A producer puts in one batch only blocks of positions
-owned by one node. Each block is validated on its own: a bad block is rejected alone. A
-message whose frame count does not match its headers cannot be paired and is rejected whole.
+Version 2 (batches): a message is ``[headers, payload frame(s)]``: the first ZeroMQ frame holds
+N sector headers back to back (N x 28 bytes); the data blocks' payloads follow back to back in
+one or more frames, each frame holding whole blocks (markers have no payload). A producer sends
+one payload frame per batch, so that every hop handles two frames whatever the batch size; an
+aggregator forwards the message as received. N = 1 is version 1's two-frame message. A producer
+puts in one batch only blocks of positions owned by one node. Each block's header is validated
+on its own: a bad block is rejected alone. Payload bytes that do not pair with the headers
+leave no block to trust: that message is rejected whole.
 Sector header, little endian (every header of a batch carries the version):
 
 | field          | type | note                                            |
@@ -133,8 +135,12 @@ def data_header(sector: int, scan_number: int, frame_number: int, scan_width: in
 
 
 def batch_message(headers, payloads) -> list:
-    """The frames of one batch: the headers joined into one frame, then each payload as it is."""
-    return [b"".join(headers), *payloads]
+    """The frames of one batch: the headers joined into one frame, then the payloads. One block
+    goes as it is (zero-copy); several are joined into one frame, so that every hop handles two
+    frames per batch whatever its size (per-frame costs dominate a Python service's time)."""
+    if len(payloads) == 1:
+        return [headers[0], payloads[0]]
+    return [b"".join(headers), b"".join(payloads)]
 
 
 def parse_headers(buf) -> np.ndarray:

@@ -122,15 +122,19 @@ _UNSEEN, _WINDOW, _ACKED, _DROPPED = 0, 1, 2, 3
 
 
 class _Held:
-    """A received batch the window still refers to: its headers, payload frames, and how many of
-    its blocks belong to positions still in the window."""
+    """A received batch the window still refers to: the batch, which of its good blocks are held
+    (None: all), and how many of them belong to positions still in the window."""
 
-    __slots__ = ("headers", "payloads", "live")
+    __slots__ = ("batch", "keep", "live")
 
-    def __init__(self, headers: np.ndarray, payloads: list):
-        self.headers = headers
-        self.payloads = payloads
-        self.live = len(payloads)
+    def __init__(self, batch: Batch, keep: Optional[np.ndarray], live: int):
+        self.batch = batch
+        self.keep = keep
+        self.live = live
+
+    def blocks(self, idx: np.ndarray) -> Batch:
+        """The held blocks at ``idx`` as a batch of their own (payloads not copied)."""
+        return self.batch.subset(idx if self.keep is None else self.keep[idx])
 
 
 class _Node:
@@ -178,6 +182,7 @@ class Aggregator:
                                for k in range(self.sectors)]
         self.sector_endpoints = [s.getsockopt_string(zmq.LAST_ENDPOINT) for s in self.sector_inbound]
         self._sector_of = {sock: k for k, sock in enumerate(self.sector_inbound)}
+        self._inputs = [self.inbound, *self.sector_inbound]   # those still open
         self.nodes = len(node_endpoints)
         self.outbound = []
         self.monitors: list[Optional[zmq.Socket]] = []
@@ -266,11 +271,13 @@ class Aggregator:
         while True:
             if not inputs_done and len(self.ended) == self.sectors:
                 inputs_done = True
+                for sock in list(self._inputs):
+                    self._close_input(sock)
                 self._end_of_input("incomplete")
             if inputs_done and (not self.acks or not self._in_window):
                 break
             readable = [] if inputs_done else self._readable()
-            for s in (self.inbound, *self.sector_inbound):
+            for s in self._inputs:
                 self._watch(s, zmq.POLLIN if s in readable else 0)
             for n in range(self.nodes):
                 alive = self._node[n].alive
@@ -337,7 +344,7 @@ class Aggregator:
 
     def _readable(self) -> list:
         """The inbound sockets to read now (see _may_read)."""
-        return [s for s in (self.inbound, *self.sector_inbound) if self._may_read(s)]
+        return [s for s in self._inputs if self._may_read(s)]
 
     def _lagging(self, sector: int) -> int:
         """How many window positions still lack a block of ``sector``."""
@@ -361,7 +368,18 @@ class Aggregator:
                     continue
                 got = True
                 self._handle(parts)
+                if self._sector_of.get(sock, -1) in self.ended:
+                    self._close_input(sock)
+                    socks.remove(sock)
         return got
+
+    def _close_input(self, sock) -> None:
+        """Close a sector's socket once its END is read: its producer sees the disconnect and
+        only then closes its own socket (libzmq can drop what a closing peer still had queued,
+        over ipc: zeromq/libzmq#4660)."""
+        self._watch(sock, 0)
+        sock.close(0)
+        self._inputs.remove(sock)
 
     def _may_read(self, sock) -> bool:
         """No reads while a node's backlog holds them back (backpressure); with acks and the
@@ -401,20 +419,18 @@ class Aggregator:
         if self.acks:
             nodes, keep = self._admit(sector, positions, batch)
             if keep is not None:  # some blocks refused (duplicates, no node): send the rest
-                batch = self._subset(batch, keep)
-                if not len(batch.headers):
+                if not len(keep):
                     return
+                batch = batch.subset(keep)
         else:
             nodes = positions % self.nodes
         first = int(nodes[0])
         if len(nodes) == 1 or not (nodes != first).any():
-            self._send_batch(first, sector, batch.parts if batch.whole else
-                             [wire.pack_headers(batch.headers), *batch.payloads], len(nodes))
+            self._send_batch(first, sector, batch.message(), len(nodes))
             return
         for node in np.unique(nodes).tolist():  # a batch that spans nodes: one message per node
             idx = np.flatnonzero(nodes == node)
-            sub = self._subset(batch, idx)
-            self._send_batch(node, sector, [wire.pack_headers(sub.headers), *sub.payloads], len(idx))
+            self._send_batch(node, sector, batch.subset(idx).message(), len(idx))
 
     def _send_batch(self, node: int, sector: int, parts: list, blocks: int) -> None:
         self._send(node, parts)
@@ -422,25 +438,18 @@ class Aggregator:
         self.stats.frames_routed[node] += blocks
         self.stats.bytes_routed += blocks * self.profile.sector_nbytes
 
-    @staticmethod
-    def _subset(batch, idx) -> "Batch":
-        idx = np.asarray(idx)
-        return Batch(None, batch.headers[idx], [batch.payloads[i] for i in idx.tolist()], False)
-
     def _split_by_sector(self, batch) -> None:
         """A batch mixing sectors (producers never send one): handle each sector's blocks alone."""
         sectors = batch.headers["sector"]
         for sector in np.unique(sectors).tolist():
-            sub = self._subset(batch, np.flatnonzero(sectors == sector))
-            self._handle([wire.pack_headers(sub.headers), *sub.payloads])
+            self._handle(batch.subset(np.flatnonzero(sectors == sector)).message())
 
     def _markers(self, batch) -> None:
         """END markers (a marker travels alone; any in a batch are taken one by one)."""
         for i, head in enumerate(batch.headers):
             kind = Kind(int(head["kind"]))
             if kind is Kind.DATA:
-                sub = self._subset(batch, [i])
-                self._handle([wire.pack_headers(sub.headers), *sub.payloads])
+                self._handle(batch.subset([i]).message())
                 continue
             if kind is not Kind.END:
                 self.rejects.reject(MalformedMessage("unexpected_kind", f"{kind.name} from a producer"))
@@ -462,13 +471,14 @@ class Aggregator:
         """Put a batch of one sector's blocks into the window. Returns the node of each block
         sent, and the indices of the blocks to send if not all of them (else None)."""
         state = self._state[positions]
-        refused = (state == _ACKED) | (state == _DROPPED) | self._got[positions, sector]
-        if len(positions) > 1:
-            _, first = np.unique(positions, return_index=True)
-            if len(first) != len(positions):
-                once = np.zeros(len(positions), dtype=bool)
-                once[first] = True
-                refused |= ~once
+        refused = (state >= _ACKED) | self._got[positions, sector]
+        if len(positions) > 1:  # a position twice in the batch: the later write of its index wins
+            order = np.arange(len(positions), dtype=np.int32)
+            marks = self._held_at[:, sector]
+            before = marks[positions]
+            marks[positions] = order
+            refused |= marks[positions] != order
+            marks[positions] = before
         keep = None
         if refused.any():
             for i in np.flatnonzero(refused).tolist():
@@ -500,9 +510,7 @@ class Aggregator:
             return positions, keep
         bid = self._next_batch
         self._next_batch += 1
-        held = _Held(batch.headers if keep is None else batch.headers[keep],
-                     batch.payloads if keep is None else [batch.payloads[i] for i in keep.tolist()])
-        self._batches[bid] = held
+        self._batches[bid] = _Held(batch, keep, len(positions))
         self._got[positions, sector] = True
         self._held_in[positions, sector] = bid
         self._held_at[positions, sector] = np.arange(len(positions), dtype=np.int32)
@@ -645,10 +653,8 @@ class Aggregator:
         bids, at, dest, sectors = bids[order], at[order], dest[order], sectors[order]
         cuts = np.flatnonzero((np.diff(bids) != 0) | (np.diff(dest) != 0)) + 1
         for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(bids)]):
-            held = self._batches[int(bids[lo])]
-            idx = at[lo:hi]
             node = int(dest[lo])
-            self._send(node, [wire.pack_headers(held.headers[idx]), *[held.payloads[i] for i in idx.tolist()]])
+            self._send(node, self._batches[int(bids[lo])].blocks(at[lo:hi]).message())
             self.stats.frames_routed[node] += hi - lo
 
     def _read_monitor(self, node: int) -> None:

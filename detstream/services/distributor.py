@@ -204,7 +204,7 @@ class Distributor:
             frame = self.pool.ring[slot]
             for s, part in enumerate(sectors):
                 frame[s * rows:(s + 1) * rows] = np.frombuffer(
-                    part.buffer, dtype=self.profile.np_dtype).reshape(self.profile.sector_shape)
+                    part, dtype=self.profile.np_dtype).reshape(self.profile.sector_shape)
             self.result.assemble_seconds += time.perf_counter() - t0
             self.pool.submit(slot, pos)
             if self.acks and not self.pool.workers:  # counting off: assembled is as far as it goes

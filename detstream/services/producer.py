@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .. import wire
 
@@ -58,6 +59,22 @@ def _send(sock: zmq.Socket, parts, should_stop: Optional[Callable[[], bool]],
                 raise TimeoutError(f"the aggregator took nothing for {send_timeout_s:g} s") from None
 
 
+def _await_hangup(monitor: zmq.Socket, timeout_s: float, stop_check_s: float,
+                  should_stop: Optional[Callable[[], bool]]) -> bool:
+    """Wait (bounded) until the aggregator hangs up, which it does once it has read our END: only
+    then is closing safe (libzmq can drop what a closing socket still had queued,
+    zeromq/libzmq#4660). True if it did."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if monitor.poll(int(stop_check_s * 1000)):
+            if recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                return True
+        elif should_stop is not None and should_stop():
+            return False
+    log.warning("the aggregator did not hang up within %g s of our END", timeout_s)
+    return False
+
+
 def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                  ctx: Optional[zmq.Context] = None, tee=None,
                  on_progress: Optional[Callable[[int], None]] = None,
@@ -78,6 +95,7 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
     sock.setsockopt(zmq.SNDTIMEO, max(1, int(stop_check_s * 1000)))
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     sock.connect(endpoint)
     stats = ProducerStats(sector=sector, extra={"batch_blocks": batch_blocks})
     next_check = 0.0
@@ -129,12 +147,16 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                                   stats.frames_sent)
             stopped = not _send(sock, [end, b""], should_stop, send_timeout_s)
         stats.last_send = time.time()
+        if not stopped:
+            _await_hangup(monitor, linger_s, stop_check_s, should_stop)
     except BaseException:
         stopped = True
         raise
     finally:
         if stopped:
             sock.setsockopt(zmq.LINGER, 0)  # nobody is reading: do not wait for them
+        sock.disable_monitor()
+        monitor.close(0)
         sock.close()
         if own_ctx:
             # Waits until queued blocks are delivered (LINGER, bounded): zero-copy payloads point

@@ -1,0 +1,324 @@
+"""The data plane's capacity, stage by stage: CPU-seconds from getrusage (every thread of the
+stage's own process), as ratios against a raw hop measured in the same run.
+
+* aggregator: 4 producer processes -> one aggregator process (acks on, the sessions' default)
+  -> one sink process that acknowledges whole positions. Per batch size and transport, with
+  tiny payloads (4 bytes: the per-message cost, sector blocks/s per core) and full 4D Camera
+  sector blocks (165,888 bytes: GB/s per core). Baseline: a raw hop, one PUSH process -> one
+  PULL process, the same blocks one per message, zero-copy, the same transport; its CPU is the
+  sender's plus the receiver's (one send and one receive, as the aggregator does).
+* distributor: assembling frames from 4 sectors' batches, counting off (frames/s per core).
+* counting: worker processes fed batched tasks vs counting in the distributor's own threads
+  (numba nogil), frames/s per core.
+* shards: K aggregator processes (K = 1, 2, 4), each a share of the sectors, CPU-s per GB.
+
+Run: python benchmarks/bench_dataplane.py [--positions 4096] [--batches 1,4,16,64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CAMERA_FRAMES_PER_S = 87_000
+TINY = dict(name="tiny", frame_rows=4, frame_cols=2, sectors=4)
+
+
+def _cpu_s() -> float:
+    """This process's CPU seconds, every thread (ZeroMQ's I/O threads included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _profile(tiny: bool):
+    from detstream.profile import DetectorProfile, get_profile
+
+    return DetectorProfile(**TINY) if tiny else get_profile("4dcamera")
+
+
+class _Scan:
+    """A source of sector blocks (the producer's interface) over a pool of prepared blocks."""
+
+    def __init__(self, profile, width: int, height: int):
+        self.profile, self.scan_width, self.scan_height, self.scan_number = profile, width, height, 1
+        rng = np.random.default_rng(0)
+        self.pool = [rng.integers(0, 60, profile.sector_shape, dtype=profile.np_dtype) for _ in range(8)]
+
+    def iter_sector(self, sector: int):
+        from types import SimpleNamespace
+
+        for pos in range(self.scan_width * self.scan_height):
+            y, x = divmod(pos, self.scan_width)
+            yield (SimpleNamespace(scan_number=1, frame_number=pos + 1, scan_width=self.scan_width,
+                                   scan_height=self.scan_height, x=x, y=y), self.pool[pos % 8])
+
+
+# --------------------------------------------------------------------------- processes
+def _producer(endpoint: str, sector: int, tiny: bool, scan: tuple, batch: int, nodes: int, hwm: int) -> None:
+    from detstream.services.producer import run_producer
+
+    run_producer(_Scan(_profile(tiny), *scan), sector, endpoint, hwm=hwm, batch_blocks=batch, nodes=nodes)
+
+
+def _sink(q, bind: str, positions: int, sectors: int, acks: bool, node: int = 0) -> None:
+    """A node that takes every block and acknowledges each position once all its sectors came."""
+    import zmq
+
+    from detstream import wire
+    from detstream.services.endpoints import bind_address
+
+    ctx = zmq.Context()
+    data = ctx.socket(zmq.PULL)
+    data.bind(bind_address(bind, f"sink-{node}-data"))
+    ack = ctx.socket(zmq.PUSH)
+    ack.bind(bind_address(bind, f"sink-{node}-acks"))
+    q.put((data.getsockopt_string(zmq.LAST_ENDPOINT), ack.getsockopt_string(zmq.LAST_ENDPOINT)))
+    have = np.zeros(positions, dtype=np.uint8)
+    blocks = ends = 0
+    done: list = []
+    fin = False
+    while not fin:
+        if not data.poll(100):
+            if done:
+                ack.send_multipart(wire.control_message(wire.Control.ACK, node, 0, 0, np.concatenate(done)))
+                done = []
+            continue
+        parts = data.recv_multipart(copy=False)
+        heads = wire.parse_headers(parts[0].buffer)
+        kind = int(heads["kind"][0])
+        if kind == wire.Kind.END:
+            ends += 1
+            fin = ends == sectors and not acks
+            continue
+        if kind == wire.Kind.FIN:
+            break
+        pos = heads["y"].astype(np.int64) * heads["scan_width"] + heads["x"]
+        blocks += len(pos)
+        have[pos] += 1
+        whole = pos[have[pos] == sectors]
+        if len(whole) and acks:
+            done.append(whole.astype(np.uint32))
+            if sum(len(d) for d in done) >= 128:
+                ack.send_multipart(wire.control_message(wire.Control.ACK, node, 0, 0, np.concatenate(done)))
+                done = []
+    q.put({"blocks": blocks})
+    data.close(0)
+    ack.close(0)
+    ctx.term()
+
+
+def _aggregator(q, go, tiny: bool, scan: tuple, nodes: list, acks: bool, bind: str, hwm: int, window: int,
+                sectors: Optional[list] = None) -> None:
+    from detstream.services.aggregator import Aggregator
+
+    shard = {} if sectors is None else {"sectors": sectors}
+    agg = Aggregator(_profile(tiny), *scan, [n[0] for n in nodes], bind=bind, hwm=hwm,
+                     ack_endpoints=[n[1] for n in nodes] if acks else None, window_frames=window, **shard)
+    q.put(agg.sector_endpoints)
+    go.wait()
+    cpu0 = _cpu_s()
+    stats = agg.run(fin_wait_s=2.0)
+    cpu = _cpu_s() - cpu0
+    agg.close()
+    q.put({"cpu_s": cpu, "seconds": stats.last_recv - stats.first_recv, "blocks": sum(stats.frames_routed),
+           "bytes": stats.bytes_routed, "lost": len(stats.lost), "rejected": stats.rejected})
+
+
+def _hop_receiver(q, bind: str, expected: int) -> None:
+    import zmq
+
+    from detstream.services.endpoints import bind_address
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.bind(bind_address(bind, "hop"))
+    q.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    n = nbytes = 0
+    cpu0 = None
+    while n < expected:
+        parts = sock.recv_multipart(copy=False)
+        if cpu0 is None:
+            cpu0, t0 = _cpu_s(), time.time()
+        n += 1
+        nbytes += len(parts[1].buffer)
+    q.put({"cpu_s": _cpu_s() - cpu0, "bytes": nbytes, "seconds": time.time() - t0})
+    sock.close(0)
+    ctx.term()
+
+
+def _hop_sender(q, endpoint: str, tiny: bool, scan: tuple, sectors: int) -> None:
+    import zmq
+
+    from detstream import wire
+    from detstream.services.producer import _await_hangup
+
+    src = _Scan(_profile(tiny), *scan)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, -1)
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    sock.connect(endpoint)
+    cpu0 = _cpu_s()
+    w, h = scan
+    for pos in range(w * h):
+        for s in range(sectors):
+            sock.send_multipart([wire.data_header(s, 1, pos + 1, w, h, pos % w, pos // w, pos), src.pool[pos % 8]],
+                                copy=False)
+    _await_hangup(monitor, 120.0, 0.5, None)  # the receiver closes once it has everything
+    sock.disable_monitor()
+    monitor.close(0)
+    sock.close()
+    ctx.term()
+    q.put({"cpu_s": _cpu_s() - cpu0})
+
+
+# --------------------------------------------------------------------------- runs
+class _Transport:
+    """A bind base for one run: tcp loopback, or ipc in a private temp folder."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.dir = tempfile.mkdtemp(prefix="dsb-") if name == "ipc" else None
+        self.base = f"ipc://{self.dir}" if self.dir else "tcp://127.0.0.1:*"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _procs():
+    return mp.get_context("fork")
+
+
+def aggregator_run(*, tiny: bool, scan: tuple, batch: int, transport: str, acks: bool = True,
+                   shards: int = 1, hwm_blocks: int = 64, window: int = 512, timeout_s: float = 300.0) -> dict:
+    """Producers -> ``shards`` aggregators -> one sink; the aggregators' CPU per block and per GB."""
+    ctx = _procs()
+    profile = _profile(tiny)
+    sectors = profile.sectors
+    positions = scan[0] * scan[1]
+    hwm = max(2, hwm_blocks // batch)
+    with _Transport(transport) as tr:
+        q = ctx.Queue()
+        sink = ctx.Process(target=_sink, args=(q, tr.base, positions, sectors, acks), daemon=True)
+        sink.start()
+        node = q.get(timeout=60)
+        aggs, agg_qs, go = [], [], ctx.Event()
+        share = np.array_split(np.arange(sectors), shards)
+        sector_eps: dict[int, str] = {}
+        for k in range(shards):
+            aq = ctx.Queue()
+            bind = tr.base if transport == "tcp" else f"{tr.base}" + (f"/s{k}" if shards > 1 else "")
+            if transport == "ipc" and shards > 1:
+                os.makedirs(bind[len("ipc://"):], exist_ok=True)
+            p = ctx.Process(target=_aggregator, daemon=True,
+                            args=(aq, go, tiny, scan, [node], acks, bind, hwm, window,
+                                  share[k].tolist() if shards > 1 else None))
+            p.start()
+            eps = aq.get(timeout=60)
+            for s, ep in zip(share[k].tolist() if shards > 1 else range(sectors), eps if shards == 1 else
+                             [eps[s] for s in share[k].tolist()]):
+                sector_eps[s] = ep
+            aggs.append(p)
+            agg_qs.append(aq)
+        go.set()
+        prods = [ctx.Process(target=_producer, args=(sector_eps[s], s, tiny, scan, batch, 1, hwm), daemon=True)
+                 for s in range(sectors)]
+        for p in prods:
+            p.start()
+        results = [aq.get(timeout=timeout_s) for aq in agg_qs]
+        sink_res = q.get(timeout=60)
+        for p in [*prods, *aggs, sink]:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    blocks = sum(r["blocks"] for r in results)
+    cpu = sum(r["cpu_s"] for r in results)
+    nbytes = sum(r["bytes"] for r in results)
+    if blocks != positions * sectors or sink_res["blocks"] != blocks or any(r["lost"] for r in results):
+        raise RuntimeError(f"aggregator run lost blocks: {results} {sink_res}")
+    return {"batch": batch, "transport": transport, "tiny": tiny, "shards": shards, "blocks": blocks,
+            "cpu_s": cpu, "blocks_per_core_s": blocks / cpu, "gb_per_core_s": nbytes / 1e9 / cpu,
+            "cpu_s_per_gb": cpu / (nbytes / 1e9) if nbytes else None,
+            "seconds": max(r["seconds"] for r in results), "per_shard_cpu_s": [r["cpu_s"] for r in results]}
+
+
+def hop_run(*, tiny: bool, scan: tuple, transport: str, timeout_s: float = 300.0) -> dict:
+    """One PUSH process -> one PULL process, the same blocks one per message."""
+    ctx = _procs()
+    sectors = _profile(tiny).sectors
+    expected = scan[0] * scan[1] * sectors
+    with _Transport(transport) as tr:
+        rq, sq = ctx.Queue(), ctx.Queue()
+        recv = ctx.Process(target=_hop_receiver, args=(rq, tr.base, expected), daemon=True)
+        recv.start()
+        ep = rq.get(timeout=60)
+        send = ctx.Process(target=_hop_sender, args=(sq, ep, tiny, scan, sectors), daemon=True)
+        send.start()
+        r = rq.get(timeout=timeout_s)
+        s = sq.get(timeout=60)
+        for p in (send, recv):
+            p.join(10)
+    cpu = r["cpu_s"] + s["cpu_s"]
+    return {"transport": transport, "tiny": tiny, "blocks": expected, "cpu_s": cpu,
+            "blocks_per_core_s": expected / cpu, "gb_per_core_s": r["bytes"] / 1e9 / cpu,
+            "cpu_s_per_gb": cpu / (r["bytes"] / 1e9), "seconds": r["seconds"]}
+
+
+# --------------------------------------------------------------------------- main
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny-scan", default="128x128", help="scan for the per-message runs (4-byte blocks)")
+    p.add_argument("--full-scan", default="48x48", help="scan for the per-byte runs (165,888-byte blocks)")
+    p.add_argument("--batches", default="1,4,16,64")
+    p.add_argument("--transports", default="tcp,ipc")
+    p.add_argument("--parts", default="aggregator", help="comma-separated: aggregator")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    tiny_scan = tuple(int(v) for v in args.tiny_scan.split("x"))
+    full_scan = tuple(int(v) for v in args.full_scan.split("x"))
+    parts = set(args.parts.split(","))
+    out: dict = {"date": time.strftime("%Y-%m-%d"), "tiny_scan": args.tiny_scan, "full_scan": args.full_scan}
+    if "aggregator" in parts:
+        rows = []
+        for transport in args.transports.split(","):
+            hop_tiny = hop_run(tiny=True, scan=tiny_scan, transport=transport)
+            hop_full = hop_run(tiny=False, scan=full_scan, transport=transport)
+            rows.append({"what": "raw hop", **hop_tiny, "full": hop_full})
+            for batch in _ints(args.batches):
+                tiny = aggregator_run(tiny=True, scan=tiny_scan, batch=batch, transport=transport)
+                full = aggregator_run(tiny=False, scan=full_scan, batch=batch, transport=transport)
+                rows.append({"what": "aggregator", **tiny, "full": full,
+                             "gb_ratio_to_hop": full["gb_per_core_s"] / hop_full["gb_per_core_s"]})
+                print(f"{transport} batch {batch}: {tiny['blocks_per_core_s']:,.0f} tiny blocks/s per core; "
+                      f"{full['gb_per_core_s']:.2f} GB/s per core "
+                      f"({rows[-1]['gb_ratio_to_hop']:.2f} of the raw hop's {hop_full['gb_per_core_s']:.2f})",
+                      flush=True)
+        out["aggregator"] = rows
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
