@@ -43,6 +43,16 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _procs_cpu_s(procs) -> float:
+    """CPU seconds so far of these (live) processes, from /proc/<pid>/stat."""
+    total = 0
+    for p in procs:
+        with open(f"/proc/{p.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _profile(tiny: bool):
     from detstream.profile import DetectorProfile, get_profile
 
@@ -281,6 +291,51 @@ def hop_run(*, tiny: bool, scan: tuple, transport: str, timeout_s: float = 300.0
             "cpu_s_per_gb": cpu / (r["bytes"] / 1e9), "seconds": r["seconds"]}
 
 
+def counting_run(*, mode: str, workers: int, frames: int, dark: bool = True) -> dict:
+    """Assemble ``frames`` frames into a pool's slots and have them counted (worker processes
+    with batched tasks, or the distributor's own threads); CPU of this process and its workers."""
+    import zmq
+
+    from detstream.config import CountingParams
+    from detstream.services.counting_pool import CountingPool
+    from detstream.services.counting_threads import ThreadCountingPool
+    from detstream.sources import Simulator
+
+    profile = _profile(False)
+    sim = Simulator(profile, 8, 8, seed=3, pool_size=8)
+    tmp = tempfile.mkdtemp(prefix="dsb-")
+    try:
+        counting = CountingParams()
+        if dark:
+            np.save(f"{tmp}/dark.npy", sim.dark_reference())
+            counting = CountingParams(dark_reference=f"{tmp}/dark.npy")
+        sources = [sim.frame(i) for i in range(8)]
+        ctx = zmq.Context()
+        pool = (ThreadCountingPool if mode == "threads" else CountingPool)(profile, counting, workers, ctx=ctx)
+        workers_cpu0 = _procs_cpu_s(getattr(pool, "_procs", []))
+        cpu0, t0 = _cpu_s(), time.perf_counter()
+        done = sent = events = 0
+        while done < frames:
+            while sent < frames and pool.has_free_slot():
+                slot = pool.acquire()
+                pool.ring[slot][...] = sources[sent % 8]   # the assembly copy
+                pool.submit(slot, sent)
+                sent += 1
+            pool.flush()
+            if pool.results.poll(1000):
+                for _, ev in pool.collect():
+                    done += 1
+                    events += len(ev)
+        seconds = time.perf_counter() - t0
+        cpu = _cpu_s() - cpu0 + _procs_cpu_s(getattr(pool, "_procs", [])) - workers_cpu0
+        pool.close()
+        ctx.term()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"mode": mode, "workers": workers, "frames": frames, "cpu_s": cpu, "seconds": seconds,
+            "frames_per_core_s": frames / cpu, "frames_per_s": frames / seconds, "events": events}
+
+
 # --------------------------------------------------------------------------- main
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
@@ -292,7 +347,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--full-scan", default="48x48", help="scan for the per-byte runs (165,888-byte blocks)")
     p.add_argument("--batches", default="1,4,16,64")
     p.add_argument("--transports", default="tcp,ipc")
-    p.add_argument("--parts", default="aggregator", help="comma-separated: aggregator")
+    p.add_argument("--parts", default="aggregator,counting", help="comma-separated: aggregator, counting")
+    p.add_argument("--count-frames", type=int, default=2000, help="frames per counting run")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     tiny_scan = tuple(int(v) for v in args.tiny_scan.split("x"))
@@ -315,6 +371,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                       f"({rows[-1]['gb_ratio_to_hop']:.2f} of the raw hop's {hop_full['gb_per_core_s']:.2f})",
                       flush=True)
         out["aggregator"] = rows
+    if "counting" in parts:
+        rows = []
+        for workers in (1, 2):
+            for mode in ("processes", "threads"):
+                r = counting_run(mode=mode, workers=workers, frames=args.count_frames)
+                rows.append(r)
+                print(f"counting in {mode}, {workers} worker(s): {r['frames_per_core_s']:,.0f} frames/s per core, "
+                      f"{r['frames_per_s']:,.0f} frames/s", flush=True)
+        out["counting"] = rows
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return out

@@ -14,7 +14,7 @@ Sector header, little endian (every header of a batch carries the version):
 |----------------|------|-------------------------------------------------|
 | version        | u8   | 1                                               |
 | kind           | u8   | 0 = sector data, 1 = end of scan, 2 = FIN       |
-| sector         | u16  | sector (module) index                           |
+| sector         | u16  | sector (module) index; FIN: the aggregator shard |
 | scan_number    | u32  | camera's scan number                            |
 | frame_number   | u32  | camera's frame counter                          |
 | scan_width     | u16  | scan size x                                     |
@@ -160,9 +160,10 @@ def end_header(sector: int, scan_number: int, scan_width: int, scan_height: int,
     return _HEADER.pack(WIRE_VERSION, Kind.END, sector, scan_number, 0, scan_width, scan_height, 0, 0, frames_sent)
 
 
-def fin_header(scan_number: int, scan_width: int, scan_height: int, acked: int) -> bytes:
-    """FIN: every position is acknowledged, the node may exit; ``acked`` is how many it acknowledged."""
-    return _HEADER.pack(WIRE_VERSION, Kind.FIN, 0, scan_number, 0, scan_width, scan_height, 0, 0, acked)
+def fin_header(scan_number: int, scan_width: int, scan_height: int, acked: int, shard: int = 0) -> bytes:
+    """FIN: every position is acknowledged, the node may exit; ``acked`` is how many it acknowledged.
+    Its sector field carries the aggregator shard's index (a node waits for every shard's FIN)."""
+    return _HEADER.pack(WIRE_VERSION, Kind.FIN, shard, scan_number, 0, scan_width, scan_height, 0, 0, acked)
 
 
 @dataclass(frozen=True, slots=True)

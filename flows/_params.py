@@ -180,8 +180,8 @@ def running_etcd(etcd: EtcdCoordinator, endpoint: str) -> EtcdCoordinator:
     return etcd if etcd.endpoints else etcd.model_copy(update={"endpoints": [endpoint]})
 
 
-def spec_from(p: dict, etcd: EtcdCoordinator):
-    """The SessionSpec for a flow's parameters (validated before anything starts)."""
+def spec_from(p: dict, etcd: EtcdCoordinator, **fields):
+    """The SessionSpec for a flow's parameters and a flow's own ``fields`` (validated before anything starts)."""
     return make_spec(
         scan_width=p["scan_width"], scan_height=p["scan_height"], profile=resolve_profile(p["detector"]),
         source=p["source"], replay_dir=p["replay_dir"], output_dir=p["output_dir"],
@@ -191,7 +191,7 @@ def spec_from(p: dict, etcd: EtcdCoordinator):
                   "gain": p["gain"]},
         seed=p["seed"], nodes=p["nodes"], workers_per_node=p["workers_per_node"],
         etcd_prefix=etcd.prefix, register_timeout_s=p["register_timeout_s"],
-        stall_timeout_s=p["stall_timeout_s"])
+        stall_timeout_s=p["stall_timeout_s"], **fields)
 
 
 def make_backend(p: dict, session_dir, service_env: dict[str, str]):

@@ -159,9 +159,18 @@ class Aggregator:
     def __init__(self, profile: DetectorProfile, scan_width: int, scan_height: int,
                  node_endpoints: Sequence[str], bind: str = "tcp://127.0.0.1:*", hwm: int = 64,
                  ctx: Optional[zmq.Context] = None, ack_endpoints: Optional[Sequence[str]] = None,
-                 window_frames: int = 1024, node_timeout_s: float = 10.0, linger_s: float = 10.0):
+                 window_frames: int = 1024, node_timeout_s: float = 10.0, linger_s: float = 10.0,
+                 sectors: Optional[Sequence[int]] = None, shard: int = 0):
+        """``sectors``: the sectors this aggregator routes (a shard of them; default all), ``shard``
+        its index among the shards (carried by its FIN, so that a node can tell the shards apart)."""
         self.profile = profile
-        self.sectors = profile.sectors
+        self.own_sectors = sorted(range(profile.sectors) if sectors is None else set(sectors))
+        if not self.own_sectors or self.own_sectors[-1] >= profile.sectors or self.own_sectors[0] < 0:
+            raise ValueError(f"sectors {sectors} must be a non-empty subset of 0..{profile.sectors - 1}")
+        self.shard = shard
+        # Sectors per position here: a position is whole at this shard with every sector it owns.
+        self.sectors = len(self.own_sectors)
+        nsec = profile.sectors
         self.positions = scan_width * scan_height
         self.validator = MessageValidator(profile, scan_width, scan_height)
         self.rejects = RejectLog(log)
@@ -174,15 +183,18 @@ class Aggregator:
             raise ValueError(f"{len(ack_endpoints)} ack endpoints for {len(node_endpoints)} nodes")
         self.window_frames = window_frames
         self.node_timeout_s = node_timeout_s
-        self.inbound = self._pull(bind_address(bind, "aggregator-in"))
+        self.inbound = self._pull(bind_address(bind, f"aggregator-{shard}-in"))
         self.endpoint = self.inbound.getsockopt_string(zmq.LAST_ENDPOINT)
         # One socket per sector as well: with the window full, the aggregator can go on reading a
         # sector that lags behind, whose blocks complete frames it holds, and no other.
-        self.sector_inbound = [self._pull(bind_address(bind, f"aggregator-sector-{k}"))
-                               for k in range(self.sectors)]
-        self.sector_endpoints = [s.getsockopt_string(zmq.LAST_ENDPOINT) for s in self.sector_inbound]
-        self._sector_of = {sock: k for k, sock in enumerate(self.sector_inbound)}
+        self.sector_inbound = [self._pull(bind_address(bind, f"aggregator-sector-{k}")) for k in self.own_sectors]
+        #: Per sector of the detector, its socket here (None: another shard's sector).
+        self.sector_endpoints: list[Optional[str]] = [None] * nsec
+        for k, sock in zip(self.own_sectors, self.sector_inbound):
+            self.sector_endpoints[k] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sector_of = dict(zip(self.sector_inbound, self.own_sectors))
         self._inputs = [self.inbound, *self.sector_inbound]   # those still open
+        self._owned = set(self.own_sectors)
         self.nodes = len(node_endpoints)
         self.outbound = []
         self.monitors: list[Optional[zmq.Socket]] = []
@@ -208,15 +220,15 @@ class Aggregator:
         npos = self.positions if self.acks else 0
         self._state = np.zeros(npos, dtype=np.uint8)
         self._node_of = np.full(npos, -1, dtype=np.int16)
-        self._got = np.zeros((npos, self.sectors), dtype=bool)
+        self._got = np.zeros((npos, nsec), dtype=bool)
         self._have_n = np.zeros(npos, dtype=np.uint8)
-        self._held_in = np.full((npos, self.sectors), -1, dtype=np.int32)   # batch id
-        self._held_at = np.zeros((npos, self.sectors), dtype=np.int32)      # index in the batch
+        self._held_in = np.full((npos, nsec), -1, dtype=np.int32)   # batch id
+        self._held_at = np.zeros((npos, nsec), dtype=np.int32)      # index in the batch
         self._batches: dict[int, _Held] = {}
         self._next_batch = 0
         self._in_window = 0
         self._target_cache: Optional[np.ndarray] = None
-        self._have_in_window = np.zeros(self.sectors, dtype=np.int64)  # window positions having sector s
+        self._have_in_window = np.zeros(nsec, dtype=np.int64)  # window positions having sector s
         # A node whose backlog reached the HWM holds all reads back until it is down to half:
         # resuming at once would cost a loop turn per message while the node is the bottleneck.
         self._held = [False] * self.nodes
@@ -224,7 +236,7 @@ class Aggregator:
         self._alive = [True] * self.nodes
         self._lost_why: dict[str, set] = {}
         # per_sector_node[s][n]: data blocks of sector s sent to node n (the END marker's count).
-        self.per_sector_node = [[0] * self.nodes for _ in range(self.sectors)]
+        self.per_sector_node = [[0] * self.nodes for _ in range(nsec)]
         self.ended: set[int] = set()
         self.stats = AggregatorStats(frames_routed=[0] * self.nodes, acks=self.acks,
                                      window_frames=window_frames if self.acks else 0,
@@ -415,6 +427,10 @@ class Aggregator:
             self._split_by_sector(batch)
             return
         sector = int(sectors[0])
+        if sector not in self._owned:
+            for _ in range(len(heads)):
+                self.rejects.reject(MalformedMessage("sector_elsewhere", f"sector {sector} is not routed by shard {self.shard}"))
+            return
         positions = batch.positions
         if self.acks:
             nodes, keep = self._admit(sector, positions, batch)
@@ -455,6 +471,9 @@ class Aggregator:
                 self.rejects.reject(MalformedMessage("unexpected_kind", f"{kind.name} from a producer"))
                 continue
             sector = int(head["sector"])
+            if sector not in self._owned:
+                self.rejects.reject(MalformedMessage("sector_elsewhere", f"END of sector {sector} at shard {self.shard}"))
+                continue
             if sector in self.ended:
                 self.rejects.reject(MalformedMessage("duplicate_end", f"second END from sector {sector}"))
                 continue
@@ -733,7 +752,8 @@ class Aggregator:
         for n, state in enumerate(self._node):
             if state.alive:
                 self._send(n, [wire.fin_header(self._scan_number, self.validator.scan_width,
-                                                 self.validator.scan_height, self.stats.positions_acked[n]), b""])
+                                                 self.validator.scan_height, self.stats.positions_acked[n],
+                                                 shard=self.shard), b""])
                 self.stats.fin_sent.append(n)
         deadline = time.monotonic() + wait_s
         waiting = set(self.stats.fin_sent)

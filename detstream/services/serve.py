@@ -145,13 +145,15 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
         max_partial = max(max_partial, spec.delivery_window)
     dist = Distributor(spec.profile, spec.scan_width, spec.scan_height, node_index, spec.nodes,
                        spec.counting, workers=spec.workers_per_node, part_writer=writer,
-                       bind=bind_base(spec.transport, sid, bind_host), hwm=spec.hwm_messages,
+                       bind=bind_base(spec.transport, sid, bind_host), hwm=spec.hwm_messages, shards=spec.aggregators,
                        max_partial_frames=max_partial,
                        stall_timeout_s=spec.stall_timeout_s, acks=spec.acks,
-                       segment_frames=spec.segment_frames, segment_seconds=spec.segment_seconds)
+                       segment_frames=spec.segment_frames, segment_seconds=spec.segment_seconds,
+                       counting_mode=spec.counting_mode)
     info = service_info(advertise(dist.endpoint, bind_host, advertise_host), node_index=node_index)
     if dist.ack_endpoint:
         info["ack_endpoint"] = advertise(dist.ack_endpoint, bind_host, advertise_host)
+        info["ack_endpoints"] = [advertise(e, bind_host, advertise_host) for e in dist.ack_endpoints]
     try:
         with coord.lease(SERVICE_LEASE_TTL_S) as lease:
             coord.register_service(sid, "distributor", name, info, lease)
@@ -194,29 +196,33 @@ def finish_node(coord: Coordinator, spec: SessionSpec, name: str, report: dict, 
 
 
 def serve_aggregator(coord: Coordinator, sid: str, bind_host: str = "127.0.0.1",
-                     advertise_host: Optional[str] = None) -> dict:
-    """Wait for every node's distributor, then route the producers' sectors to them."""
+                     advertise_host: Optional[str] = None, shard: int = 0) -> dict:
+    """Wait for every node's distributor, then route the producers' sectors to them: all sectors,
+    or with ``spec.aggregators`` shards, shard ``shard``'s share of them."""
     spec = SessionSpec.model_validate(coord.get_spec(sid))
+    if not 0 <= shard < spec.aggregators:
+        raise ValueError(f"shard {shard} outside 0..{spec.aggregators - 1} for session {sid}")
     nodes = coord.wait_for_services(sid, "distributor", spec.nodes, spec.register_timeout_s)
     ordered = sorted(nodes.values(), key=lambda info: info["node_index"])
-    acks = [info["ack_endpoint"] for info in ordered] if spec.acks else None
+    acks = [info.get("ack_endpoints", [info.get("ack_endpoint")])[shard] for info in ordered] if spec.acks else None
     agg = Aggregator(spec.profile, spec.scan_width, spec.scan_height,
-                     [info["endpoint"] for info in ordered], bind=bind_base(spec.transport, sid, bind_host),
+                     [info["endpoint"] for info in ordered],
+                     bind=bind_base(spec.transport, sid, bind_host),
                      hwm=spec.hwm_messages, ack_endpoints=acks, window_frames=spec.delivery_window,
-                     node_timeout_s=spec.node_timeout_s)
-    info = service_info(advertise(agg.endpoint, bind_host, advertise_host),
-                        sector_endpoints=[advertise(e, bind_host, advertise_host) for e in agg.sector_endpoints])
+                     node_timeout_s=spec.node_timeout_s, sectors=spec.shard_sectors(shard), shard=shard)
+    info = service_info(advertise(agg.endpoint, bind_host, advertise_host), shard=shard, sectors=agg.own_sectors,
+                        sector_endpoints=[e and advertise(e, bind_host, advertise_host) for e in agg.sector_endpoints])
     try:
         with coord.lease(SERVICE_LEASE_TTL_S) as lease:
-            coord.register_service(sid, "aggregator", "0", info, lease)
+            coord.register_service(sid, "aggregator", str(shard), info, lease)
             link = EtcdLink(coord, sid, spec.scan_number, None, watch_nodes=True)
             try:
                 stats = agg.run(should_stop=link.should_stop, stall_timeout_s=spec.stall_timeout_s,
                                 node_check=link.registered_nodes)
             finally:
                 link.close()
-            report = stats.as_dict()
-            write_report(report_path(spec, "aggregator", "0"), report)
+            report = {**stats.as_dict(), "shard": shard, "sectors": agg.own_sectors}
+            write_report(report_path(spec, "aggregator", str(shard)), report)
             return report
     finally:
         agg.close()
@@ -228,8 +234,10 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
     if not 0 <= sector < spec.profile.sectors:
         raise ValueError(f"sector {sector} outside 0..{spec.profile.sectors - 1}")
     source = source_for_spec(spec)
-    agg = next(iter(coord.wait_for_services(sid, "aggregator", 1, spec.register_timeout_s).values()))
-    # Its own socket at the aggregator, so that the aggregator can hold back the sectors ahead.
+    shards = coord.wait_for_services(sid, "aggregator", spec.aggregators, spec.register_timeout_s)
+    # Its own socket at the aggregator shard routing its sector, so that the aggregator can hold
+    # back the sectors ahead.
+    agg = shards[str(spec.shard_of(sector))]
     sector_endpoints = agg.get("sector_endpoints")
     endpoint = sector_endpoints[sector] if sector_endpoints else agg["endpoint"]
     name = f"sector-{sector}"

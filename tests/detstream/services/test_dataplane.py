@@ -37,26 +37,37 @@ class Pipeline:
     acknowledged delivery (the sessions' default)."""
 
     def __init__(self, profile, w, h, nodes, counting=CountingParams(enabled=False), stall=10.0,
-                 hwm=64, bind="tcp://127.0.0.1:*", acks=False, window=64):
+                 hwm=64, bind="tcp://127.0.0.1:*", acks=False, window=64, counting_mode="processes", shards=1,
+                 max_partial=256):
         self.ctx = zmq.Context()
         self.parts = [Collected() for _ in range(nodes)]
         self.dists = [Distributor(profile, w, h, i, nodes, counting, workers=1, part_writer=self.parts[i],
                                   ctx=self.ctx, stall_timeout_s=stall, hwm=hwm, bind=bind, acks=acks,
-                                  segment_seconds=0.05) for i in range(nodes)]
-        self.agg = Aggregator(profile, w, h, [d.endpoint for d in self.dists], ctx=self.ctx, hwm=hwm, bind=bind,
-                              ack_endpoints=[d.ack_endpoint for d in self.dists] if acks else None,
-                              window_frames=window, linger_s=1.0)
+                                  segment_seconds=0.05, counting_mode=counting_mode, shards=shards,
+                                  max_partial_frames=max_partial)
+                      for i in range(nodes)]
+        share = np.array_split(np.arange(profile.sectors), shards)  # shard k: sectors share[k]
+        self.aggs = [Aggregator(profile, w, h, [d.endpoint for d in self.dists], ctx=self.ctx, hwm=hwm, bind=bind,
+                                ack_endpoints=[d.ack_endpoints[k] for d in self.dists] if acks else None,
+                                window_frames=window, linger_s=1.0, sectors=share[k].tolist(), shard=k)
+                     for k in range(shards)]
+        self.agg = self.aggs[0]
+        #: Per sector, its socket at the shard that routes it.
+        self.sector_endpoints = [next(a.sector_endpoints[s] for a in self.aggs if a.sector_endpoints[s])
+                                 for s in range(profile.sectors)]
         self.results = {}
         self.threads = [threading.Thread(target=lambda d=d: self.results.__setitem__(d.node_index, d.run()),
                                          daemon=True) for d in self.dists]
-        self.threads.append(threading.Thread(target=lambda: self.results.__setitem__("agg", self.agg.run(
-            stall_timeout_s=stall, fin_wait_s=1.0)), daemon=True))
+        self.threads += [threading.Thread(target=lambda k=k, a=a: self.results.__setitem__(
+            "agg" if k == 0 else f"agg-{k}", a.run(stall_timeout_s=stall, fin_wait_s=1.0)), daemon=True)
+            for k, a in enumerate(self.aggs)]
         for t in self.threads:
             t.start()
 
-    def produce(self, source, batch=1):
-        """Stream every sector of ``source``, ``batch`` blocks per message."""
-        _produce(source, self.agg.sector_endpoints, self.ctx, range(source.profile.sectors), batch, len(self.dists))
+    def produce(self, source, batch=1, slow=None):
+        """Stream every sector of ``source``, ``batch`` blocks per message (``slow``: sector -> a source)."""
+        _produce(source, self.sector_endpoints, self.ctx, range(source.profile.sectors), batch, len(self.dists),
+                 sources=slow)
 
     def join(self, timeout=60):
         for t in self.threads:
@@ -73,7 +84,8 @@ class Pipeline:
         return out
 
     def close(self):
-        self.agg.close()
+        for a in self.aggs:
+            a.close()
         for d in self.dists:
             d.close()
         self.ctx.destroy(linger=0)
@@ -99,9 +111,12 @@ def pipelines():
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _produce(src, endpoint, ctx, sectors, batch=1, nodes=1):
-    """One producer thread per sector; ``endpoint`` is one for all, or a list (one per sector)."""
-    threads = [threading.Thread(target=run_producer, args=(src, s, endpoint if isinstance(endpoint, str) else endpoint[s]),
+def _produce(src, endpoint, ctx, sectors, batch=1, nodes=1, sources=None):
+    """One producer thread per sector; ``endpoint`` is one for all, or a list (one per sector);
+    ``sources`` may give some sectors a source of their own."""
+    sources = sources or {}
+    threads = [threading.Thread(target=run_producer, args=(sources.get(s, src), s,
+                                                           endpoint if isinstance(endpoint, str) else endpoint[s]),
                                 kwargs={"ctx": ctx, "batch_blocks": batch, "nodes": nodes})
                for s in sectors]
     for t in threads:
@@ -243,31 +258,35 @@ def scan(tmp_path_factory):
     return sim, CountingParams(dark_reference=path)
 
 
-def _stream(pipelines, scan, batch, transport, nodes=2):
+def _stream(pipelines, scan, batch, transport, nodes=2, counting_mode="processes", shards=1, slow=None):
     sim, counting = scan
     p = pipelines(sim.profile, sim.scan_width, sim.scan_height, nodes, counting, transport=transport,
-                  acks=True, stall=20.0)
+                  acks=True, stall=20.0, counting_mode=counting_mode, shards=shards, window=16)
     if transport == "ipc":
         assert p.agg.endpoint.startswith("ipc://") and p.dists[0].endpoint.startswith("ipc://")
-    p.produce(sim, batch)
+    p.produce(sim, batch, slow=slow)
     res = p.join()
-    agg = p.results["agg"]
-    assert agg.lost == [] and agg.finish_reason == "complete" and agg.rejected == {}
+    for name in ["agg", *(f"agg-{k}" for k in range(1, shards))]:
+        agg = p.results[name]
+        assert agg.lost == [] and agg.finish_reason == "complete" and agg.rejected == {}, name
+    assert all(r.partial == [] and r.fin for r in res)
     assert sum(r.frames_counted for r in res) == sim.frames
     return p.events(), res
 
 
 def test_batched_and_ipc_give_the_events_of_the_unbatched_tcp_path(pipelines, scan):
+    """Batched (tcp, counted in threads), batched ipc (worker processes) and 2 aggregator shards:
+    the events, position by position, of one block per message through one aggregator over tcp."""
     sim, _ = scan
     reference, _ = _stream(pipelines, scan, 1, "tcp")
     assert sorted(reference) == list(range(sim.frames))
     dark = sim.dark_reference()
     np.testing.assert_array_equal(reference[3], count_frame(sim.frame(3), dark, None, 12.0, 2000.0))
-    for batch, transport in [(8, "tcp"), (5, "ipc")]:
-        got, res = _stream(pipelines, scan, batch, transport)
+    for batch, transport, mode, shards in [(8, "tcp", "threads", 1), (5, "ipc", "processes", 1), (4, "ipc", "threads", 2)]:
+        got, res = _stream(pipelines, scan, batch, transport, counting_mode=mode, shards=shards)
         assert sorted(got) == sorted(reference)
         for pos in reference:
-            np.testing.assert_array_equal(got[pos], reference[pos], err_msg=f"{batch} {transport}: position {pos}")
+            np.testing.assert_array_equal(got[pos], reference[pos], err_msg=f"{batch} {transport} {mode} {shards}: {pos}")
         assert res[0].rejected == {}
 
 
@@ -301,3 +320,38 @@ def test_a_bad_block_inside_a_batch_is_rejected_alone(pipelines):
     assert agg.rejected == {"sector_out_of_range": 1, "frame_outside_scan": 1, "payload_size": 1}
     assert res.frames_received == 6 and res.rejected == {}    # every position but 2 and 3
     assert sorted(agg.lost) == [2, 3] and agg.lost_reasons == {"incomplete": 2}
+
+
+class Slowed:
+    """A source whose blocks come ``delay_s`` apart: a producer that lags the others."""
+
+    def __init__(self, source, delay_s):
+        self.source, self.delay_s = source, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def iter_sector(self, sector):
+        for item in self.source.iter_sector(sector):
+            time.sleep(self.delay_s)
+            yield item
+
+
+def test_sharded_aggregators_keep_the_sectors_in_step_behind_a_slow_producer(pipelines):
+    """Two shards (sectors 0-1, 2-3); sector 3's producer is slowed to a crawl. The fast shard's
+    window (16 positions) holds it back: the nodes never hold more partial frames than the
+    windows allow, none is evicted, every frame arrives whole."""
+    prof = SMALL_TEST_CAMERA
+    sim = Simulator(prof, 24, 16, seed=4, pool_size=4)
+    window = 16
+    p = pipelines(prof, 24, 16, 2, acks=True, shards=2, window=window, hwm=4, max_partial=48, stall=30.0)
+    t0 = time.monotonic()
+    p.produce(sim, batch=4, slow={3: Slowed(sim, 0.002)})
+    res = p.join()
+    assert time.monotonic() - t0 > 384 * 0.002               # the slow sector did set the pace
+    assert sum(r.frames_received for r in res) == 384
+    assert all(r.partial == [] and r.missing == [] and r.fin for r in res)
+    # Bounded skew: at most the fast shard's window (twice it, for its own lagging sectors) plus a batch.
+    assert max(r.partial_peak for r in res) <= 2 * window + 4
+    for name in ("agg", "agg-1"):
+        assert p.results[name].lost == [] and p.results[name].window_peak <= 2 * window + 4

@@ -461,7 +461,8 @@ def test_a_counting_worker_paused_at_the_end_of_the_scan_still_counts_everything
     Queues and window are made deep enough to take the rest of the scan, so the producers finish
     and the aggregator has every END while node 0 still holds frames it cannot count; the
     aggregator waits for them (no tail dropped at exit), nothing is lost or re-routed."""
-    s = services(nodes=2, width=64, height=64, node_timeout_s=60.0, send_hwm=16384, window_frames=4096)
+    s = services(nodes=2, width=64, height=64, node_timeout_s=60.0, send_hwm=16384, window_frames=4096,
+                 counting_mode="processes")
     s.start()
     share = s.share(0)
     wait_until(lambda: s.received(0) >= share // 4, timeout_s=60, what="node 0 a quarter through")
