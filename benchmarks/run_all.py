@@ -50,6 +50,10 @@ BENCHMARKS: list[Benchmark] = [
               "fault table: frames lost, time to detection and to the session's end, per fault"),
     Benchmark("delivery", "bench_delivery", (), ("--scan", "16x16", "--repeats", "1", "--counting", "off"),
               "acknowledged delivery (acks, window, segments) vs fire-and-forget, CPU s per GB"),
+    Benchmark("dataplane", "bench_dataplane", (),
+              ("--tiny-scan", "32x32", "--full-scan", "16x16", "--batches", "1,64", "--shards", "1,2",
+               "--count-frames", "200"),
+              "capacity model: each stage's CPU s per GB and rates per core, batching, shards, cores for the camera"),
 ]
 
 
@@ -204,7 +208,33 @@ def _fmt_delivery(r: dict) -> tuple[str, str]:
     return head, md
 
 
+def _fmt_dataplane(r: dict) -> tuple[str, str]:
+    c = r.get("capacity")
+    head = (f"pipeline {c['pipeline_to_floor']:.2f}x floor, {c['cores_for_camera']:.0f} cores for 87k frames/s"
+            if c else "partial run")
+    rows = ["| transport | batch | aggregator: tiny blocks/s per core | aggregator GB/s per core | of a raw hop's |",
+            "|---|---|---|---|---|"]
+    for a in r.get("aggregator", []):
+        if a["what"] == "raw hop":
+            rows.append(f"| {a['transport']} | raw hop | {a['blocks_per_core_s']:,.0f} | {a['full']['gb_per_core_s']:.2f} | 1.00 |")
+        else:
+            rows.append(f"| {a['transport']} | {a['batch']} | {a['blocks_per_core_s']:,.0f} | "
+                        f"{a['full']['gb_per_core_s']:.2f} | {a['gb_ratio_to_hop']:.2f} |")
+    counting = "\n".join(f"- counting in {k['mode']}, {k['workers']} worker(s): {k['frames_per_core_s']:,.0f} frames/s per core"
+                          for k in r.get("counting", []))
+    shards = "\n".join(f"- {k['shards']} aggregator shard(s): {k['cpu_s_per_gb']:.3f} CPU-s/GB ({k['scaling']:.2f} of linear)"
+                        for k in r.get("shards", []))
+    model = ""
+    if c:
+        model = ("| stage | CPU-s per GB | cores for 87,000 frames/s |\n|---|---|---|\n" + "\n".join(
+            f"| {name} | {v['cpu_s_per_gb']:.3f} | {v['cores_for_camera']:.0f} |" for name, v in c["stages"].items())
+            + f"\n| **pipeline** (floor {c['floor_cpu_s_per_gb']:.2f}: {c['pipeline_to_floor']:.2f}x) | "
+              f"{c['pipeline_cpu_s_per_gb']:.2f} | {c['cores_for_camera']:.0f} |")
+    return head, "\n\n".join(x for x in ("\n".join(rows), counting, shards, model) if x)
+
+
 FORMATTERS: dict[str, Callable[[dict], tuple[str, str]]] = {
+    "dataplane": _fmt_dataplane,
     "delivery": _fmt_delivery,
     "counting": _fmt_counting,
     "pipeline": _fmt_pipeline,
