@@ -1,8 +1,9 @@
 """Producer: one per sector. Sends its sector blocks in batches to the aggregator.
 
-A batch (wire version 2: ``[headers, payload_1, ..., payload_N]``) holds up to ``batch_blocks``
-blocks, all of positions owned by one node (``position % nodes``), so the aggregator forwards it
-whole. Payloads go zero-copy (pyzmq ``copy=False``); a PUSH socket with a send high-water mark
+A batch (wire version 2: ``[headers, payloads]``) holds up to ``batch_blocks`` blocks, all of
+positions owned by one node (``position % nodes``), so the aggregator forwards it whole. The
+payloads are copied once into a reusable batch buffer, which goes zero-copy (pyzmq ``copy=False``)
+and is reused once ZeroMQ is done with it; a PUSH socket with a send high-water mark
 holds the producer back when the aggregator falls behind, which is the backpressure that
 bounds memory. A held-back send waits in slices of ``stop_check_s`` (SNDTIMEO), checking
 ``should_stop`` between them, and gives up after ``send_timeout_s``: no send blocks forever.
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -42,14 +45,42 @@ class ProducerStats:
         }
 
 
+class BatchBuffers:
+    """Buffers a batch's payloads are joined into, each reused once ZeroMQ has sent it (its
+    MessageTracker is done): a fresh buffer per batch would page-fault every byte in anew."""
+
+    def __init__(self):
+        self._free: list[np.ndarray] = []
+        self._busy: deque = deque()
+
+    def join(self, blocks: list) -> memoryview:
+        """The blocks back to back in a free buffer (a view of exactly their bytes)."""
+        while self._busy and self._busy[0][1].done:
+            self._free.append(self._busy.popleft()[0])
+        n = sum(b.nbytes if hasattr(b, "nbytes") else len(b) for b in blocks)
+        buf = self._free.pop() if self._free and self._free[-1].nbytes >= n else np.empty(n, np.uint8)
+        off = 0
+        for b in blocks:
+            raw = np.frombuffer(b, np.uint8) if not hasattr(b, "view") else b.reshape(-1).view(np.uint8)
+            buf[off:off + raw.nbytes] = raw
+            off += raw.nbytes
+        self._pending = buf
+        return memoryview(buf)[:n]
+
+    def sent(self, tracker) -> None:
+        """The last joined buffer went out with ``tracker``; reusable once it is done."""
+        self._busy.append((self._pending, tracker))
+
+
 def _send(sock: zmq.Socket, parts, should_stop: Optional[Callable[[], bool]],
-          send_timeout_s: Optional[float]) -> bool:
-    """Send, waiting out backpressure one SNDTIMEO slice at a time; False if told to stop."""
+          send_timeout_s: Optional[float], track: bool = False):
+    """Send, waiting out backpressure one SNDTIMEO slice at a time; False if told to stop (with
+    ``track``, the message's tracker once sent)."""
     blocked_since = None
     while True:
         try:
-            sock.send_multipart(parts, copy=False)
-            return True
+            tracker = sock.send_multipart(parts, copy=False, track=track)
+            return tracker if track else True
         except zmq.Again:
             now = time.monotonic()
             blocked_since = blocked_since or now
@@ -101,6 +132,7 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
     next_check = 0.0
     stopped = False
     open_batches: list[tuple[list, list]] = [([], []) for _ in range(nodes)]  # per node: headers, blocks
+    buffers = BatchBuffers()
     last_progress = 0
 
     def send_batch(node: int) -> bool:
@@ -110,8 +142,14 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
             return True
         if stats.first_send is None:
             stats.first_send = time.time()
-        if not _send(sock, wire.batch_message(headers, blocks), should_stop, send_timeout_s):
-            return False
+        if len(blocks) == 1:
+            if not _send(sock, wire.batch_message(headers, blocks), should_stop, send_timeout_s):
+                return False
+        else:
+            tracker = _send(sock, [b"".join(headers), buffers.join(blocks)], should_stop, send_timeout_s, track=True)
+            if tracker is False:
+                return False
+            buffers.sent(tracker)
         stats.frames_sent += len(blocks)
         stats.bytes_sent += sum(b.nbytes if hasattr(b, "nbytes") else len(b) for b in blocks)
         open_batches[node] = ([], [])
