@@ -274,6 +274,7 @@ def _stream(pipelines, scan, batch, transport, nodes=2, counting_mode="processes
     return p.events(), res
 
 
+@pytest.mark.e2e  # four data planes with counting processes or threads: too slow for test-fast
 def test_batched_and_ipc_give_the_events_of_the_unbatched_tcp_path(pipelines, scan):
     """Batched (tcp, counted in threads), batched ipc (worker processes) and 2 aggregator shards:
     the events, position by position, of one block per message through one aggregator over tcp."""
