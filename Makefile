@@ -20,9 +20,9 @@ run: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The unit tests only (no whole sessions, no browser, no faults): under a minute.
+# The unit tests only (no whole sessions, no browser, no faults), over two processes: under a minute.
 test-fast: install
-	$(PY) -m pytest -m unit -q $(PYTEST_ARGS)
+	$(PY) -m pytest -m unit -q -n 2 $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/run_all.py

@@ -101,6 +101,36 @@ def _etcd_restart(etcd, seconds: float):
     return make
 
 
+def _etcd_gone(work: Path, scan: tuple[int, int], after: int, budget_s: float = 5.0) -> dict:
+    """etcd stopped for good mid-scan: the scan still finishes and is written; the summary says
+    the end state is not in etcd. Detection = the summary's note (the outage budget spent)."""
+    from detstream import progress
+    from detstream.blocks import EtcdCoordinator
+    from detstream.etcd_server import EmbeddedEtcd
+    from detstream.flows import streaming_session
+
+    sid = "gone" + uuid.uuid4().hex[:8]
+    with EmbeddedEtcd(data_dir=work / "etcd-gone") as etcd:
+        block = EtcdCoordinator(endpoints=[etcd.endpoint], prefix="/gone", outage_budget_s=budget_s)
+        fault = _Fault(after, etcd.stop)
+        progress.LISTENERS.append(fault)
+        error = None
+        try:
+            streaming_session(detector="4dcamera", scan_width=scan[0], scan_height=scan[1], nodes=2, etcd=block,
+                              output_dir=str(work), session_id=sid, stall_timeout_s=20.0)
+        except Exception as err:
+            error = f"{type(err).__name__}: {err}"[:200]
+        finally:
+            progress.LISTENERS.remove(fault)
+    ended = time.time()
+    summary = json.loads((work / sid / "summary.json").read_text())
+    shutil.rmtree(work / sid, ignore_errors=True)
+    return {"state": summary["state"], "frames_lost": summary["frames_missing"],
+            "frames_counted": summary["frames_counted"], "detection_s": budget_s,
+            "to_end_s": None if fault.at is None else ended - fault.at, "error": error,
+            "note": f"outage budget {budget_s:g} s; summary: {summary.get('etcd_unrecorded', 'no note')[:60]}"}
+
+
 def _orchestrator_kill(work: Path, etcd, scan: tuple[int, int], after: int) -> dict:
     """kill -9 of `detstream run`: time until nothing of it runs, then `detstream salvage`."""
     import psutil
@@ -163,6 +193,8 @@ def main(argv=None) -> dict:
             for name, (nodes, make) in faults.items():
                 rows[name] = _run_session(work / "runs", etcd, scan, nodes, args.after, make)
                 print(f"{name}: {rows[name]}", flush=True)
+            rows["etcd gone for good"] = _etcd_gone(work / "runs", scan, args.after)
+            print(f"etcd gone for good: {rows['etcd gone for good']}", flush=True)
             rows["kill -9 orchestrator (detstream run)"] = _orchestrator_kill(work / "runs", etcd, scan, args.after)
             print(f"kill -9 orchestrator: {rows['kill -9 orchestrator (detstream run)']}", flush=True)
     finally:

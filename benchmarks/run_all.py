@@ -50,6 +50,10 @@ BENCHMARKS: list[Benchmark] = [
               "fault table: frames lost, time to detection and to the session's end, per fault"),
     Benchmark("delivery", "bench_delivery", (), ("--scan", "16x16", "--repeats", "1", "--counting", "off"),
               "acknowledged delivery (acks, window, segments) vs fire-and-forget, CPU s per GB"),
+    Benchmark("slurm", "bench_slurm", (), ("--repeats", "1"),
+              "job start latency on a private 4-node Slurm cluster (submit -> every distributor registered) vs local"),
+    Benchmark("live", "bench_live", (), ("--scan", "16x16", "--repeats", "1"),
+              "live virtual images on vs off, counting on: CPU s per GB and GB/s"),
     Benchmark("dataplane", "bench_dataplane", (),
               ("--tiny-scan", "32x32", "--full-scan", "16x16", "--batches", "1,64", "--shards", "1,2",
                "--count-frames", "200"),
@@ -233,7 +237,46 @@ def _fmt_dataplane(r: dict) -> tuple[str, str]:
     return head, "\n\n".join(x for x in ("\n".join(rows), counting, shards, model) if x)
 
 
+def _fmt_slurm(r: dict) -> tuple[str, str]:
+    if "skipped" in r:
+        return r["skipped"], r["skipped"]
+    reg, run = r["median_to_registered_s"], r["median_to_running_s"]
+    head = (f"start, {r['nodes']} nodes: slurm {reg['slurm']:.2f} s vs local {reg['local']:.2f} s "
+            f"({r['slurm_over_local']:.2f}x)")
+    rows = ["| backend | submit -> job running (s) | submit -> every distributor registered (s), median (min-max) |",
+            "|---|---|---|"]
+    for name in ("local", "slurm"):
+        lo, hi = r["range_to_registered_s"][name]
+        rows.append(f"| {name} | {run[name]:.2f} | {reg[name]:.2f} ({lo:.2f}-{hi:.2f}) |")
+    cold = r["slurm_cold"]
+    md = (f"{r['nodes']} nodes, median of {r['repeats']} runs each, alternating; the cluster (munge, slurmctld, "
+          f"{r['nodes']} slurmd) started in {r['cluster_start_s']:.2f} s; the first Slurm job after it "
+          f"(cold): {cold['to_running_s']:.2f} s to running, {cold['to_registered_s']:.2f} s to registered."
+          f"\n\n" + "\n".join(rows))
+    return head, md
+
+
+def _fmt_live(r: dict) -> tuple[str, str]:
+    head = f"live images cost {r['cpu_cost']:+.1%} CPU s/GB, {r['gb_s_change']:+.1%} GB/s"
+    rows = ["| live images | CPU s per GB (data plane) | distributors + workers CPU s per GB | GB/s | frames/s "
+            "| redraws | orchestrator CPU s drawing |", "|---|---|---|---|---|---|---|"]
+    for label in ("off", "on"):
+        v = r[label]
+        rows.append(f"| {label} | {v['cpu_s_per_gb']:.3f} | {v['distributor_cpu_s_per_gb']:.3f} | {v['gb_s']:.3f} "
+                    f"| {v['frames_per_s']:.0f} | {v['draws']:.0f} | {v['draw_cpu_s']:.2f} |")
+    md = (f"{r['scan']} scan, {r['nodes']} nodes, counting on, live on/off alternating, median of {r['repeats']}, "
+          f"redraw every {r['interval_s']:g} s; target at most {r['target_cost']:.0%} more CPU per GB: "
+          f"{'met' if r['meets_target'] else 'not met'}.\n\n" + "\n".join(rows) + "\n\n"
+          f"- cost: {r['cpu_cost']:+.1%} CPU s/GB of the data plane (pairs: "
+          f"{', '.join(f'{c:+.1%}' for c in r['pair_costs'])}); distributors alone {r['distributor_cost']:+.1%}; "
+          f"GB/s {r['gb_s_change']:+.1%}\n- the orchestrator's drawing (where the flow runs, not on the nodes): "
+          f"{r['draw_share']:.1%} of the data plane's CPU")
+    return head, md
+
+
 FORMATTERS: dict[str, Callable[[dict], tuple[str, str]]] = {
+    "slurm": _fmt_slurm,
+    "live": _fmt_live,
     "dataplane": _fmt_dataplane,
     "delivery": _fmt_delivery,
     "counting": _fmt_counting,

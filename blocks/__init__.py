@@ -3,5 +3,6 @@
 from .detector import DetectorProfile
 from .etcd import EtcdCoordinator
 from .sfapi import NerscCompute, SfapiCredentials
+from .slurm import SlurmCompute
 
-__all__ = ["DetectorProfile", "EtcdCoordinator", "NerscCompute", "SfapiCredentials"]
+__all__ = ["DetectorProfile", "EtcdCoordinator", "NerscCompute", "SfapiCredentials", "SlurmCompute"]

@@ -8,6 +8,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from detstream.config import DEFAULT_PREFIX, etcd_login_env
+from detstream.etcd import DEFAULT_OUTAGE_BUDGET_S
 
 from . import _logos
 
@@ -29,10 +30,15 @@ class EtcdCoordinator(Block):
     password: Optional[SecretStr] = Field(default=None, description="etcd password.")
     ca_file: Optional[str] = Field(default=None, description="CA bundle for https endpoints.")
     timeout_s: float = Field(default=10.0, description="Per-request timeout.")
+    outage_budget_s: float = Field(
+        default=DEFAULT_OUTAGE_BUDGET_S, ge=0,
+        description="How long every etcd request (the flow's and the services') keeps retrying "
+                    "while etcd is unreachable before it is an error.")
 
     def _login(self) -> dict:
         return {"username": self.username, "ca_file": self.ca_file,
-                "password": self.password.get_secret_value() if self.password else None}
+                "password": self.password.get_secret_value() if self.password else None,
+                "outage_budget_s": self.outage_budget_s}
 
     def get_coordinator(self, endpoint: Optional[str] = None):
         """A detstream Coordinator for the first endpoint (or ``endpoint``)."""
@@ -48,9 +54,12 @@ class EtcdCoordinator(Block):
         from detstream.session import coordination
 
         if not self.endpoints:
-            return coordination(None, self.prefix)
+            return coordination(None, self.prefix, outage_budget_s=self.outage_budget_s)
         return coordination(self.endpoints[0], self.prefix, timeout=self.timeout_s, **self._login())
 
     def service_env(self) -> dict[str, str]:
         """The login for the services a session starts, as environment variables (never their argv)."""
-        return etcd_login_env(**self._login()) if self.endpoints else {}
+        budget = None if self.outage_budget_s == DEFAULT_OUTAGE_BUDGET_S else self.outage_budget_s
+        if self.endpoints:
+            return etcd_login_env(**{**self._login(), "outage_budget_s": budget})
+        return etcd_login_env(None, None, None, outage_budget_s=budget)

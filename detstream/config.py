@@ -18,18 +18,24 @@ DEFAULT_PREFIX = "/detstream"
 ETCD_USERNAME_ENV = "DETSTREAM_ETCD_USERNAME"
 ETCD_PASSWORD_ENV = "DETSTREAM_ETCD_PASSWORD"
 ETCD_CA_FILE_ENV = "DETSTREAM_ETCD_CA_FILE"
+ETCD_OUTAGE_BUDGET_ENV = "DETSTREAM_ETCD_OUTAGE_BUDGET_S"  # how long a service rides out an etcd outage
 
 
-def etcd_login_env(username: Optional[str], password: Optional[str], ca_file: Optional[str]) -> dict[str, str]:
+def etcd_login_env(username: Optional[str], password: Optional[str], ca_file: Optional[str],
+                   outage_budget_s: Optional[float] = None) -> dict[str, str]:
     """The environment variables that hand this etcd login to a service the session starts."""
-    pairs = {ETCD_USERNAME_ENV: username, ETCD_PASSWORD_ENV: password, ETCD_CA_FILE_ENV: ca_file}
+    pairs = {ETCD_USERNAME_ENV: username, ETCD_PASSWORD_ENV: password, ETCD_CA_FILE_ENV: ca_file,
+             ETCD_OUTAGE_BUDGET_ENV: None if outage_budget_s is None else f"{outage_budget_s:g}"}
     return {name: value for name, value in pairs.items() if value is not None}
 
 
 def etcd_login_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """Coordinator keyword arguments from those variables (what a started service reads)."""
-    return {"username": environ.get(ETCD_USERNAME_ENV), "password": environ.get(ETCD_PASSWORD_ENV),
-            "ca_file": environ.get(ETCD_CA_FILE_ENV)}
+    login = {"username": environ.get(ETCD_USERNAME_ENV), "password": environ.get(ETCD_PASSWORD_ENV),
+             "ca_file": environ.get(ETCD_CA_FILE_ENV)}
+    if environ.get(ETCD_OUTAGE_BUDGET_ENV):
+        login["outage_budget_s"] = float(environ[ETCD_OUTAGE_BUDGET_ENV])
+    return login
 
 
 def check_prefix(prefix: str) -> str:
@@ -64,6 +70,36 @@ class CountingParams(BaseModel):
         return self
 
 
+class VirtualImaging(BaseModel):
+    """The virtual bright-field disk and dark-field ring, and the live images the nodes publish."""
+
+    model_config = ConfigDict(frozen=True)
+
+    live: bool = Field(default=True, description="Nodes publish per-position bright and dark field "
+                       "while they count, for the live image.")
+    center: Optional[tuple[float, float]] = Field(
+        default=None, description="Bright-field disk centre (row, col) in frame pixels; none: found "
+        "from the summed pattern (live: of the first frames; final: of the whole scan).")
+    bf_radius: Optional[float] = Field(default=None, gt=0, description="Bright-field disk radius, pixels.")
+    adf_inner: Optional[float] = Field(default=None, ge=0, description="Dark-field ring inner radius, "
+                                       "pixels; none: 1.5 bright-field radii.")
+    adf_outer: Optional[float] = Field(default=None, gt=0, description="Dark-field ring outer radius, "
+                                       "pixels; none: half the frame's shorter side.")
+    find_frames: int = Field(default=256, gt=0, description="Frames a node sums to find the disk "
+                             "for the live images when the centre and radius are not given.")
+    publish_s: float = Field(default=1.0, gt=0, description="How often a node publishes its live images.")
+    redraw_s: float = Field(default=2.0, gt=0, description="How often the session redraws live.png "
+                            "(and the live artifact) from what the nodes published.")
+
+    @model_validator(mode="after")
+    def _disk_given_whole(self) -> "VirtualImaging":
+        if (self.center is None) != (self.bf_radius is None):
+            raise ValueError("give the bright-field disk's center and bf_radius together, or neither")
+        if self.adf_inner is not None and self.adf_outer is not None and self.adf_outer < self.adf_inner:
+            raise ValueError(f"adf_outer ({self.adf_outer}) must not be below adf_inner ({self.adf_inner})")
+        return self
+
+
 class SessionSpec(BaseModel):
     """Everything a streaming or file-transfer session needs; stored at sessions/<sid>/spec."""
 
@@ -82,6 +118,7 @@ class SessionSpec(BaseModel):
     workers_per_node: int = Field(default=1, gt=0)
     output_dir: Path = Path("runs")
     counting: CountingParams = CountingParams()
+    virtual: VirtualImaging = VirtualImaging()
     etcd_prefix: str = DEFAULT_PREFIX
     register_timeout_s: float = Field(default=60.0, gt=0, description="Wait for services to register.")
     stall_timeout_s: float = Field(default=60.0, gt=0, description="No progress for this long ends the scan.")

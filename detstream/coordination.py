@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 HISTORY_KEYS = frozenset({"spec", "state", "job", "result"})
 
 _SEQ_DIGITS = 10
+# One live-images transaction: under etcd's default operation limit (128) and request size (1.5 MiB).
+_LIVE_TXN_OPS, _LIVE_TXN_BYTES = 64, 1 << 20
 
 
 class DetectorBusy(RuntimeError):
@@ -63,15 +65,25 @@ class Coordinator:
     The layout (DESIGN.md, "etcd keys")::
 
         <prefix>/detectors/<detector>/lock                   session id, leased
+        <prefix>/detectors/<detector>/last                   the last session id to take the lock
         <prefix>/sessions/<sid>/spec                         JSON
         <prefix>/sessions/<sid>/state                        a SessionState value
         <prefix>/sessions/<sid>/events/<seq:010d>            JSON {"state", "reason", "time"}
+        <prefix>/sessions/<sid>/alive                        "1", on the orchestrator's lease
         <prefix>/sessions/<sid>/job                          JSON
-        <prefix>/sessions/<sid>/services/<role>/<name>       JSON, leased
+        <prefix>/sessions/<sid>/services/<role>/<name>       JSON, leased (see below)
+        <prefix>/sessions/<sid>/nodes/<node>/done            JSON, the node's done record
         <prefix>/sessions/<sid>/barriers/<barrier>/<name>    "1"
         <prefix>/sessions/<sid>/scans/<scan>/expected        integer
         <prefix>/sessions/<sid>/scans/<scan>/received/<node> integer
         <prefix>/sessions/<sid>/result                       JSON
+        <prefix>/sessions/<sid>/live/detectors               JSON: the live images' disk and ring
+        <prefix>/sessions/<sid>/live/images/<node>/<chunk:06d> a node's live images of 4096 positions
+                                                             (detstream.live.encode_chunk)
+
+    A service record holds ``endpoint``, ``pid`` and ``host``; a distributor's also its
+    ``node_index`` and, with acknowledged delivery, the ``ack_endpoint`` it sends acks from; the
+    aggregator's the ``sector_endpoints`` (one socket per sector, in sector order).
     """
 
     def __init__(self, endpoint: str, prefix: str = DEFAULT_PREFIX, **connection: Any) -> None:
@@ -360,6 +372,41 @@ class Coordinator:
         prefix = self.session_key(sid, "nodes") + "/"
         kvs, _ = self.etcd.range(prefix, prefix=True)
         return {kv.key[len(prefix):].split("/", 1)[0]: kv.json() for kv in kvs if kv.key.endswith("/done")}
+
+    # ----------------------------------------------------------------- live images
+    def _live_detectors_key(self, sid: str) -> str:
+        return self.session_key(sid, "live", "detectors")
+
+    def offer_live_detectors(self, sid: str, record: Mapping[str, Any]) -> dict:
+        """Propose the session's live disk and ring; the first proposal stays. Returns the one in force."""
+        key = self._live_detectors_key(sid)
+        result = self.etcd.txn([key_missing(key)], [put_op(key, to_json(record))], [range_op(key)],
+                               what=f"offer the live disk of session {sid}")
+        if result.succeeded or not (result.ranges and result.ranges[0]):
+            return dict(record)
+        return result.ranges[0][0].json()
+
+    def live_detectors(self, sid: str) -> Optional[dict]:
+        """The session's live disk and ring, once a node (or its parameters) settled them."""
+        return from_json(self.etcd.get(self._live_detectors_key(sid)))
+
+    def put_live_chunks(self, sid: str, node: str, chunks: Mapping[int, bytes]) -> None:
+        """A node's changed live-image chunks, in as few transactions as etcd's limits allow."""
+        prefix = self.session_key(sid, "live", "images", key_segment(node, "node"))
+        ops, size = [], 0
+        for index, raw in sorted(chunks.items()):
+            if ops and (len(ops) >= _LIVE_TXN_OPS or size + len(raw) > _LIVE_TXN_BYTES):
+                self.etcd.txn([], ops, what=f"publish live images of {node}")
+                ops, size = [], 0
+            ops.append(put_op(f"{prefix}/{int(index):06d}", raw))
+            size += len(raw)
+        if ops:
+            self.etcd.txn([], ops, what=f"publish live images of {node}")
+
+    def live_chunks(self, sid: str) -> list[bytes]:
+        """Every node's live-image chunks (decode with detstream.live.assemble)."""
+        kvs, _ = self.etcd.range(self.session_key(sid, "live", "images") + "/", prefix=True)
+        return [kv.value for kv in kvs]
 
     # ----------------------------------------------------------------- cleanup and inspection
     def cleanup_session(self, sid: str) -> list[str]:

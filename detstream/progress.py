@@ -25,6 +25,10 @@ def console_progress(console):
         if "id" not in task:
             task["id"] = bar.add_task("frames", total=p.frames_expected)
         bar.update(task["id"], completed=p.frames_received, total=p.frames_expected)
+        live = getattr(p, "live_image", None)
+        if live is not None and task.get("live") != live:
+            task["live"] = live
+            bar.console.print(f"live image (bright and dark field, redrawn as the scan fills in): {live}")
 
     LISTENERS.append(listener)
     try:

@@ -70,14 +70,26 @@ def _node_positions(spec: SessionSpec, node_index: int) -> np.ndarray:
     return np.arange(node_index, spec.frames_expected, spec.nodes)
 
 
-def _uncounted(spec: SessionSpec, nodes: list[dict]) -> list[int]:
-    """Without counting nothing is merged: a position is missing if its node said so or never reported."""
+def _uncounted(spec: SessionSpec, nodes: list[dict], aggregators: list[dict]) -> list[int]:
+    """Without counting nothing is merged. With acknowledged delivery the aggregator knows every
+    position no node took (a lost node's share was re-routed); else a position is missing if its
+    node said so or never reported."""
+    acked = [a for a in aggregators if "lost_positions" in a]
+    if acked:
+        return sorted({int(p) for a in acked for p in a["lost_positions"]})
     reported = {n["node_index"] for n in nodes}
     lost = [p for n in nodes for p in n.get("missing", [])]
     for i in range(spec.nodes):
         if i not in reported:
             lost.extend(_node_positions(spec, i).tolist())
     return sorted(set(lost))
+
+
+def _delivery(aggregators: list[dict]) -> dict:
+    """What acknowledged delivery did: nodes lost, positions re-routed, and why positions were lost."""
+    return {"nodes_lost": [n for a in aggregators for n in a.get("nodes_lost", [])],
+            "positions_rerouted": sum(len(a.get("rerouted_positions", [])) for a in aggregators),
+            "lost_reasons": _sum_counters(a.get("lost_reasons") for a in aggregators)}
 
 
 def account_without_outputs(spec: SessionSpec, workflow: str, state: SessionState, reason: str,
@@ -105,7 +117,6 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
     """Merge every durable part into the HDF5, draw the virtual bright field, write and return
     the summary. ``state`` is the session's end state when already known (failed, cancelled);
     otherwise it is completed or incomplete by what was counted."""
-    from .output.images import write_png
     from .output.merge import merge_parts
 
     paths = spec.paths
@@ -121,18 +132,20 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
     if spec.counting.enabled:
         check_room(paths.counts, parts, spec.frames_expected)
         # After a re-route two nodes may both have counted a position: the first copy is kept.
+        v = spec.virtual
         report = merge_parts(parts, paths.counts, spec.scan_width, spec.scan_height,
-                             spec.profile.frame_shape, overwrite=overwrite, on_duplicate="first")
+                             spec.profile.frame_shape, overwrite=overwrite, on_duplicate="first",
+                             center=v.center, radius=v.bf_radius, adf_inner=v.adf_inner,
+                             adf_outer=v.adf_outer)
         outputs["hdf5"] = str(paths.counts)
         events_total = report.total_events
         hdf5_closed = time.time()
-        write_png(paths.image, report.bright_field)
-        outputs["image"] = str(paths.image)
+        outputs.update(write_figures(spec, report))
         not_counted = report.missing
         duplicates = report.duplicates
     else:
         hdf5_closed = time.time()
-        not_counted = _uncounted(spec, nodes)
+        not_counted = _uncounted(spec, nodes, aggregators)
         duplicates = 0
     timings = dict(timings)
     timings["merge_s"] = hdf5_closed - t0
@@ -162,6 +175,7 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         "missing_positions": missing,
         "partial_positions": partial,
         "duplicates_dropped": duplicates,
+        "delivery": _delivery(aggregators),
         "salvaged": {"parts": [str(p) for p in parts], "nodes_reported": len(nodes),
                      "unfinished_part_files_removed": discarded},
         "events": events_total,
@@ -183,6 +197,22 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
         **(extra or {}),
     }
     return write_account(spec, summary)
+
+
+def write_figures(spec: SessionSpec, report) -> dict[str, str]:
+    """The merge's images as figures a person can read: bright field, dark field, summed pattern."""
+    from .output.images import pattern_panel, scan_panel, write_figure
+
+    paths, sid = spec.paths, spec.session_id
+    d = report.detectors
+    write_figure(paths.image, [scan_panel(report.bright_field, "Virtual bright field")],
+                 f"session {sid}: disk at ({d.center[0]:.1f}, {d.center[1]:.1f}), radius {d.bf_radius:.1f} px")
+    write_figure(paths.dark_field_image, [scan_panel(report.dark_field, "Virtual annular dark field")],
+                 f"session {sid}: ring {d.adf_inner:.1f}-{d.adf_outer:.1f} px")
+    write_figure(paths.pattern_image, [pattern_panel(report.summed_pattern)],
+                 f"session {sid}: {report.positions_written} frames")
+    return {"image": str(paths.image), "dark_field_image": str(paths.dark_field_image),
+            "pattern_image": str(paths.pattern_image)}
 
 
 def write_account(spec: SessionSpec, summary: dict) -> dict:

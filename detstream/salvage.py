@@ -6,6 +6,7 @@ the session ``abandoned`` in etcd when etcd still says it is running.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -37,9 +38,39 @@ def mark_abandoned(coord: Coordinator, sid: str, reason: str) -> Optional[Sessio
     return before
 
 
+def record_from_summary(coord: Coordinator, session_dir: Path) -> Optional[dict]:
+    """A session that ended while etcd was gone wrote its end state only in summary.json:
+    record that state and result in etcd now (nothing to salvage). None if it has no such summary."""
+    path = Path(session_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+        state = SessionState(summary.get("state"))
+    except (OSError, ValueError):
+        return None
+    if state not in TERMINAL_STATES or not summary.get("etcd_unrecorded"):
+        return None
+    sid = summary["session_id"]
+    if coord.get_state(sid) not in TERMINAL_STATES:
+        coord.set_state(sid, state, f"{summary.get('reason') or state.value} (recorded from {path} "
+                                    "after an etcd outage)")
+        coord.put_result(sid, summary)
+        coord.cleanup_session(sid)
+        log.info("session %s: its end state %s, kept in %s while etcd was gone, is recorded", sid,
+                 state.value, path)
+    return summary
+
+
 def salvage_session(session_dir: Path, coord: Optional[Coordinator] = None,
                     reason: str = "orchestrator gone; salvaged from the session folder") -> dict:
-    """Merge ``session_dir``'s durable parts and write its summary; mark it abandoned in etcd."""
+    """Merge ``session_dir``'s durable parts and write its summary; mark it abandoned in etcd.
+
+    A session that ended on its own while etcd was gone is not salvaged: its end state is recorded."""
+    if coord is not None:
+        try:
+            if (ended := record_from_summary(coord, session_dir)) is not None:
+                return ended
+        except CoordinationError as err:
+            log.warning("could not record the end state from summary.json: %s", err)
     spec = load_spec(session_dir)
     spec = spec.model_copy(update={"output_dir": Path(session_dir).resolve().parent})
     etcd_note = None

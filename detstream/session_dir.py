@@ -23,7 +23,23 @@ class SessionDir:
 
     @property
     def image(self) -> Path:
+        """The virtual bright field, as a figure (colour bar, axes in scan positions)."""
         return self.root / "virtual_bright_field.png"
+
+    @property
+    def dark_field_image(self) -> Path:
+        """The virtual annular dark field, as a figure."""
+        return self.root / "virtual_dark_field.png"
+
+    @property
+    def pattern_image(self) -> Path:
+        """The summed diffraction pattern, log scale."""
+        return self.root / "summed_pattern.png"
+
+    @property
+    def live_image(self) -> Path:
+        """Bright and dark field as the nodes count them, rewritten every few seconds while the scan streams."""
+        return self.root / "live.png"
 
     @property
     def summary(self) -> Path:

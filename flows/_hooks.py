@@ -39,6 +39,12 @@ def release_on_failure(flow, flow_run, state) -> None:
 
             settings = params["sfapi_credentials"].settings()
             backends["sfapi"] = lambda reservation: cancel_sfapi_job(settings, reservation)
+        if params["backend"] == "slurm":
+            from detstream.backends.slurm import cancel_slurm_job
+
+            slurm = params.get("slurm_compute")
+            settings = slurm.settings() if slurm is not None else None
+            backends["slurm"] = lambda reservation: cancel_slurm_job(settings, reservation)
         with etcd.get_coordinator() as coord:
             release_session(coord, sid, final, reason, backends=backends)
     except Exception:  # a hook must not mask the run's own failure

@@ -14,7 +14,7 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 
 from detstream.backends.local import LocalBackend
-from detstream.blocks import DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials
+from detstream.blocks import DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials, SlurmCompute
 from detstream.config import DEFAULT_PREFIX, MAX_SCAN_SIDE
 from detstream.profile import PROFILES, get_profile
 from detstream.session import make_spec
@@ -71,12 +71,26 @@ Background = Annotated[float, Doc("Background threshold, ADU after dark subtract
 Xray = Annotated[float, Doc("X-ray threshold, ADU.")]
 NpyPath = Annotated[Union[Annotated[str, Field(title=".npy path")], _titled_none("none")], Doc(
     "Path to a .npy map of the frame's shape.")]
-BackendName = Annotated[Literal["local", "sfapi"], Doc(
-    "Where the nodes come from: this machine (local), or NERSC through the Superfacility API (sfapi).")]
+LiveImages = Annotated[bool, Doc(
+    "Live virtual images: the nodes publish bright and dark field as they count; live.png in the session "
+    "folder and a live artifact follow the scan.")]
+LiveInterval = Annotated[float, Doc(
+    "Seconds between redraws of the live images (the nodes publish twice as often).", gt=0)]
+Disk = Annotated[Union[Annotated[list[float], Field(title="row, col, radius", min_length=3, max_length=3)],
+                       _titled_none("found in the pattern")], Doc(
+    "The bright-field disk for the virtual images: centre row, centre column and radius in detector "
+    "pixels. 'found in the pattern': located in the summed diffraction pattern.")]
+BACKENDS = ("local", "sfapi", "slurm")
+BackendName = Annotated[Literal[BACKENDS], Doc(
+    "Where the nodes come from: this machine (local), NERSC through the Superfacility API (sfapi), "
+    "or a Slurm cluster through sbatch (slurm).")]
 Credentials = Annotated[Union[_saved(SfapiCredentials), _titled_none("none")], Doc(
     "SFAPI client credentials, for backend=sfapi.")]
 Compute = Annotated[Union[_saved(NerscCompute), _titled_none("defaults")], Doc(
     "The batch job for backend=sfapi; 'defaults': exclusive realtime CPU nodes on Perlmutter, 30 minutes.")]
+SlurmComputeBlock = Annotated[Union[_saved(SlurmCompute), _titled_none("defaults")], Doc(
+    "The Slurm cluster and batch job for backend=slurm; 'defaults': the site's SLURM_CONF, default QOS "
+    "and partition, 30 minutes, `detstream` from PATH on the nodes.")]
 Etcd = Annotated[Union[_saved(EtcdCoordinator), _titled_none("etcd_url or private")], Doc(
     "etcd endpoints, key prefix and login. 'etcd_url or private' uses etcd_url and etcd_prefix, "
     "or without a URL starts an etcd for the session.")]
@@ -109,9 +123,13 @@ def _shared(
     xray_threshold: Xray = 2000.0,
     dark_reference: NpyPath = None,
     gain: NpyPath = None,
+    live_images: LiveImages = True,
+    live_interval_s: LiveInterval = 2.0,
+    bright_field_disk: Disk = None,
     backend: BackendName = "local",
     sfapi_credentials: Credentials = None,
     nersc_compute: Compute = None,
+    slurm_compute: SlurmComputeBlock = None,
     etcd: Etcd = None,
     etcd_url: EtcdUrl = None,
     etcd_prefix: EtcdPrefix = DEFAULT_PREFIX,
@@ -189,9 +207,18 @@ def spec_from(p: dict, etcd: EtcdCoordinator, **fields):
         counting={"enabled": p["counting"], "background_threshold": p["background_threshold"],
                   "xray_threshold": p["xray_threshold"], "dark_reference": p["dark_reference"],
                   "gain": p["gain"]},
+        virtual=virtual_of(p),
         seed=p["seed"], nodes=p["nodes"], workers_per_node=p["workers_per_node"],
         etcd_prefix=etcd.prefix, register_timeout_s=p["register_timeout_s"],
         stall_timeout_s=p["stall_timeout_s"], **fields)
+
+
+def virtual_of(p: dict) -> dict:
+    """The spec's VirtualImaging from the flow's live-image and disk parameters."""
+    disk = p.get("bright_field_disk")
+    interval = p.get("live_interval_s", 2.0)
+    return {"live": p.get("live_images", True), "redraw_s": interval, "publish_s": interval / 2,
+            "center": tuple(disk[:2]) if disk else None, "bf_radius": disk[2] if disk else None}
 
 
 def make_backend(p: dict, session_dir, service_env: dict[str, str]):
@@ -200,16 +227,22 @@ def make_backend(p: dict, session_dir, service_env: dict[str, str]):
 
     if p["backend"] == "local":
         return LocalBackend(log_dir=session_dir / "logs", env=service_env)
-    if p["backend"] != "sfapi":
-        raise ValueError(f"unknown backend {p['backend']!r}; known: local, sfapi")
-    from detstream.backends.sfapi import SfapiBackend
-
-    if p.get("sfapi_credentials") is None:
+    if p["backend"] not in BACKENDS:
+        raise ValueError(f"unknown backend {p['backend']!r}; known: {', '.join(BACKENDS)}")
+    if p["backend"] == "sfapi" and p.get("sfapi_credentials") is None:
         raise ValueError("backend 'sfapi' needs sfapi_credentials (an SfapiCredentials block)")
     if service_env:
         get_run_logger().warning(
             "the batch job's nodes get no etcd login from the flow (it would be written into the "
             "batch script): set %s on the nodes, e.g. in a module or conda environment",
             ", ".join(sorted(service_env)))
+    if p["backend"] == "slurm":
+        from detstream.backends.slurm import SlurmBackend
+
+        slurm = p.get("slurm_compute") or SlurmCompute()
+        return SlurmBackend(slurm.settings(), slurm.job_settings(), work_dir=session_dir / "logs",
+                            logger=get_run_logger())
+    from detstream.backends.sfapi import SfapiBackend
+
     compute = p.get("nersc_compute") or NerscCompute()
     return SfapiBackend(p["sfapi_credentials"].settings(), compute.job_settings(), logger=get_run_logger())

@@ -45,7 +45,9 @@ def run(
     no_counting: bool = typer.Option(False, "--no-counting", help="Stream and assemble only."),
     workflow: str = typer.Option("streaming", help="streaming, or file-transfer (the classic path)."),
     fallback: str = typer.Option("none", help="file-transfer: fall back to it if streaming cannot run."),
-    backend: str = typer.Option("local", help="local, or sfapi (NERSC Superfacility API)."),
+    fallback_backend: str = typer.Option("local", help="Backend of the fallback's count job: local, sfapi or slurm."),
+    backend: str = typer.Option("local", help="local, sfapi (NERSC Superfacility API) or slurm (sbatch)."),
+    slurm_conf: Optional[Path] = typer.Option(None, help="SLURM_CONF for --backend slurm (default: the site's)."),
     sfapi_url: Optional[str] = typer.Option(None, help="Superfacility API base URL (e.g. a local emulator)."),
     sfapi_key_file: Optional[Path] = typer.Option(None, help="sfapi_client key file (client id, then PEM; mode 600)."),
     session_id: Optional[str] = typer.Option(None, help="Session id (default: generated)."),
@@ -75,9 +77,12 @@ def run(
     from detstream.session import SessionCancelled, SessionIncomplete
     from detstream.states import EXIT_CODES, SessionState
 
-    extra = {"fallback": fallback, "aggregators": aggregators} if workflow == "streaming" else {}
-    if backend == "sfapi":
+    extra = ({"fallback": fallback, "fallback_backend": fallback_backend, "aggregators": aggregators}
+             if workflow == "streaming" else {})
+    if "sfapi" in (backend, extra.get("fallback_backend")):
         extra.update(_sfapi_blocks(sfapi_url, sfapi_key_file))
+    if "slurm" in (backend, extra.get("fallback_backend")):
+        extra["slurm_compute"] = _slurm_block(slurm_conf)
     flow_fn = streaming_session if workflow == "streaming" else file_transfer_session
     try:
         with console_progress(console):
@@ -183,6 +188,21 @@ def _sfapi_blocks(sfapi_url: Optional[str], key_file: Optional[Path]) -> dict:
             "command": [sys.executable, "-m", "detstream"], "bind_host": "127.0.0.1", "advertise_host": "127.0.0.1"})
         blocks["nersc_compute"] = NerscCompute(job=job)
     return blocks
+
+
+def _slurm_block(slurm_conf: Optional[Path]):
+    """The flow's SlurmCompute: the saved block DETSTREAM_SLURM_COMPUTE_BLOCK, else defaults with
+    ``--slurm-conf``; nodes start detstream with this interpreter (a shared install, as on a login node)."""
+    from detstream.blocks import SlurmCompute
+
+    name = os.environ.get("DETSTREAM_SLURM_COMPUTE_BLOCK")
+    if name:
+        return SlurmCompute.load(name)
+    from detstream.backends.slurm import SlurmSettings
+
+    block = SlurmCompute(cluster=SlurmSettings(slurm_conf=str(slurm_conf) if slurm_conf else None))
+    block.job = block.job.model_copy(update={"command": [sys.executable, "-m", "detstream"]})
+    return block
 
 
 def _etcd_params(url: Optional[str]) -> dict:

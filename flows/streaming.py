@@ -20,7 +20,7 @@ from ._run import run_session
 Fallback = Annotated[Literal["file-transfer", "none"], P.Doc(
     "If reservation fails, no node registers, or the stream stalls: run the file-transfer workflow on the "
     "same scan.")]
-FallbackBackend = Annotated[Literal["local", "sfapi"], P.Doc("Backend for the fallback's count job.")]
+FallbackBackend = Annotated[Literal[P.BACKENDS], P.Doc("Backend for the fallback's count job.")]
 Aggregators = Annotated[int, P.Doc("Aggregator shards, each routing a share of the sectors to every node.",
                                    gt=0)]
 

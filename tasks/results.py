@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
-import math
 from pathlib import Path
 
 from prefect import task
@@ -50,48 +48,72 @@ def publish_summary(summary: dict) -> None:
     create_markdown_artifact(markdown="\n".join(lines), key=f"report-{sid}".lower(),
                              description="Outputs of the session")
     if out.get("image"):
-        publish_image(sid, Path(out["image"]))
+        publish_images(sid, out)
+    if out.get("hdf5"):
+        publish_guide(sid, Path(out["hdf5"]).parent, out)
 
 
-# The image artifact's longer side: small scans are enlarged to at least this (a 16x16 scan is 16
-# pixels wide), large ones thinned to at most the maximum (the PNG travels inside the artifact).
-_PREVIEW_MIN_PX, _PREVIEW_MAX_PX = 384, 1024
+def artifact_link(key: str) -> str:
+    """Where the Prefect UI shows the latest version of an artifact (relative to the UI unless
+    PREFECT_UI_URL is set)."""
+    from prefect.settings import PREFECT_UI_URL
+
+    base = (PREFECT_UI_URL.value() or "").rstrip("/")
+    return f"{base}/artifacts/key/{key}"
 
 
-def image_preview_png(path: Path) -> bytes:
-    """The PNG at ``path`` at a size the UI shows well: whole pixels repeated (no smoothing) or
-    every n-th kept, as PNG bytes."""
-    import matplotlib.image as mpimg
-    import numpy as np
+def guide_markdown(sid: str, session_dir: Path, outputs: dict | None = None) -> str:
+    """The flow run's way in for the microscopist: the live and final images and a py4DSTEM snippet."""
+    from detstream.session_dir import SessionDir
+    from detstream.tasks.stream import live_artifact_key
 
-    img = mpimg.imread(path)  # greyscale float in [0, 1], (rows, cols)
-    if img.ndim == 3:
-        img = img[..., 0]
-    side = max(img.shape)
-    if side > _PREVIEW_MAX_PX:
-        step = math.ceil(side / _PREVIEW_MAX_PX)
-        big = img[::step, ::step]
+    paths = SessionDir(Path(session_dir))
+    lines = [f"# Session `{sid}`: images and analysis", "",
+             f"- Live images while the scan streams: [artifact {live_artifact_key(sid)}]"
+             f"({artifact_link(live_artifact_key(sid))}), file `{paths.live_image}`"]
+    if outputs and outputs.get("image"):
+        key = f"bright-field-{sid}".lower()
+        lines.append(f"- Final images (bright field, dark field, summed pattern): [artifact {key}]"
+                     f"({artifact_link(key)})")
+        lines += [f"  - `{outputs[k]}`" for k, _ in _FIGURES if outputs.get(k)]
+        lines.append(f"- Counted data (stempy's layout, with `stem/images`): `{outputs['hdf5']}`")
     else:
-        k = max(1, math.ceil(_PREVIEW_MIN_PX / side))
-        big = np.repeat(np.repeat(img, k, axis=0), k, axis=1)
-    buf = io.BytesIO()
-    mpimg.imsave(buf, big, cmap="gray", vmin=0.0, vmax=1.0, format="png")
-    return buf.getvalue()
+        lines.append(f"- Final images and counted data, once the scan is counted: in `{paths.root}`")
+    lines += ["", "## Open it in py4DSTEM", "", "```python",
+              "import detstream.analysis as dsa  # pip install 'detstream[analysis]'", "",
+              f"dc = dsa.open_datacube({str(paths.root)!r}, bin=4)  # a py4DSTEM DataCube, detector binned 4x4",
+              "geometry = dsa.py4dstem_geometry(dc)  # detstream's disk and ring, in py4DSTEM's terms",
+              "bf = dc.get_virtual_image(mode='circle', geometry=geometry['bright_field'], name='bright_field')",
+              "adf = dc.get_virtual_image(mode='annular', geometry=geometry['annular_dark_field'], name='dark_field')",
+              "```"]
+    return "\n".join(lines)
 
 
-def publish_image(sid: str, path: Path) -> None:
-    """The virtual bright-field image as a markdown artifact with the PNG embedded (data URI).
+def publish_guide(sid: str, session_dir: Path, outputs: dict | None = None) -> None:
+    """The guide as a markdown artifact on the flow run (a new version once the images are final)."""
+    create_markdown_artifact(markdown=guide_markdown(sid, session_dir, outputs), key=f"analysis-{sid}".lower(),
+                             description="Live and final images, and the py4DSTEM snippet for this session")
 
-    Prefect's image artifact takes a URL the browser can load; the session's PNG is a file on
-    the flow run's machine that the Prefect server does not serve, and a data URI there is shown
-    again as the link text, so the image goes into markdown instead.
-    """
-    png = base64.b64encode(image_preview_png(path)).decode()
-    create_markdown_artifact(
-        markdown=f"# Virtual bright field, session `{sid}`\n\n"
-                 f"![virtual bright field](data:image/png;base64,{png})\n\n"
-                 f"Events inside the bright-field disk per scan position; full resolution in `{path}`.",
-        key=f"bright-field-{sid}".lower(), description="Virtual bright-field image")
+
+def png_markdown(alt: str, png: bytes) -> str:
+    """A PNG embedded in markdown as a data URI: the Prefect server does not serve the session's
+    files, and its image artifact takes only a URL (a data URI there shows as link text)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+_FIGURES = (("image", "virtual bright field"), ("dark_field_image", "virtual annular dark field"),
+            ("pattern_image", "summed diffraction pattern"))
+
+
+def publish_images(sid: str, outputs: dict) -> None:
+    """The final figures (bright field, dark field, summed pattern) as one markdown artifact."""
+    lines = [f"# Virtual images, session `{sid}`", ""]
+    for key, alt in _FIGURES:
+        if outputs.get(key):
+            lines += [f"## {alt.capitalize()}", "", png_markdown(alt, Path(outputs[key]).read_bytes()), "",
+                      f"Full file: `{outputs[key]}`", ""]
+    create_markdown_artifact(markdown="\n".join(lines), key=f"bright-field-{sid}".lower(),
+                             description="Virtual bright field, dark field and summed pattern")
 
 
 @task(name="collect-results", cache_policy=NO_CACHE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from typing import Callable, Optional, TypeVar
@@ -90,6 +91,29 @@ def detstream_children():
     return out
 
 
+@contextlib.contextmanager
+def cancel_on_first_progress():
+    """Within: the first progress report of a flow run asks Prefect to cancel that run (as the UI would)."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    from prefect.states import Cancelling
+
+    from detstream import progress
+
+    asked = []
+
+    def listener(_progress):
+        if not asked:
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(FlowRunContext.get().flow_run.id, Cancelling(), force=True)
+            asked.append(True)
+    progress.LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        progress.LISTENERS.remove(listener)
+
+
 @pytest.fixture
 def no_stray_services():
     """Every service process a session starts is gone when the session returns (killed if not)."""
@@ -141,3 +165,37 @@ def emu(tmp_path):
         yield server
     leftovers = {j.jobid: server.app_state.runner.live_pids(j.jobid) for j in server.app_state.runner.jobs()}
     assert not any(leftovers.values()), f"job processes survived the emulator: {leftovers}"
+
+
+# --- a real Slurm cluster (tests/slurm_cluster.py) ----------------------------------------------
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """munge + slurmctld + 4 slurmd on loopback, shared by the whole test session; every job is
+    cancelled and every daemon stopped by its PID at the end, also on failure. Skips only where
+    the Debian packages (slurmctld slurmd slurm-client munge; .ci/run installs them) are absent."""
+    from slurm_cluster import SlurmCluster, missing_programs
+
+    missing = missing_programs()
+    if missing:
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing): "
+                    "apt-get install slurmctld slurmd slurm-client munge")
+    with SlurmCluster(nodes=4) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    """The shared cluster with every node idle; after the test its jobs are cancelled and none of
+    their processes may be left."""
+    if any(s != "idle" for s in slurm_cluster.node_states().values()):
+        slurm_cluster.cancel_all()
+        slurm_cluster.resume()
+    yield slurm_cluster
+    left = slurm_cluster.jobs()
+    slurm_cluster.cancel_all()
+    procs = slurm_cluster.job_processes()
+    for p in procs:
+        p.kill()
+    assert not left, f"Slurm jobs left running after the test: {left}"
+    assert not procs, f"Slurm job processes left running: {[p.pid for p in procs]}"

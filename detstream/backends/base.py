@@ -19,10 +19,11 @@ class JobState(str, enum.Enum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    ENDED = "ENDED"  # gone from the scheduler before its end state was seen (e.g. purged after MinJobAge)
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.ENDED)
 
 
 class Reservation(BaseModel):
@@ -40,6 +41,7 @@ class Reservation(BaseModel):
     started_at: Optional[float] = Field(default=None, description="Unix time the job was first seen running.")
     queue_wait_s: Optional[float] = Field(default=None, description="Seconds from submission to running.")
     scheduler_state: Optional[str] = Field(default=None, description="The scheduler's own state name, e.g. Slurm's.")
+    failure: Optional[str] = Field(default=None, description="Why the job failed, as the scheduler says (exit code, output).")
 
 
 class ReservationError(RuntimeError):

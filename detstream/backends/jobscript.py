@@ -15,7 +15,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ..config import DEFAULT_PREFIX
-from .base import NodeLaunch
+from .base import NodeLaunch, ReservationError
 
 #: Streaming sessions are capped at two hours (as the production gateway did).
 MAX_WALLTIME_MINUTES = 120
@@ -182,11 +182,14 @@ def render_job_script(job: NerscJobSettings, nodes: int, launch: NodeLaunch) -> 
     header = [
         "#!/bin/bash",
         f"#SBATCH -N {nodes}",
-        f"#SBATCH -q {job.qos}",
-        f"#SBATCH -C {job.constraint}",
-        f"#SBATCH -t {_walltime(job.walltime_minutes)}",
-        f"#SBATCH -J {job.job_name(launch.session_id)}",
     ]
+    if job.qos:
+        header.append(f"#SBATCH -q {job.qos}")
+    if job.constraint:
+        header.append(f"#SBATCH -C {job.constraint}")
+    if getattr(job, "partition", None):
+        header.append(f"#SBATCH -p {job.partition}")
+    header += [f"#SBATCH -t {_walltime(job.walltime_minutes)}", f"#SBATCH -J {job.job_name(launch.session_id)}"]
     if job.account:
         header.append(f"#SBATCH -A {job.account}")
     if job.exclusive:
@@ -223,6 +226,16 @@ def render_job_script(job: NerscJobSettings, nodes: int, launch: NodeLaunch) -> 
         line += f" --bind-host {shlex.quote(job.bind_host)} --advertise-host {advertise}"
     body.append(line)
     return "\n".join(header + body) + "\n"
+
+
+def batch_script(job: NerscJobSettings, nodes: int, launch: NodeLaunch) -> str:
+    """``render_job_script`` for a backend's reserve: what cannot be rendered is a ReservationError."""
+    if nodes < 1:
+        raise ReservationError(f"cannot reserve {nodes} nodes")
+    try:
+        return render_job_script(job, nodes, launch)
+    except ValueError as err:
+        raise ReservationError(f"cannot write the batch script: {err}") from None
 
 
 def render_for_cli(*, session_id: str, etcd_endpoint: str, etcd_prefix: str = DEFAULT_PREFIX,

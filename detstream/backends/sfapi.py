@@ -26,7 +26,7 @@ from sfapi_client.jobs import JobCommand
 from sfapi_client.jobs import JobState as SlurmState
 
 from .base import ComputeBackend, NodeLaunch, JobState, Reservation, ReservationError
-from .jobscript import MAX_WALLTIME_MINUTES, NerscJobSettings, render_for_cli, render_job_script
+from .jobscript import MAX_WALLTIME_MINUTES, NerscJobSettings, batch_script, render_for_cli, render_job_script
 from .sfapi_settings import SfapiAuthError, SfapiError, SfapiSettings, SfapiUnavailableError
 
 __all__ = [
@@ -156,12 +156,7 @@ class SfapiBackend(ComputeBackend):
     def reserve(self, nodes: int, launch: NodeLaunch) -> Reservation:
         """Check the machine, submit the batch script and return at once (state PENDING)."""
         machine = self.job.machine
-        if nodes < 1:
-            raise ReservationError(f"cannot reserve {nodes} nodes")
-        try:
-            script = render_job_script(self.job, nodes, launch)
-        except ValueError as err:
-            raise ReservationError(f"cannot write the batch script: {err}") from None
+        script = batch_script(self.job, nodes, launch)
         pm = self._call(f"checking the status of {machine}", self._fresh_compute)
         status = pm.status
         notes = "; ".join(pm.notes or []) or (pm.description or "no details given")

@@ -101,6 +101,29 @@ def create_counts_layout(
     return frames
 
 
+def write_stem_images(f: h5py.File, images: np.ndarray, names: Sequence[str],
+                      attrs: Mapping[str, Any] | None = None) -> h5py.Dataset:
+    """stempy's ``stem/images``: a stack ``(n_images, scan_height, scan_width)`` of unsigned
+    integer images with attribute ``names`` (as ``stempy.io.save_stem_images`` writes it)."""
+    images = np.asarray(images)
+    if images.ndim != 3 or len(images) != len(names) or images.dtype.kind != "u":
+        raise ValueError(f"stem images must be (n, height, width) unsigned ints with n names, got "
+                         f"{images.dtype} {images.shape} and {len(names)} names")
+    dset = f.require_group("stem").create_dataset("images", data=images)
+    dset.attrs["names"] = [str(n) for n in names]
+    for k, v in (attrs or {}).items():
+        dset.attrs[str(k)] = _attr_value(v)
+    return dset
+
+
+def write_summed_pattern(f: h5py.File, pattern: np.ndarray) -> h5py.Dataset:
+    """``summed_pattern``: every counted frame's events added up, frame-shaped, uint64 (not part of
+    stempy's layout; stempy's loader ignores it)."""
+    dset = f.create_dataset("summed_pattern", data=np.asarray(pattern, np.uint64))
+    dset.attrs["description"] = "sum of the counted events of every scan position, per detector pixel"
+    return dset
+
+
 def write_counts(
     path: str | os.PathLike,
     events_by_position: Sequence[np.ndarray],

@@ -15,9 +15,10 @@ from ..atomic import io_error, refuse
 from .disk import DiskEstimate, estimate_disk
 from .frames import check_frame_shape, scan_size
 from .hdf5 import h5_output
-from .images import VirtualBrightField
-from .layout import WRITE_BLOCK, create_counts_layout, vlen_block, write_vlen_points
+from .layout import (WRITE_BLOCK, create_counts_layout, vlen_block, write_stem_images,
+                     write_summed_pattern, write_vlen_points)
 from .parts import read_part
+from .virtual import IMAGE_NAMES, VirtualDetectors, VirtualImages
 
 
 class BlockAccumulator(Protocol):
@@ -30,7 +31,7 @@ class BlockAccumulator(Protocol):
 
 @dataclass
 class MergeReport:
-    """What a merge wrote: counts, the positions no part covered, and the bright-field image."""
+    """What a merge wrote: counts, the positions no part covered, and the virtual images."""
 
     path: Path
     scan_width: int
@@ -39,9 +40,21 @@ class MergeReport:
     positions_written: int  # positions filled from parts (the rest are empty, see missing)
     missing: list[int]  # sorted positions no part held
     total_events: int
-    bright_field: np.ndarray | None = None  # (scan_height, scan_width)
+    images: np.ndarray | None = None  # (2, scan_height, scan_width): bright field, dark field
     disk: DiskEstimate | None = None
     duplicates: int = 0  # later copies of a position dropped (on_duplicate="first")
+    detectors: VirtualDetectors | None = None
+    summed_pattern: np.ndarray | None = None  # frame-shaped, every written frame's events
+
+    @property
+    def bright_field(self) -> np.ndarray | None:
+        """(scan_height, scan_width) events inside the bright-field disk per position."""
+        return None if self.images is None else self.images[0]
+
+    @property
+    def dark_field(self) -> np.ndarray | None:
+        """(scan_height, scan_width) events in the annular dark-field ring per position."""
+        return None if self.images is None else self.images[1]
 
     @property
     def n_positions(self) -> int:
@@ -62,6 +75,7 @@ class MergeReport:
             "disk": None
             if self.disk is None
             else {"center": list(self.disk.center), "radius": self.disk.radius},
+            "virtual_detectors": None if self.detectors is None else self.detectors.as_dict(),
         }
 
 
@@ -77,6 +91,8 @@ def merge_parts(
     bright_field: bool = True,
     center: Sequence[float] | None = None,
     radius: float | None = None,
+    adf_inner: float | None = None,
+    adf_outer: float | None = None,
     accumulators: Sequence[BlockAccumulator] = (),
     block_positions: int = 8192,
     on_duplicate: str = "error",
@@ -85,8 +101,10 @@ def merge_parts(
     at a time. Positions in no part are written empty and listed in ``missing``; a position in
     two parts is an error naming both, or with ``on_duplicate="first"`` (parts of a session
     whose frames were re-routed after a node was lost) its first copy is kept and the others
-    counted in ``duplicates``. With ``bright_field`` the virtual bright-field image is
-    computed in the same pass; the disk, unless given, comes from the parts' summed patterns.
+    counted in ``duplicates``. With ``bright_field`` the virtual bright-field and annular
+    dark-field images (ring ``adf_inner``..``adf_outer``, see ``VirtualDetectors.around``) and the
+    summed pattern are computed in the same pass and written as ``stem/images`` (stempy's
+    layout) and ``summed_pattern``; the disk, unless given, comes from the parts' summed patterns.
     """
     if on_duplicate not in ("error", "first"):
         raise ValueError(f"on_duplicate must be 'error' or 'first', not {on_duplicate!r}")
@@ -132,7 +150,8 @@ def merge_parts(
     missing = np.flatnonzero(owner < 0)
 
     acc_list: list[BlockAccumulator] = list(accumulators)
-    bf: VirtualBrightField | None = None
+    virtual: VirtualImages | None = None
+    pattern_sum: np.ndarray | None = None
     disk: DiskEstimate | None = None
     if bright_field:
         if center is None or radius is None:
@@ -147,8 +166,10 @@ def merge_parts(
                 center = (frame_shape[0] / 2, frame_shape[1] / 2) if center is None else center
                 radius = 0.0 if radius is None else radius
         disk = DiskEstimate((float(center[0]), float(center[1])), float(radius))
-        bf = VirtualBrightField(scan_width, scan_height, frame_shape, disk.center, disk.radius)
-        acc_list.append(bf)
+        virtual = VirtualImages(scan_width, scan_height, frame_shape,
+                                VirtualDetectors.around(disk, frame_shape, adf_inner, adf_outer))
+        acc_list.append(virtual)
+        pattern_sum = np.zeros(n_pixels, np.uint64)
 
     total_events = 0
     with h5_output(out, overwrite=overwrite) as f:
@@ -175,12 +196,20 @@ def merge_parts(
                     raise io_error(e, out) from e
                 for acc in acc_list:
                     acc.add_block(positions, flat, offs)
+                if pattern_sum is not None:
+                    pattern_sum += np.bincount(flat, minlength=n_pixels).astype(np.uint64)
                 total_events += int(flat.size)
         empty = np.zeros(0, np.uint32)
         for start in range(0, len(missing), WRITE_BLOCK):
             chunk = missing[start : start + WRITE_BLOCK]
             try:
                 write_vlen_points(frames, chunk, vlen_block([empty] * len(chunk)))
+            except (OSError, RuntimeError) as e:
+                raise io_error(e, out) from e
+        if virtual is not None:
+            try:
+                write_stem_images(f, virtual.images, IMAGE_NAMES, virtual.detectors.as_dict())
+                write_summed_pattern(f, pattern_sum.reshape(frame_shape))
             except (OSError, RuntimeError) as e:
                 raise io_error(e, out) from e
 
@@ -192,9 +221,11 @@ def merge_parts(
         positions_written=int(n - len(missing)),
         missing=[int(p) for p in missing],
         total_events=total_events,
-        bright_field=None if bf is None else bf.image,
+        images=None if virtual is None else virtual.images,
         disk=disk,
         duplicates=duplicates,
+        detectors=None if virtual is None else virtual.detectors,
+        summed_pattern=None if pattern_sum is None else pattern_sum.reshape(frame_shape),
     )
 
 

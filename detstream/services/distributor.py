@@ -81,7 +81,8 @@ class Distributor:
                  max_partial_frames: int = 256, stall_timeout_s: float = 60.0,
                  ctx: Optional[zmq.Context] = None, acks: bool = False, segment_frames: int = 256,
                  segment_seconds: float = 0.5, heartbeat_s: float = 0.5, linger_s: float = 2.0,
-                 counting_mode: str = "processes", shards: int = 1):
+                 counting_mode: str = "processes", shards: int = 1, live=None):
+        """``live``: a detstream.live.LiveImages fed every counted frame (the live images)."""
         if not 0 <= node_index < nodes:
             raise ValueError(f"node index {node_index} outside 0..{nodes - 1}")
         self.profile = profile
@@ -99,6 +100,7 @@ class Distributor:
         self.segment_frames = segment_frames
         self.segment_seconds = segment_seconds
         self.heartbeat_s = heartbeat_s
+        self.live = live
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
         # Workers are spawned before this process's sockets exist.
@@ -237,6 +239,8 @@ class Distributor:
             self.result.events += len(events)
             if self.part_writer is not None:
                 self.part_writer.add(pos, events)
+            if self.live is not None:
+                self.live.add(pos, events)
             if self.acks:
                 self._made(pos)
 

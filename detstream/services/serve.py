@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +21,8 @@ from ..config import SessionSpec
 from ..sources import source_for_spec
 from ..coordination import Coordinator
 from ..etcd import CoordinationError
+from ..live import LiveImages
+from ..live import publish as live_publish
 from ..states import TERMINAL_STATES
 from .aggregator import Aggregator
 from .distributor import Distributor
@@ -67,9 +70,13 @@ class EtcdLink:
     good only means no progress is shown (the scan still finishes and is written)."""
 
     def __init__(self, coord: Coordinator, sid: str, scan: int, name: Optional[str], interval_s: float = 0.5,
-                 watch_nodes: bool = False):
+                 watch_nodes: bool = False, live=None):
+        """``live``: a node's detstream.live.LiveImages, published every ``live.publish_s`` and once
+        more on close."""
         self.coord, self.sid, self.scan, self.name, self.interval_s = coord, sid, scan, name, interval_s
         self.watch_nodes = watch_nodes
+        self.live = live
+        self._live_at = 0.0
         self.nodes: Optional[set] = None  # node indices still registered, as last read (None: unknown)
         self.received: Optional[int] = None
         self.stop_reason: Optional[str] = None
@@ -100,6 +107,9 @@ class EtcdLink:
                 if self.watch_nodes:
                     self.nodes = {int(info["node_index"])
                                   for info in self.coord.services(self.sid, "distributor").values()}
+                if self.live is not None and time.monotonic() - self._live_at >= self.live.publish_s:
+                    self._live_at = time.monotonic()
+                    self._publish_live()
                 self.rounds += 1
                 if self._failing:
                     log.warning("etcd reachable again; progress published again")
@@ -112,10 +122,30 @@ class EtcdLink:
     def close(self) -> None:
         self._done.set()
         self._thread.join(timeout=5)
+        if self.live is not None:  # the node's last counts, so the live image ends complete
+            try:
+                self._publish_live(final=True)
+            except CoordinationError as err:
+                log.warning("last live images not published: %s", err)
+
+    def _publish_live(self, final: bool = False) -> None:
+        """The live images are a view: a fault in them stops them, never the node."""
+        try:
+            live_publish(self.coord, self.sid, self.name, self.live, final=final)
+        except CoordinationError:
+            raise
+        except Exception:
+            log.exception("live images stopped")
+            self.live = None
 
 
 def service_info(endpoint: Optional[str], **extra) -> dict:
-    return {"endpoint": endpoint, "pid": os.getpid(), "host": socket.gethostname(), **extra}
+    """A service's registration; under Slurm also its node name and job id (hostnames may repeat)."""
+    info = {"endpoint": endpoint, "pid": os.getpid(), "host": socket.gethostname(), **extra}
+    for key, var in (("slurm_node", "SLURMD_NODENAME"), ("slurm_job_id", "SLURM_JOB_ID")):
+        if os.environ.get(var):
+            info[key] = os.environ[var]
+    return info
 
 
 def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: str = "127.0.0.1",
@@ -143,13 +173,15 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
     max_partial = max(256, 4 * spec.send_hwm + 2 * spec.batch_blocks * spec.nodes)
     if spec.acks:
         max_partial = max(max_partial, spec.delivery_window)
+    live = (LiveImages(spec.frames_expected, spec.profile.frame_shape, spec.virtual)
+            if spec.virtual.live and spec.counting.enabled else None)
     dist = Distributor(spec.profile, spec.scan_width, spec.scan_height, node_index, spec.nodes,
                        spec.counting, workers=spec.workers_per_node, part_writer=writer,
                        bind=bind_base(spec.transport, sid, bind_host), hwm=spec.hwm_messages, shards=spec.aggregators,
                        max_partial_frames=max_partial,
                        stall_timeout_s=spec.stall_timeout_s, acks=spec.acks,
                        segment_frames=spec.segment_frames, segment_seconds=spec.segment_seconds,
-                       counting_mode=spec.counting_mode)
+                       counting_mode=spec.counting_mode, live=live)
     info = service_info(advertise(dist.endpoint, bind_host, advertise_host), node_index=node_index)
     if dist.ack_endpoint:
         info["ack_endpoint"] = advertise(dist.ack_endpoint, bind_host, advertise_host)
@@ -157,7 +189,7 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
     try:
         with coord.lease(SERVICE_LEASE_TTL_S) as lease:
             coord.register_service(sid, "distributor", name, info, lease)
-            link = EtcdLink(coord, sid, spec.scan_number, name)
+            link = EtcdLink(coord, sid, spec.scan_number, name, live=live)
             result = dist.run(
                 should_stop=link.should_stop, on_progress=lambda r: link.progress(r.frames_received))
             link.close()
@@ -249,10 +281,14 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
         coord.arrive(sid, "producers", name)
         coord.wait_barrier(sid, "producers", spec.profile.sectors, spec.register_timeout_s)
         log.info("sector %d: streaming %d frames to %s", sector, source.frames, endpoint)
-        stats = run_producer(source, sector, endpoint, hwm=spec.hwm_messages,
-                             batch_blocks=spec.batch_blocks, nodes=spec.nodes,
-                             should_stop=lambda: stop_requested(coord, sid)() is not None,
-                             send_timeout_s=spec.stall_timeout_s)
+        link = EtcdLink(coord, sid, spec.scan_number, None)  # stop checks off the send path
+        try:
+            stats = run_producer(source, sector, endpoint, hwm=spec.hwm_messages,
+                                 batch_blocks=spec.batch_blocks, nodes=spec.nodes,
+                                 should_stop=lambda: link.should_stop() is not None,
+                                 send_timeout_s=spec.stall_timeout_s)
+        finally:
+            link.close()
         report = stats.as_dict()
         write_report(report_path(spec, "producer", name), report)
         return report

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Optional
 
 from ..atomic import write_atomically
-from ..backends.base import ComputeBackend, JobState, NodeLaunch, Reservation, ReservationError
+from ..backends.base import ComputeBackend, NodeLaunch, Reservation, ReservationError
 from ..config import SessionSpec
 from ..coordination import Coordinator, DetectorBusy, KeepAliveLease
 from ..etcd import CoordinationError
@@ -60,10 +60,16 @@ class ScanProgress:
     frames_received: int = 0
     per_node: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
+    live_image: Optional[Path] = None  # the live virtual images, once drawn (streaming sessions)
 
     @property
     def fraction(self) -> float:
         return self.frames_received / self.frames_expected if self.frames_expected else 1.0
+
+
+def _detail(job: Reservation) -> str:
+    """', <why>' when the backend said why a job failed (exit code, output file)."""
+    return f", {job.failure}" if job.failure else ""
 
 
 class Session:
@@ -91,9 +97,11 @@ class Session:
         self.timings: dict[str, float] = {}
         self.fallback_reason: Optional[str] = None
         self.opened = False  # past open(): the session folder and etcd keys are this session's
-        self.lock_lost: Optional[str] = None
-        self._seen_nodes: set[str] = set()
-        self.etcd_unrecorded: Optional[str] = None  # why the end state could not be written to etcd  # nodes whose service has registered at some point  # who took the detector while etcd had lost our lease
+        self.lock_lost: Optional[str] = None  # who took the detector while etcd had lost our lease
+        self._seen_nodes: set[str] = set()  # nodes whose service has registered at some point
+        self.etcd_unrecorded: Optional[str] = None  # why the end state could not be written to etcd
+        self.etcd_lost: Optional[str] = None  # why etcd is unreachable now (past its outage budget)
+        self._last_progress: Optional[ScanProgress] = None
         self.closed = False
         self._t0 = time.time()
 
@@ -146,18 +154,20 @@ class Session:
         state = self.coord.get_state(prev)
         if state is None or state in TERMINAL_STATES:
             return
+        from ..salvage import mark_abandoned, record_from_summary, salvage_session
+
+        spec = self.coord.get_spec(prev) or {}
+        folder = Path(spec.get("output_dir", "")) / prev
+        if record_from_summary(self.coord, folder) is not None:
+            return  # it ended, but while etcd was gone: its state is recorded now
         deadline = time.monotonic() + wait_s
         while (running := self.coord.live_services(prev)) and time.monotonic() < deadline:
             time.sleep(0.2)
         if running:
             raise DetectorBusy(self.spec.detector, f"{prev} (its orchestrator is gone but "
                                f"{', '.join(running)} still run)")
-        from ..salvage import mark_abandoned, salvage_session
-
         reason = f"orchestrator gone; found by session {self.sid}"
         mark_abandoned(self.coord, prev, reason)
-        spec = self.coord.get_spec(prev) or {}
-        folder = Path(spec.get("output_dir", "")) / prev
         if (folder / "spec.json").exists():
             try:
                 salvage_session(folder, self.coord, reason)
@@ -183,9 +193,33 @@ class Session:
         return self.reservation
 
     def progress(self) -> ScanProgress:
-        per_node = self.coord.received(self.sid, self.spec.scan_number)
-        return ScanProgress(self.spec.frames_expected, sum(per_node.values()), per_node,
-                            time.time() - self._t0)
+        """What etcd says the nodes received; while etcd is gone, the last count it gave."""
+        try:
+            per_node = self._from_etcd(self.coord.received, self.sid, self.spec.scan_number)
+        except CoordinationError:
+            last = self._last_progress or ScanProgress(self.spec.frames_expected)
+            return ScanProgress(last.frames_expected, last.frames_received, last.per_node,
+                                time.time() - self._t0)
+        # After a re-route a lost node's count and its survivors' overlap: never past the scan.
+        received = min(sum(per_node.values()), self.spec.frames_expected)
+        self._last_progress = ScanProgress(self.spec.frames_expected, received, per_node, time.time() - self._t0)
+        return self._last_progress
+
+    def _from_etcd(self, call, *args):
+        """One read on the session's path; notes when etcd is gone past its budget, and when back."""
+        try:
+            value = call(*args)
+        except CoordinationError as err:
+            if self.etcd_lost is None:
+                log.error("session %s: etcd unreachable past its outage budget (%s); the data plane goes "
+                          "on, and completion is read from the nodes' reports in %s",
+                          self.sid, err, self.paths.services)
+            self.etcd_lost = str(err)
+            raise
+        if self.etcd_lost is not None:
+            log.warning("session %s: etcd reachable again", self.sid)
+            self.etcd_lost = None
+        return value
 
     def follow_nodes(self, on_progress: Optional[Callable[[ScanProgress], None]] = None,
                      cancelled: Optional[Callable[[], bool]] = None, poll_s: float = 0.5,
@@ -234,15 +268,38 @@ class Session:
         lease expired) while every local service has finished: a lost node's share was
         re-routed, or is missing."""
         nodes = {f"node-{i}" for i in range(self.spec.nodes)}
-        open_nodes = nodes - set(self.coord.nodes_done(self.sid))
-        if not open_nodes:
-            return True
-        alive = set(self.coord.services(self.sid, self.node_role))
+        try:
+            open_nodes = nodes - set(self._from_etcd(self.coord.nodes_done, self.sid))
+            if not open_nodes:
+                return True
+            alive = set(self._from_etcd(self.coord.services, self.sid, self.node_role))
+        except CoordinationError:
+            # etcd gone for good: a node's report in the session folder is its done record, and
+            # with every local service finished nothing more will come.
+            reported = {p.stem.removeprefix(f"{self.node_role}-") for p in self.paths.reports(self.node_role)}
+            local_over = all(p.poll() is not None for p in self.local)
+            return nodes <= reported or (local_over and self._job_over())
         self._seen_nodes |= alive
         if not self.local or any(p.poll() != 0 for p in self.local):
             return False
         # Gone means registered once and its lease now expired: not a node still starting.
         return open_nodes <= self._seen_nodes - alive
+
+    def note_state(self, state: SessionState, reason: Optional[str] = None) -> None:
+        """Record a step of the scan in etcd; while etcd is gone, the scan goes on without it."""
+        try:
+            self._from_etcd(self.coord.set_state, self.sid, state, reason)
+        except CoordinationError:
+            pass
+
+    def _job_over(self) -> bool:
+        """The compute job has ended (or there is none); unknown counts as not over."""
+        if self.reservation is None:
+            return True
+        try:
+            return self.backend.poll(self.reservation).state.finished
+        except ReservationError:
+            return False
 
     def _check_job(self, poll_s: float) -> None:
         """Fail if the compute job has ended with nodes unaccounted for and nothing local to wait on."""
@@ -259,7 +316,8 @@ class Session:
             while not self.scan_finished() and time.monotonic() < deadline:
                 time.sleep(poll_s)
             if not self.scan_finished():
-                raise SessionError(f"compute job {job.job_id} ended ({job.state.value}) "
+                raise SessionError(f"compute job {job.job_id} ({job.backend}) ended "
+                                   f"({job.scheduler_state or job.state.value}{_detail(job)}) "
                                    f"before every node reported{self._node_errors()}{self._disk_note()}")
 
     def _disk_note(self, always: bool = False) -> str:
@@ -308,12 +366,15 @@ class Session:
                                                     min(2.0, max(0.0, deadline - time.monotonic())))
             except TimeoutError as err:
                 job = self.backend.poll(self.reservation) if self.reservation is not None else None
-                if job is not None and job.state in (JobState.FAILED, JobState.COMPLETED, JobState.CANCELLED):
-                    msg = (f"distributors did not register: job {job.job_id} ended ({job.state.value}) "
-                           f"first; see {self.paths.logs}")
+                if job is not None and (job.state.finished or job.failure):
+                    how = "ended" if job.state.finished else "lost a node"
+                    msg = (f"distributors did not register: {job.backend} job {job.job_id} {how} "
+                           f"({job.scheduler_state or job.state.value}{_detail(job)}) first; see {self.paths.logs}")
                     raise SessionError(msg, fallback_reason=f"registration: {msg}") from err
                 if time.monotonic() >= deadline:
-                    raise SessionError(f"distributors did not register: {err}",
+                    where = (f" ({job.backend} job {job.job_id}: {job.scheduler_state or job.state.value})"
+                             if job else "")
+                    raise SessionError(f"distributors did not register: {err}{where}",
                                        fallback_reason=f"registration: {err}") from err
 
     # -- release -----------------------------------------------------------------------------
@@ -363,6 +424,8 @@ class Session:
 
     def _in_etcd(self, call, *args) -> bool:
         """Run one etcd step of the release; if etcd is gone, note it and go on releasing."""
+        if self.etcd_unrecorded is not None:
+            return False  # gone past its budget once already: do not wait for it at every step
         try:
             call(*args)
             return True

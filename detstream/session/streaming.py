@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
+from ..live import LiveView
 from ..states import SessionState
 from .base import ScanProgress, Session
+
+log = logging.getLogger("detstream.session")
 
 
 class StreamingSession(Session):
@@ -15,6 +20,26 @@ class StreamingSession(Session):
     workflow = "streaming"
     node_service = "distributor"
     node_role = "distributor"
+    live: Optional[LiveView] = None  # the live images while the scan streams
+
+    def progress(self) -> ScanProgress:
+        """Frames received, and the live images redrawn when due."""
+        prog = super().progress()
+        prog.live_image = self._refresh_live()
+        return prog
+
+    def _refresh_live(self, force: bool = False) -> Optional[Path]:
+        """Redraw live.png when due; its path once drawn. A view: its failure (a full disk, say)
+        ends the live images, never the session."""
+        if self.live is None:
+            return None
+        try:
+            self.live.refresh(force)
+        except Exception:
+            log.exception("session %s: live images stopped", self.sid)
+            self.live = None
+            return None
+        return self.live.path if self.live.version else None
 
     def start_services(self) -> dict:
         """Wait for every node's distributor, then start the aggregator and the producers."""
@@ -35,14 +60,18 @@ class StreamingSession(Session):
                finish_timeout_s: float = 120.0) -> ScanProgress:
         """Watch the scan until every distributor has reported; raise on stall or failure."""
         self.coord.set_state(self.sid, SessionState.STREAMING)
+        if self.spec.virtual.live and self.spec.counting.enabled:
+            self.live = LiveView(self.coord, self.spec, self.spec.virtual.redraw_s)
         t0 = time.time()
 
         def draining() -> None:  # the producers are done: what is left is in flight
             if "acquire_s" not in self.timings:
-                self.coord.set_state(self.sid, SessionState.DRAINING)
+                self.note_state(SessionState.DRAINING)
                 self.timings["acquire_s"] = time.time() - t0
 
         final = self.follow_nodes(on_progress, cancelled, poll_s, finish_timeout_s, on_local_done=draining)
+        # Every node published its last counts before its done record: the last drawing is whole.
+        final.live_image = self._refresh_live(force=True)
         draining()
         self.timings["stream_s"] = time.time() - t0
         return final

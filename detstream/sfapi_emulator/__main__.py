@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kill-grace", type=float, default=2.0, help="SIGTERM->SIGKILL grace, s")
     parser.add_argument("--no-perlmutter-checks", action="store_true",
                         help="accept scripts without -C cpu|gpu and with unknown QOS")
+    parser.add_argument("--slurm-conf", type=Path, default=None,
+                        help="run jobs on the real Slurm cluster of this slurm.conf (sbatch/scancel)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     if args.new_client:
@@ -40,8 +42,13 @@ def main(argv=None) -> int:
     else:
         parser.error("give --client-id and --public-key, or --new-client KEY_FILE")
 
+    slurm = None
+    if args.slurm_conf:
+        from ..backends.slurm import SlurmSettings
+
+        slurm = SlurmSettings(slurm_conf=str(args.slurm_conf))
     state = EmulatorState(args.workdir, token_lifetime=args.token_lifetime, kill_grace=args.kill_grace,
-                          check_perlmutter_options=not args.no_perlmutter_checks)
+                          check_perlmutter_options=not args.no_perlmutter_checks, slurm=slurm)
     state.register_client(args.client_id, public_pem)
     app = create_app(state)
     base = f"http://{args.host}:{args.port}"

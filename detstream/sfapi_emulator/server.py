@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 class EmulatorServer:
     """Context manager: an SFAPI emulator on a free 127.0.0.1 port, served by uvicorn in a thread.
 
-    On exit it stops the server and kills every job process group it started. ``credentials``
+    On exit it stops the server and kills every job process group it started (``slurm``, a
+    ``SlurmSettings``: it runs jobs on that Slurm cluster instead, and cancels them on exit). ``credentials``
     (generated when not given) is registered as a client; pass extra ones to ``register``.
 
         with EmulatorServer(workdir=tmp_path) as emu:
@@ -34,10 +35,11 @@ class EmulatorServer:
                  credentials: Optional[ClientCredentials] = None, host: str = "127.0.0.1",
                  port: int = 0, token_lifetime: float = 600.0, kill_grace: float = 2.0,
                  user: Optional[str] = None, check_perlmutter_options: bool = True,
-                 log_level: str = "warning", startup_timeout: float = 20.0):
+                 log_level: str = "warning", startup_timeout: float = 20.0, slurm=None):
         self.credentials = credentials or generate_client_credentials()
         self.app_state = EmulatorState(workdir, token_lifetime=token_lifetime, kill_grace=kill_grace,
-                                       user=user, check_perlmutter_options=check_perlmutter_options)
+                                       user=user, check_perlmutter_options=check_perlmutter_options,
+                                       slurm=slurm)
         self.app_state.register_client(self.credentials.client_id, self.credentials.public_key_pem)
         self.app = create_app(self.app_state)
         self.host = host

@@ -18,13 +18,16 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Deque, Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
 from .jobs import PENDING, RUNNING, JobRunner
+
+if TYPE_CHECKING:
+    from ..backends.slurm import SlurmSettings
 from .sbatch import SbatchError
 
 log = logging.getLogger(__name__)
@@ -95,10 +98,19 @@ class EmulatorState:
 
     def __init__(self, workdir: Union[str, Path, None] = None, *, token_lifetime: float = 600.0,
                  kill_grace: float = 2.0, user: Optional[str] = None,
-                 check_perlmutter_options: bool = True, request_log_size: int = 2000):
+                 check_perlmutter_options: bool = True, request_log_size: int = 2000,
+                 slurm: Optional["SlurmSettings"] = None):
+        """``slurm``: run jobs on that real Slurm cluster (sbatch/scontrol/scancel), else as local
+        process groups with the ``srun`` stand-in."""
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="sfapi-emulator-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.runner = JobRunner(self.workdir, kill_grace=kill_grace, user=user)
+        if slurm is not None:
+            from .slurm import SlurmJobRunner
+
+            self.runner = SlurmJobRunner(self.workdir, slurm, kill_grace=kill_grace, user=user)
+            check_perlmutter_options = False  # the real scheduler refuses what it does not have
+        else:
+            self.runner = JobRunner(self.workdir, kill_grace=kill_grace, user=user)
         self.check_perlmutter_options = check_perlmutter_options
         self._lock = threading.RLock()
         self._clients: Dict[str, RSAKey] = {}

@@ -7,10 +7,11 @@ import urllib.request
 import pytest
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
-from detstream.blocks import DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials
+from detstream.blocks import DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials, SlurmCompute
 
 
-@pytest.mark.parametrize("block", [DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials])
+@pytest.mark.parametrize("block", [DetectorProfile, EtcdCoordinator, NerscCompute, SfapiCredentials,
+                                   SlurmCompute])
 class TestBlockStandards(BlockStandardTestSuite):
     @pytest.fixture
     def block(self, block):

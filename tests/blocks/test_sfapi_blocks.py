@@ -26,6 +26,7 @@ def test_flat_fields_of_documents_saved_before_nesting_move_into_job():
     assert not (set(old.model_dump()) - {"job", "block_type_slug"})
 
 
+@pytest.mark.e2e  # needs Prefect's own server
 def test_saved_compute_block_round_trips(prefect_harness):
     NerscCompute(job=NerscJobSettings(account="m0001", modules=["python"])).save("rt-compute", overwrite=True)
     assert NerscCompute.load("rt-compute").job_settings() == NerscJobSettings(account="m0001", modules=["python"])

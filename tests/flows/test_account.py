@@ -178,11 +178,13 @@ def test_a_full_disk_while_a_part_is_written_names_the_part(tmp_path, etcd_serve
             streaming_session(**params)
 
 
-@pytest.mark.parametrize("nodes, victim", [(2, "node-1"), (4, "node-2")])
-def test_a_node_killed_mid_scan_is_survived_with_every_frame(tmp_path, etcd_server, nodes, victim):
+@pytest.mark.parametrize("nodes, victim, counting", [(2, "node-1", True), (4, "node-2", True),
+                                                     (2, "node-1", False)])
+def test_a_node_killed_mid_scan_is_survived_with_every_frame(tmp_path, etcd_server, nodes, victim, counting):
     from detstream.flows import streaming_session
 
-    params = _params(tmp_path, etcd_server, detector="4dcamera", scan_width=48, scan_height=48, nodes=nodes)
+    params = _params(tmp_path, etcd_server, detector="4dcamera", scan_width=48, scan_height=48, nodes=nodes,
+                     counting=counting)
     coord = Coordinator(etcd_server.endpoint, prefix=params["etcd_prefix"])
     sid = params["session_id"]
 
@@ -193,7 +195,11 @@ def test_a_node_killed_mid_scan_is_survived_with_every_frame(tmp_path, etcd_serv
         summary = streaming_session(**params)
     assert fault.done
     assert summary["state"] == "completed" and summary["frames_missing"] == 0
-    _assert_account(tmp_path / "runs" / sid / "summary.json", summary["outputs"]["hdf5"], 48 * 48)
+    # The summary says what delivery did: which node was lost, and that its share went elsewhere.
+    assert [n["node"] for n in summary["delivery"]["nodes_lost"]] == [int(victim.split("-")[1])]
+    assert summary["delivery"]["lost_reasons"] == {}
+    if counting:
+        _assert_account(tmp_path / "runs" / sid / "summary.json", summary["outputs"]["hdf5"], 48 * 48)
     assert coord.get_state(sid) == "completed"
     _session_keys_released(coord, sid)
 
@@ -249,3 +255,32 @@ def test_an_etcd_restart_mid_scan_still_completes(tmp_path, own_etcd):
     coord = Coordinator(own_etcd.endpoint, prefix=params["etcd_prefix"])
     assert coord.get_state(params["session_id"]) == "completed"
     _session_keys_released(coord, params["session_id"])
+
+
+def test_etcd_gone_for_good_the_scan_is_still_written_and_recorded_when_it_returns(tmp_path, own_etcd, wait_until):
+    from detstream.blocks import EtcdCoordinator
+    from detstream.flows import streaming_session
+    from detstream.salvage import record_from_summary
+
+    params = _params(tmp_path, own_etcd, detector="4dcamera", scan_width=48, scan_height=48, etcd_url=None)
+    # A short outage budget, so that "gone for good" is reached within the test.
+    params["etcd"] = EtcdCoordinator(endpoints=[own_etcd.endpoint], prefix=params["etcd_prefix"],
+                                     outage_budget_s=3)
+    sid = params["session_id"]
+
+    with _When(lambda p: p.frames_received >= 256, own_etcd.stop) as fault:
+        summary = streaming_session(**params)
+    assert fault.done and not own_etcd.running
+    assert summary["state"] == "completed" and summary["frames_missing"] == 0
+    assert "not in etcd" in summary["etcd_unrecorded"]
+    on_disk = _assert_account(tmp_path / "runs" / sid / "summary.json", summary["outputs"]["hdf5"], 48 * 48)
+    assert on_disk["etcd_unrecorded"] == summary["etcd_unrecorded"]
+
+    own_etcd.start()  # etcd returns: the state it missed is recorded from the summary
+    coord = Coordinator(own_etcd.endpoint, prefix=params["etcd_prefix"])
+    assert coord.get_state(sid) not in ("completed", None)
+    assert record_from_summary(coord, tmp_path / "runs" / sid)["state"] == "completed"
+    assert coord.get_state(sid) == "completed"
+    # The leases etcd kept through its outage expire: the detector is free, no service key is left.
+    wait_until(lambda: coord.lock_holder("4dcamera") is None, timeout_s=30, what="the detector lock to expire")
+    _session_keys_released(coord, sid)

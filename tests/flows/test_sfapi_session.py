@@ -1,4 +1,5 @@
-"""Streaming sessions whose nodes come from the Superfacility API (a loopback emulator, real sfapi_client)."""
+"""Streaming sessions whose nodes come from the Superfacility API (a loopback emulator, real sfapi_client),
+its jobs on a real Slurm cluster (tests/slurm_cluster.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,18 @@ from detstream.coordination import Coordinator
 from detstream.session import SessionCancelled, SessionError
 from detstream.sfapi_emulator import EmulatorServer, generate_client_credentials
 
+from conftest import cancel_on_first_progress
+
 pytestmark = pytest.mark.usefixtures("prefect_harness", "no_stray_services")
 
 
 @pytest.fixture
-def emulator(tmp_path):
-    with EmulatorServer(workdir=tmp_path / "slurm", kill_grace=2.0) as emu:
+def emulator(tmp_path, slurm):
+    """The emulator running its jobs on the real Slurm cluster (sbatch, scontrol, scancel)."""
+    from detstream.backends.slurm import SlurmSettings
+
+    with EmulatorServer(workdir=tmp_path / "slurm", kill_grace=2.0,
+                        slurm=SlurmSettings(slurm_conf=str(slurm.conf))) as emu:
         yield emu
 
 
@@ -111,27 +118,11 @@ def test_bad_credentials_name_the_client_id(tmp_path, etcd_server, emulator):
 
 
 def test_cancelling_the_flow_run_cancels_the_job(tmp_path, etcd_server, emulator):
-    from prefect.client.orchestration import get_client
-    from prefect.context import FlowRunContext
-    from prefect.states import Cancelling
-
-    from detstream import progress
     from detstream.flows import streaming_session
 
     params = _params(tmp_path, etcd_server, emulator, scan_width=64, scan_height=64, counting=False)
-    asked = []
-
-    def listener(p):
-        if not asked:
-            with get_client(sync_client=True) as client:
-                client.set_flow_run_state(FlowRunContext.get().flow_run.id, Cancelling(), force=True)
-            asked.append(True)
-    progress.LISTENERS.append(listener)
-    try:
-        with pytest.raises(SessionCancelled):
-            streaming_session(**params)
-    finally:
-        progress.LISTENERS.remove(listener)
+    with cancel_on_first_progress(), pytest.raises(SessionCancelled):
+        streaming_session(**params)
     (job,) = _jobs(emulator)
     assert job["state"] == "CANCELLED"
     assert not emulator.app_state.runner.live_pids(job["jobid"])

@@ -92,12 +92,15 @@ def test_the_etcd_login_goes_to_services_by_environment():
     from detstream.config import etcd_login_from_env
 
     etcd = EtcdCoordinator(endpoints=["https://etcd:2379"], username="alice", password=SecretStr("pw"),
-                           ca_file="/ca.pem")
+                           ca_file="/ca.pem", outage_budget_s=7.5)
     env = etcd.service_env()
     assert env == {"DETSTREAM_ETCD_USERNAME": "alice", "DETSTREAM_ETCD_PASSWORD": "pw",
-                   "DETSTREAM_ETCD_CA_FILE": "/ca.pem"}
-    assert etcd_login_from_env(env) == {"username": "alice", "password": "pw", "ca_file": "/ca.pem"}
-    assert EtcdCoordinator(username="alice", password=SecretStr("pw")).service_env() == {}  # private: no login
+                   "DETSTREAM_ETCD_CA_FILE": "/ca.pem", "DETSTREAM_ETCD_OUTAGE_BUDGET_S": "7.5"}
+    assert etcd_login_from_env(env) == {"username": "alice", "password": "pw", "ca_file": "/ca.pem",
+                                        "outage_budget_s": 7.5}
+    # A private etcd: no login to hand on, only how long to ride out its outages.
+    private = EtcdCoordinator(username="alice", password=SecretStr("pw"), outage_budget_s=4).service_env()
+    assert private == {"DETSTREAM_ETCD_OUTAGE_BUDGET_S": "4"}
 
 
 def test_the_server_accepts_a_saved_block_by_reference():
@@ -109,7 +112,7 @@ def test_the_server_accepts_a_saved_block_by_reference():
 
     schema = P.parameter_schema(streaming_session).model_dump_for_openapi()
     ref = {"$ref": {"block_document_id": "13afa51b-f2cc-48b4-bae3-2f2b5aae8461"}}
-    for name in ("detector", "etcd", "sfapi_credentials", "nersc_compute"):
+    for name in ("detector", "etcd", "sfapi_credentials", "nersc_compute", "slurm_compute"):
         validate({name: ref}, schema, raise_on_error=True, preprocess=True, ignore_required=True)
     from detstream.blocks import EtcdCoordinator
 

@@ -1,0 +1,115 @@
+"""The microscopist's side of a whole session: live images seen through the Prefect API while the
+scan streams, the final images in counted.h5 and as figures, and the result opened in py4DSTEM."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import h5py
+import matplotlib.image
+import numpy as np
+import pytest
+import stempy.io
+
+import detstream.analysis as dsa
+from detstream.output.images import figure_layout
+from detstream.output.virtual import VirtualDetectors
+
+pytestmark = pytest.mark.usefixtures("prefect_harness", "no_stray_services")
+
+
+def _read_artifacts(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def _flow_run_final(flow_run_id) -> bool:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run_id).state
+    return state is not None and state.is_final()
+
+
+def test_live_images_fill_in_during_a_64x64_session_and_the_result_opens_in_py4dstem(tmp_path, etcd_server):
+    from detstream.flows import streaming_session
+
+    sid = f"live-{uuid.uuid4().hex[:8]}"
+    # The 4D Camera's 576x576 frames: a scan that streams for several seconds, as a real one does.
+    params = dict(scan_width=64, scan_height=64, nodes=2, session_id=sid,
+                  etcd_url=etcd_server.endpoint, etcd_prefix=f"/t{uuid.uuid4().hex[:10]}",
+                  output_dir=str(tmp_path / "runs"), stall_timeout_s=20.0, live_interval_s=0.25)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["summary"] = streaming_session(**params)
+        except BaseException as err:  # noqa: BLE001 - reported by the test below
+            outcome["error"] = err
+
+    flow = threading.Thread(target=run, name="flow")
+    flow.start()
+    key = f"live-images-{sid}"
+    seen: set = set()
+    deadline = time.monotonic() + 240
+    try:
+        while flow.is_alive() and time.monotonic() < deadline:
+            arts = _read_artifacts(key)
+            # Counted only if the flow run was still going after they were read.
+            if arts and not _flow_run_final(arts[0].flow_run_id):
+                seen |= {a.id for a in arts}
+            flow.join(timeout=0.2)
+    finally:
+        flow.join(timeout=240)
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert summary["frames_counted"] == 64 * 64
+    assert len(seen) >= 3, f"only {len(seen)} versions of {key} seen while the flow ran"
+    versions = _read_artifacts(key)
+    assert all(a.type == "markdown" and "data:image/png;base64," in a.data for a in versions)
+    assert any("4096/4096 frames counted" in a.data for a in versions)  # the last one is whole
+
+    out = Path(summary["outputs"]["hdf5"])
+    folder = out.parent
+    # The final bright field equals one computed afresh from counted.h5's events.
+    with h5py.File(out, "r") as f:
+        images = f["stem/images"][()]
+        detectors = VirtualDetectors.from_dict({k: f["stem/images"].attrs[k]
+                                                for k in ("center", "bf_radius", "adf_inner", "adf_outer")})
+    sa = stempy.io.load_electron_counts(out)
+    labels = detectors.labels(tuple(sa.frame_shape))
+    bf = np.array([np.count_nonzero(labels[sa.data[p][0]] == 1) for p in range(64 * 64)]).reshape(64, 64)
+    np.testing.assert_array_equal(images[0], bf)
+    assert images[0].sum() > 0 and images[1].sum() > 0
+
+    # The figures: a 64x64 scan enlarged 7x, the 576x576 pattern as it is; live.png both images.
+    for name, shapes in (("virtual_bright_field.png", [(64, 64)]), ("virtual_dark_field.png", [(64, 64)]),
+                         ("summed_pattern.png", [(576, 576)]), ("live.png", [(64, 64), (64, 64)])):
+        png = matplotlib.image.imread(folder / name)
+        assert (png.shape[1], png.shape[0]) == figure_layout(shapes).size, name
+
+    # The flow run's guide links the live and final images and carries a py4DSTEM snippet that runs.
+    guides = _read_artifacts(f"analysis-{sid}")
+    assert {a.flow_run_id for a in guides} == {versions[0].flow_run_id}
+    guide = max(guides, key=lambda a: a.created).data
+    assert f"/artifacts/key/{key}" in guide and f"/artifacts/key/bright-field-{sid}" in guide
+    assert str(folder / "live.png") in guide and str(out) in guide
+    snippet = re.search(r"```python\n(.*?)```", guide, re.S).group(1)
+    scope: dict = {}
+    exec(compile(snippet, "snippet", "exec"), scope)  # noqa: S102 - the snippet a user would paste
+    assert scope["bf"].data.shape == (64, 64) and scope["adf"].data.shape == (64, 64)
+
+    # py4DSTEM: the result opens binned 8x (unbinned, 2.7 GB), every event in it, and its virtual
+    # bright field is detstream's up to the pixels binning moves across the disk's edge.
+    dc = dsa.open_datacube(folder, bin=8)
+    assert dc.data.shape == (64, 64, 72, 72) and int(dc.data.sum()) == summary["events"]
+    vbf = dc.get_virtual_image(mode="circle", geometry=dsa.py4dstem_geometry(dc)["bright_field"], name="bf")
+    assert np.corrcoef(vbf.data.ravel(), images[0].ravel())[0, 1] > 0.95
+    assert abs(int(vbf.data.sum()) - int(images[0].sum())) < 0.05 * images[0].sum()
