@@ -56,6 +56,10 @@ BENCHMARKS: list[Benchmark] = [
               "live virtual images on vs off, counting on: CPU s per GB and GB/s"),
     Benchmark("security", "bench_security", (), ("--scan", "16x16", "--repeats", "1"),
               "CURVE on every ZeroMQ hop vs --security none, CPU s per GB and GB/s"),
+    Benchmark("dataplane", "bench_dataplane", (),
+              ("--tiny-scan", "32x32", "--full-scan", "16x16", "--batches", "1,64", "--shards", "1,2",
+               "--count-frames", "200"),
+              "capacity model: each stage's CPU s per GB and rates per core, batching, shards, cores for the camera"),
 ]
 
 
@@ -210,6 +214,31 @@ def _fmt_delivery(r: dict) -> tuple[str, str]:
     return head, md
 
 
+def _fmt_dataplane(r: dict) -> tuple[str, str]:
+    c = r.get("capacity")
+    head = (f"pipeline {c['pipeline_to_floor']:.2f}x floor, {c['cores_for_camera']:.0f} cores for 87k frames/s"
+            if c else "partial run")
+    rows = ["| transport | batch | aggregator: tiny blocks/s per core | aggregator GB/s per core | of a raw hop's |",
+            "|---|---|---|---|---|"]
+    for a in r.get("aggregator", []):
+        if a["what"] == "raw hop":
+            rows.append(f"| {a['transport']} | raw hop | {a['blocks_per_core_s']:,.0f} | {a['full']['gb_per_core_s']:.2f} | 1.00 |")
+        else:
+            rows.append(f"| {a['transport']} | {a['batch']} | {a['blocks_per_core_s']:,.0f} | "
+                        f"{a['full']['gb_per_core_s']:.2f} | {a['gb_ratio_to_hop']:.2f} |")
+    counting = "\n".join(f"- counting in {k['mode']}, {k['workers']} worker(s): {k['frames_per_core_s']:,.0f} frames/s per core"
+                          for k in r.get("counting", []))
+    shards = "\n".join(f"- {k['shards']} aggregator shard(s): {k['cpu_s_per_gb']:.3f} CPU-s/GB ({k['scaling']:.2f} of linear)"
+                        for k in r.get("shards", []))
+    model = ""
+    if c:
+        model = ("| stage | CPU-s per GB | cores for 87,000 frames/s |\n|---|---|---|\n" + "\n".join(
+            f"| {name} | {v['cpu_s_per_gb']:.3f} | {v['cores_for_camera']:.0f} |" for name, v in c["stages"].items())
+            + f"\n| **pipeline** (floor {c['floor_cpu_s_per_gb']:.2f}: {c['pipeline_to_floor']:.2f}x) | "
+              f"{c['pipeline_cpu_s_per_gb']:.2f} | {c['cores_for_camera']:.0f} |")
+    return head, "\n\n".join(x for x in ("\n".join(rows), counting, shards, model) if x)
+
+
 def _fmt_slurm(r: dict) -> tuple[str, str]:
     if "skipped" in r:
         return r["skipped"], r["skipped"]
@@ -250,6 +279,7 @@ def _fmt_live(r: dict) -> tuple[str, str]:
 FORMATTERS: dict[str, Callable[[dict], tuple[str, str]]] = {
     "slurm": _fmt_slurm,
     "live": _fmt_live,
+    "dataplane": _fmt_dataplane,
     "delivery": _fmt_delivery,
     "counting": _fmt_counting,
     "pipeline": _fmt_pipeline,

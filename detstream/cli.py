@@ -72,12 +72,14 @@ def producer(session: str = _session_opt, etcd: str = _etcd_opt, prefix: str = _
 @app.command()
 def aggregator(session: str = _session_opt, etcd: str = _etcd_opt, prefix: str = _prefix_opt,
                bind_host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
-               advertise_host: Optional[str] = typer.Option(None, help="Host name the producers use.")):
-    """Route every sector to the node that owns its frame."""
+               advertise_host: Optional[str] = typer.Option(None, help="Host name the producers use."),
+               shard: int = typer.Option(0, help="This aggregator's shard (0..aggregators-1): it routes "
+                                         "that share of the sectors.")):
+    """Route every sector (or the shard's share) to the node that owns its frame."""
     from .services.serve import serve_aggregator
 
-    _serve("aggregator", lambda: serve_aggregator(_coordinator(etcd, prefix), session, bind_host,
-                                                   advertise_host))
+    _serve(f"aggregator-{shard}", lambda: serve_aggregator(_coordinator(etcd, prefix), session, bind_host,
+                                                            advertise_host, shard))
 
 
 @app.command()

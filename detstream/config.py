@@ -143,7 +143,20 @@ class SessionSpec(BaseModel):
     etcd_prefix: str = DEFAULT_PREFIX
     register_timeout_s: float = Field(default=60.0, gt=0, description="Wait for services to register.")
     stall_timeout_s: float = Field(default=60.0, gt=0, description="No progress for this long ends the scan.")
-    send_hwm: int = Field(default=64, gt=0, description="ZeroMQ high-water mark, in messages.")
+    send_hwm: int = Field(default=64, gt=0, description="ZeroMQ high-water mark, in sector blocks "
+                          "(queues hold send_hwm // batch_blocks batches, at least 2).")
+    batch_blocks: int = Field(default=64, gt=0, le=1024, description="Sector blocks per producer "
+                              "message, all of positions owned by one node (benchmarks/bench_dataplane.py "
+                              "chose the default: the smallest batch at a raw hop's GB/s per core).")
+    aggregators: int = Field(default=1, gt=0, description="Aggregator shards, each routing a share of the "
+                             "sectors to every node (needs acks: the windows keep the shards in step).")
+    counting_mode: Literal["threads", "processes"] = Field(
+        default="threads", description="Count in the distributor's own threads (numba releases the GIL; "
+        "no task or result messages) or in worker processes fed batched tasks through shared memory. "
+        "Threads cost less CPU per frame (benchmarks/RESULTS.md); processes isolate a crashing kernel.")
+    transport: Literal["auto", "tcp", "ipc"] = Field(
+        default="auto", description="How services reach one another: ipc:// sockets (same host only) "
+        "or tcp://. auto: the backend decides (local: ipc; cluster backends: tcp).")
     acks: bool = Field(default=True, description="Acknowledged delivery: nodes acknowledge durable "
                        "frames, the aggregator re-routes a lost node's unacknowledged frames. Off: "
                        "fire-and-forget, kept for comparison.")
@@ -169,6 +182,23 @@ class SessionSpec(BaseModel):
         return check_prefix(v)
 
     @model_validator(mode="after")
+    def _shards_fit(self) -> "SessionSpec":
+        if self.aggregators > self.detector_profile.sectors:
+            raise ValueError(f"{self.aggregators} aggregators for {self.detector_profile.sectors} sectors: "
+                             "each shard routes at least one sector")
+        if self.aggregators > 1 and not self.acks:
+            raise ValueError("aggregators > 1 needs acks: the shards' windows keep the sectors in step")
+        return self
+
+    def shard_sectors(self, shard: int) -> list[int]:
+        """The sectors aggregator shard ``shard`` routes (contiguous shares, as even as they go)."""
+        return [s for s in range(self.detector_profile.sectors) if self.shard_of(s) == shard]
+
+    def shard_of(self, sector: int) -> int:
+        """The aggregator shard that routes ``sector``."""
+        return sector * self.aggregators // self.detector_profile.sectors
+
+    @model_validator(mode="after")
     def _replay_has_dir(self) -> "SessionSpec":
         if self.source == "replay" and self.replay_dir is None:
             raise ValueError("source 'replay' needs replay_dir")
@@ -186,6 +216,11 @@ class SessionSpec(BaseModel):
     def delivery_window(self) -> int:
         """The aggregator's window in frames: room for every node to fill a segment twice over."""
         return self.window_frames or 2 * self.segment_frames * self.nodes
+
+    @property
+    def hwm_messages(self) -> int:
+        """The ZeroMQ high-water mark in messages: send_hwm blocks in batches, at least 2."""
+        return max(2, self.send_hwm // self.batch_blocks)
 
     @property
     def frames_expected(self) -> int:

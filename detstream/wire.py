@@ -1,12 +1,20 @@
-"""The wire format between services: a versioned fixed-size header, then the sector payload.
+"""The wire format between services: versioned fixed-size headers, then the sector payloads.
 
-A message is two ZeroMQ frames ``[header, payload]``. Version 2 header, little endian:
+Version 3 (batches, each header naming its session): a message is ``[headers, payload frame(s)]``:
+the first ZeroMQ frame holds N sector headers back to back (N x 32 bytes); the data blocks' payloads follow back to back in
+one or more frames, each frame holding whole blocks (markers have no payload). A producer sends
+one payload frame per batch, so that every hop handles two frames whatever the batch size; an
+aggregator forwards the message as received. N = 1 is version 1's two-frame message. A producer
+puts in one batch only blocks of positions owned by one node. Each block's header is validated
+on its own: a bad block is rejected alone. Payload bytes that do not pair with the headers
+leave no block to trust: that message is rejected whole.
+Sector header, little endian (every header of a batch carries the version):
 
 | field          | type | note                                            |
 |----------------|------|-------------------------------------------------|
-| version        | u8   | 2                                               |
+| version        | u8   | 3                                               |
 | kind           | u8   | 0 = sector data, 1 = end of scan, 2 = FIN       |
-| sector         | u16  | sector (module) index                           |
+| sector         | u16  | sector (module) index; FIN: the aggregator shard |
 | scan_number    | u32  | camera's scan number                            |
 | frame_number   | u32  | camera's frame counter                          |
 | scan_width     | u16  | scan size x                                     |
@@ -16,8 +24,8 @@ A message is two ZeroMQ frames ``[header, payload]``. Version 2 header, little e
 | session        | u32  | the session's token (SessionSpec.session_token)  |
 
 The first seven fields are the camera's raw v5 header; version, kind, count and session are
-ours. Version 2 added the session token: with the scan number it names the session a message
-belongs to, so another session's message is rejected (``wrong_session``, ``wrong_scan``).
+ours. The session token, with the scan number, names the session a block belongs to, so
+another session's block is rejected (``wrong_session``, ``wrong_scan``).
 End-of-scan and FIN messages have an empty payload. FIN goes from the aggregator to a node
 once every position it sent anywhere is acknowledged: the node may then exit.
 
@@ -26,14 +34,14 @@ Acknowledgements travel the other way, node to aggregator, on a socket of their 
 
 | field    | type | note                                                         |
 |----------|------|--------------------------------------------------------------|
-| version  | u8   | 2                                                            |
+| version  | u8   | 1                                                            |
 | kind     | u8   | 1 = ACK (payload: uint32 positions now durable), 2 = HEARTBEAT |
 | node     | u16  | the sender's node index                                      |
 | received | u64  | frames the node has assembled so far                         |
 | counted  | u64  | frames the node has counted so far                           |
 
-Adding the FIN kind and the control messages left the sector header's layout as it was;
-the session token (version 2) changed it.
+Version 2 made a message a batch; version 3 added the session token to every header. The
+control header's layout and version (1) are unchanged.
 """
 
 from __future__ import annotations
@@ -45,9 +53,16 @@ from typing import Optional
 
 import numpy as np
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
+CONTROL_VERSION = 1
 _HEADER = struct.Struct("<BBHIIHHHHQI")
 HEADER_SIZE = _HEADER.size
+#: The sector header as a numpy record, to read every header of a batch at once.
+HEADER_DTYPE = np.dtype({
+    "names": ["version", "kind", "sector", "scan_number", "frame_number", "scan_width",
+              "scan_height", "x", "y", "count", "session"],
+    "formats": ["u1", "u1", "<u2", "<u4", "<u4", "<u2", "<u2", "<u2", "<u2", "<u8", "<u4"],
+    "offsets": [0, 1, 2, 4, 8, 12, 14, 16, 18, 20, 28], "itemsize": HEADER_SIZE})
 
 
 class Kind(IntEnum):
@@ -123,15 +138,40 @@ def data_header(sector: int, scan_number: int, frame_number: int, scan_width: in
                         scan_width, scan_height, x, y, seq, session)
 
 
+def batch_message(headers, payloads) -> list:
+    """The frames of one batch: the headers joined into one frame, then the payloads. One block
+    goes as it is (zero-copy); several are joined into one frame, so that every hop handles two
+    frames per batch whatever its size (per-frame costs dominate a Python service's time)."""
+    if len(payloads) == 1:
+        return [headers[0], payloads[0]]
+    return [b"".join(headers), b"".join(payloads)]
+
+
+def parse_headers(buf) -> np.ndarray:
+    """Every header of a batch's first frame (a view); raise MalformedMessage if it cannot be."""
+    n = len(buf)
+    if n == 0 or n % HEADER_SIZE:
+        raise MalformedMessage("short_header", f"headers frame is {n} bytes, not a multiple of {HEADER_SIZE}")
+    return np.frombuffer(buf, dtype=HEADER_DTYPE)
+
+
+def pack_headers(headers: np.ndarray) -> bytes:
+    """Headers (HEADER_DTYPE) as a batch's first frame."""
+    return np.ascontiguousarray(headers, dtype=HEADER_DTYPE).tobytes()
+
+
 def end_header(sector: int, scan_number: int, scan_width: int, scan_height: int, frames_sent: int,
                session: int = 0) -> bytes:
     return _HEADER.pack(WIRE_VERSION, Kind.END, sector, scan_number, 0, scan_width, scan_height, 0, 0, frames_sent,
                         session)
 
 
-def fin_header(scan_number: int, scan_width: int, scan_height: int, acked: int, session: int = 0) -> bytes:
-    """FIN: every position is acknowledged, the node may exit; ``acked`` is how many it acknowledged."""
-    return _HEADER.pack(WIRE_VERSION, Kind.FIN, 0, scan_number, 0, scan_width, scan_height, 0, 0, acked, session)
+def fin_header(scan_number: int, scan_width: int, scan_height: int, acked: int, shard: int = 0,
+               session: int = 0) -> bytes:
+    """FIN: every position is acknowledged, the node may exit; ``acked`` is how many it acknowledged.
+    Its sector field carries the aggregator shard's index (a node waits for every shard's FIN)."""
+    return _HEADER.pack(WIRE_VERSION, Kind.FIN, shard, scan_number, 0, scan_width, scan_height, 0, 0, acked,
+                        session)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +189,7 @@ def control_message(kind: Control, node: int, received: int, counted: int,
                     positions: Optional[np.ndarray] = None) -> list:
     """The two frames of an ACK or HEARTBEAT."""
     payload = b"" if positions is None else np.ascontiguousarray(positions, dtype="<u4").tobytes()
-    return [_CONTROL.pack(WIRE_VERSION, int(kind), node, received, counted), payload]
+    return [_CONTROL.pack(CONTROL_VERSION, int(kind), node, received, counted), payload]
 
 
 def parse_control(parts) -> ControlMessage:
@@ -157,9 +197,9 @@ def parse_control(parts) -> ControlMessage:
     if len(parts) != 2:
         raise MalformedMessage("wrong_part_count", f"{len(parts)} parts, expected 2 (header, payload)")
     head, payload = (p.buffer if hasattr(p, "buffer") else p for p in parts)
-    if len(head) < 1 or bytes(head[:1])[0] != WIRE_VERSION:
+    if len(head) < 1 or bytes(head[:1])[0] != CONTROL_VERSION:
         raise MalformedMessage("unknown_version", f"control header version "
-                               f"{bytes(head[:1])[0] if len(head) else None}, expected {WIRE_VERSION}")
+                               f"{bytes(head[:1])[0] if len(head) else None}, expected {CONTROL_VERSION}")
     if len(head) != _CONTROL.size:
         raise MalformedMessage("short_header", f"control header is {len(head)} bytes, expected {_CONTROL.size}")
     _, kind, node, received, counted = _CONTROL.unpack(head)

@@ -202,8 +202,8 @@ def running_etcd(etcd: EtcdCoordinator, endpoint: str) -> EtcdCoordinator:
     return etcd if etcd.endpoints else etcd.model_copy(update={"endpoints": [endpoint]})
 
 
-def spec_from(p: dict, etcd: EtcdCoordinator):
-    """The SessionSpec for a flow's parameters (validated before anything starts)."""
+def spec_from(p: dict, etcd: EtcdCoordinator, **fields):
+    """The SessionSpec for a flow's parameters and a flow's own ``fields`` (validated before anything starts)."""
     return make_spec(
         scan_width=p["scan_width"], scan_height=p["scan_height"], profile=resolve_profile(p["detector"]),
         source=p["source"], replay_dir=p["replay_dir"], output_dir=p["output_dir"],
@@ -214,7 +214,7 @@ def spec_from(p: dict, etcd: EtcdCoordinator):
         virtual=virtual_of(p),
         seed=p["seed"], nodes=p["nodes"], workers_per_node=p["workers_per_node"],
         etcd_prefix=etcd.prefix, register_timeout_s=p["register_timeout_s"],
-        stall_timeout_s=p["stall_timeout_s"], security=p["security"])
+        stall_timeout_s=p["stall_timeout_s"], security=p["security"], **fields)
 
 
 def virtual_of(p: dict) -> dict:

@@ -33,6 +33,7 @@ def run(
     replay: Optional[Path] = typer.Option(None, help="Replay a folder of raw v5 files instead of simulating."),
     nodes: int = typer.Option(2, min=1, help="Compute nodes."),
     workers_per_node: int = typer.Option(1, min=1, help="Counting processes per node."),
+    aggregators: int = typer.Option(1, min=1, help="streaming: aggregator shards (each routes a share of the sectors)."),
     output: Path = typer.Option(Path("runs"), help="Output folder (one subfolder per session)."),
     etcd: Optional[str] = typer.Option(None, help="Use this etcd instead of a private one."),
     detector: str = typer.Option("4dcamera", help="Detector profile."),
@@ -80,7 +81,8 @@ def run(
     from detstream.session import SessionCancelled, SessionIncomplete
     from detstream.states import EXIT_CODES, SessionState
 
-    extra = {"fallback": fallback, "fallback_backend": fallback_backend} if workflow == "streaming" else {}
+    extra = ({"fallback": fallback, "fallback_backend": fallback_backend, "aggregators": aggregators}
+             if workflow == "streaming" else {})
     if "sfapi" in (backend, extra.get("fallback_backend")):
         extra.update(_sfapi_blocks(sfapi_url, sfapi_key_file))
     if "slurm" in (backend, extra.get("fallback_backend")):

@@ -21,16 +21,18 @@ Fallback = Annotated[Literal["file-transfer", "none"], P.Doc(
     "If reservation fails, no node registers, or the stream stalls: run the file-transfer workflow on the "
     "same scan.")]
 FallbackBackend = Annotated[Literal[P.BACKENDS], P.Doc("Backend for the fallback's count job.")]
+Aggregators = Annotated[int, P.Doc("Aggregator shards, each routing a share of the sectors to every node.",
+                                   gt=0)]
 
 
 @flow(name="streaming-session", on_failure=[release_on_failure], on_crashed=[release_on_failure],
       on_cancellation=[release_on_failure], log_prints=True)
 @P.shared_parameters(after="backend")
 def streaming_session(*, fallback: Fallback = "none", fallback_backend: FallbackBackend = "local",
-                      **params) -> dict:
+                      aggregators: Aggregators = 1, **params) -> dict:
     """Stream one scan from the detector into the nodes' memory, count it, write the counted HDF5."""
     etcd = P.etcd_of(params)
-    spec = P.spec_from(params, etcd)
+    spec = P.spec_from(params, etcd, aggregators=aggregators)
     get_run_logger().info("session %s: %dx%d scan, %d nodes on %s, output %s", spec.session_id,
                           spec.scan_width, spec.scan_height, spec.nodes, params["backend"], spec.session_dir)
 

@@ -75,6 +75,9 @@ class ComputeBackend(abc.ABC):
     name: str = "abstract"
     #: False when the backend hands `env` to its processes itself; True: secrets go in `NodeLaunch.env_file`.
     needs_env_file: bool = True
+    #: How the session's services reach its nodes' services: "ipc" only when every node runs
+    #: on the orchestrator's host; across hosts "tcp".
+    transport: str = "tcp"
 
     def check_request(self, nodes: int, workers_per_node: int) -> None:
         """Refuse, with a plain message, a request this backend can never satisfy (ValueError)."""

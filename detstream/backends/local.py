@@ -19,6 +19,7 @@ class LocalBackend(ComputeBackend):
     """Starts one node-service process per node, in its own process group; ``env`` is added to theirs."""
 
     name = "local"
+    transport = "ipc"  # every "node" is a process on this host
 
     needs_env_file = False
 

@@ -1,13 +1,17 @@
 """Aggregator: receives every sector from the producers and routes each frame to one node.
 
 Routing rule: all sectors of scan position ``p`` go to node ``p % nodes``, so a node can
-assemble whole frames. Payloads are forwarded as the received ZeroMQ frames (``copy=False``
-both ways): the aggregator never copies pixel data.
+assemble whole frames. Producers send batches of blocks of one node's positions (wire version
+2); a batch whose blocks are all good is forwarded whole, as the received ZeroMQ frames
+(``copy=False`` both ways): the aggregator never copies pixel data, and its Python work is per
+batch (numpy over the batch's headers), not per block. A bad block is left out alone: the
+batch is then re-sent without it (a new headers frame, the same payload frames).
 
 With acknowledgements on (``ack_endpoints``), delivery is at-least-once:
 
-* every position stays in a bounded window (the received frames, by reference) from its first
-  sector until a node acknowledges it durable; a full window stops the reads from producers
+* every position stays in a bounded window (the received batches, by reference) from its first
+  sector until a node acknowledges it durable; a batch is released once none of its positions
+  is in the window; a full window stops the reads from producers
   (backpressure), except from a sector that lags behind, whose blocks complete what the window
   already holds;
 * a node is lost when its connection drops, when ``node_check`` no longer lists it (its leased
@@ -40,7 +44,8 @@ from .. import wire
 from ..profile import DetectorProfile
 from ..wire import Control, Kind, MalformedMessage
 from . import security
-from .validation import MessageValidator, RejectLog
+from .endpoints import bind_address
+from .validation import Batch, MessageValidator, RejectLog
 
 log = logging.getLogger("detstream.aggregator")
 
@@ -113,15 +118,24 @@ class AggregatorStats:
         return d
 
 
-class _Entry:
-    """One position in the window: the node it is routed to and the sectors received so far."""
+# A position's state in the window arrays.
+_UNSEEN, _WINDOW, _ACKED, _DROPPED = 0, 1, 2, 3
 
-    __slots__ = ("node", "parts", "have")
 
-    def __init__(self, node: int, sectors: int):
-        self.node = node
-        self.parts: list = [None] * sectors
-        self.have = 0
+class _Held:
+    """A received batch the window still refers to: the batch, which of its good blocks are held
+    (None: all), and how many of them belong to positions still in the window."""
+
+    __slots__ = ("batch", "keep", "live")
+
+    def __init__(self, batch: Batch, keep: Optional[np.ndarray], live: int):
+        self.batch = batch
+        self.keep = keep
+        self.live = live
+
+    def blocks(self, idx: np.ndarray) -> Batch:
+        """The held blocks at ``idx`` as a batch of their own (payloads not copied)."""
+        return self.batch.subset(idx if self.keep is None else self.keep[idx])
 
 
 class _Node:
@@ -147,9 +161,18 @@ class Aggregator:
                  node_endpoints: Sequence[str], bind: str = "tcp://127.0.0.1:*", hwm: int = 64,
                  ctx: Optional[zmq.Context] = None, ack_endpoints: Optional[Sequence[str]] = None,
                  window_frames: int = 1024, node_timeout_s: float = 10.0, linger_s: float = 10.0,
+                 sectors: Optional[Sequence[int]] = None, shard: int = 0,
                  curve: Optional[security.Curve] = None):
+        """``sectors``: the sectors this aggregator routes (a shard of them; default all), ``shard``
+        its index among the shards (carried by its FIN, so that a node can tell the shards apart)."""
         self.profile = profile
-        self.sectors = profile.sectors
+        self.own_sectors = sorted(range(profile.sectors) if sectors is None else set(sectors))
+        if not self.own_sectors or self.own_sectors[-1] >= profile.sectors or self.own_sectors[0] < 0:
+            raise ValueError(f"sectors {sectors} must be a non-empty subset of 0..{profile.sectors - 1}")
+        self.shard = shard
+        # Sectors per position here: a position is whole at this shard with every sector it owns.
+        self.sectors = len(self.own_sectors)
+        nsec = profile.sectors
         self.positions = scan_width * scan_height
         self.validator = MessageValidator(profile, scan_width, scan_height)
         self.rejects = RejectLog(log)
@@ -163,13 +186,18 @@ class Aggregator:
             raise ValueError(f"{len(ack_endpoints)} ack endpoints for {len(node_endpoints)} nodes")
         self.window_frames = window_frames
         self.node_timeout_s = node_timeout_s
-        self.inbound = self._pull(bind)
+        self.inbound = self._pull(bind_address(bind, f"aggregator-{shard}-in"))
         self.endpoint = self.inbound.getsockopt_string(zmq.LAST_ENDPOINT)
         # One socket per sector as well: with the window full, the aggregator can go on reading a
         # sector that lags behind, whose blocks complete frames it holds, and no other.
-        self.sector_inbound = [self._pull(bind) for _ in range(self.sectors)]
-        self.sector_endpoints = [s.getsockopt_string(zmq.LAST_ENDPOINT) for s in self.sector_inbound]
-        self._sector_of = {sock: k for k, sock in enumerate(self.sector_inbound)}
+        self.sector_inbound = [self._pull(bind_address(bind, f"aggregator-sector-{k}")) for k in self.own_sectors]
+        #: Per sector of the detector, its socket here (None: another shard's sector).
+        self.sector_endpoints: list[Optional[str]] = [None] * nsec
+        for k, sock in zip(self.own_sectors, self.sector_inbound):
+            self.sector_endpoints[k] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sector_of = dict(zip(self.sector_inbound, self.own_sectors))
+        self._inputs = [self.inbound, *self.sector_inbound]   # those still open
+        self._owned = set(self.own_sectors)
         self.nodes = len(node_endpoints)
         self.outbound = []
         self.monitors: list[Optional[zmq.Socket]] = []
@@ -190,19 +218,28 @@ class Aggregator:
         self._backlog: list[deque] = [deque() for _ in range(self.nodes)]
         now = time.monotonic()
         self._node = [_Node(now) for _ in range(self.nodes)]
-        self._window: dict[int, _Entry] = {}
-        # Entries lacking sector s = len(window) - (have[s] - complete entries removed): O(1).
-        self._have = [0] * self.sectors
-        self._removed_complete = 0
+        # The window, as arrays over positions (numpy work per batch, not Python per block):
+        # state, owning node, which sectors arrived, and where each block is held.
+        npos = self.positions if self.acks else 0
+        self._state = np.zeros(npos, dtype=np.uint8)
+        self._node_of = np.full(npos, -1, dtype=np.int16)
+        self._got = np.zeros((npos, nsec), dtype=bool)
+        self._have_n = np.zeros(npos, dtype=np.uint8)
+        self._held_in = np.full((npos, nsec), -1, dtype=np.int32)   # batch id
+        self._held_at = np.zeros((npos, nsec), dtype=np.int32)      # index in the batch
+        self._batches: dict[int, _Held] = {}
+        self._next_batch = 0
+        self._in_window = 0
+        self._target_cache: Optional[np.ndarray] = None
+        self._have_in_window = np.zeros(nsec, dtype=np.int64)  # window positions having sector s
         # A node whose backlog reached the HWM holds all reads back until it is down to half:
         # resuming at once would cost a loop turn per message while the node is the bottleneck.
         self._held = [False] * self.nodes
         self._full_backlogs = 0
         self._alive = [True] * self.nodes
-        self._acked = np.zeros(self.positions if self.acks else 0, dtype=bool)
         self._lost_why: dict[str, set] = {}
         # per_sector_node[s][n]: data blocks of sector s sent to node n (the END marker's count).
-        self.per_sector_node = [[0] * self.nodes for _ in range(self.sectors)]
+        self.per_sector_node = [[0] * self.nodes for _ in range(nsec)]
         self.ended: set[int] = set()
         self.stats = AggregatorStats(frames_routed=[0] * self.nodes, acks=self.acks,
                                      window_frames=window_frames if self.acks else 0,
@@ -249,11 +286,13 @@ class Aggregator:
         while True:
             if not inputs_done and len(self.ended) == self.sectors:
                 inputs_done = True
+                for sock in list(self._inputs):
+                    self._close_input(sock)
                 self._end_of_input("incomplete")
-            if inputs_done and (not self.acks or not self._window):
+            if inputs_done and (not self.acks or not self._in_window):
                 break
             readable = [] if inputs_done else self._readable()
-            for s in (self.inbound, *self.sector_inbound):
+            for s in self._inputs:
                 self._watch(s, zmq.POLLIN if s in readable else 0)
             for n in range(self.nodes):
                 alive = self._node[n].alive
@@ -263,7 +302,7 @@ class Aggregator:
                     self._watch(self.monitors[n], zmq.POLLIN)
             t_poll = time.monotonic()
             ready = dict(self._poller.poll(poll_ms))
-            if self.acks and len(self._window) >= self.window_frames:
+            if self.acks and self._in_window >= self.window_frames:
                 self.stats.window_full_s += time.monotonic() - t_poll
             for n in range(self.nodes):
                 if self.acks and self._node[n].alive and self.ack_in[n] in ready:
@@ -320,11 +359,11 @@ class Aggregator:
 
     def _readable(self) -> list:
         """The inbound sockets to read now (see _may_read)."""
-        return [s for s in (self.inbound, *self.sector_inbound) if self._may_read(s)]
+        return [s for s in self._inputs if self._may_read(s)]
 
     def _lagging(self, sector: int) -> int:
-        """How many window entries still lack a block of ``sector``."""
-        return len(self._window) - self._have[sector] + self._removed_complete
+        """How many window positions still lack a block of ``sector``."""
+        return self._in_window - int(self._have_in_window[sector])
 
     def _read_inbound(self, socks: list, batch: int = 1024) -> bool:
         """Read up to ``batch`` messages, one socket after the other as the producers' pipes are
@@ -344,101 +383,190 @@ class Aggregator:
                     continue
                 got = True
                 self._handle(parts)
+                if self._sector_of.get(sock, -1) in self.ended:
+                    self._close_input(sock)
+                    socks.remove(sock)
         return got
+
+    def _close_input(self, sock) -> None:
+        """Close a sector's socket once its END is read: its producer sees the disconnect and
+        only then closes its own socket (libzmq can drop what a closing peer still had queued,
+        over ipc: zeromq/libzmq#4660)."""
+        self._watch(sock, 0)
+        sock.close(0)
+        self._inputs.remove(sock)
 
     def _may_read(self, sock) -> bool:
         """No reads while a node's backlog holds them back (backpressure); with acks and the
         window full, only from a sector some window entry still lacks (up to twice the window)."""
         if self._full_backlogs:
             return False
-        if not self.acks or len(self._window) < self.window_frames:
+        if not self.acks or self._in_window < self.window_frames:
             return True
         sector = self._sector_of.get(sock)
-        return sector is not None and self._lagging(sector) > 0 and len(self._window) < 2 * self.window_frames
+        return sector is not None and self._lagging(sector) > 0 and self._in_window < 2 * self.window_frames
 
     # -- producers' messages ---------------------------------------------------------------
     def _handle(self, parts) -> None:
         try:
-            header = self.validator.check(parts)
+            batch = self.validator.check_batch(parts, self.rejects.reject)
         except MalformedMessage as err:
             self.rejects.reject(err)
+            return
+        heads = batch.headers
+        if not len(heads):
             return
         now = time.time()
         if self.stats.first_recv is None:
             self.stats.first_recv = now
-            self._scan_number = header.scan_number
+            self._scan_number = int(heads["scan_number"][0])
         self.stats.last_recv = now
-        if header.kind is Kind.END:
-            if header.sector in self.ended:
-                self.rejects.reject(MalformedMessage("duplicate_end", f"second END from sector {header.sector}"))
-                return
-            self.ended.add(header.sector)
+        kinds = heads["kind"]
+        if (kinds != Kind.DATA).any():
+            self._markers(batch)
+            return
+        sectors = heads["sector"]
+        if len(heads) > 1 and (sectors != sectors[0]).any():
+            self._split_by_sector(batch)
+            return
+        sector = int(sectors[0])
+        if sector not in self._owned:
+            for _ in range(len(heads)):
+                self.rejects.reject(MalformedMessage("sector_elsewhere", f"sector {sector} is not routed by shard {self.shard}"))
+            return
+        positions = batch.positions
+        if self.acks:
+            nodes, keep = self._admit(sector, positions, batch)
+            if keep is not None:  # some blocks refused (duplicates, no node): send the rest
+                if not len(keep):
+                    return
+                batch = batch.subset(keep)
+        else:
+            nodes = positions % self.nodes
+        first = int(nodes[0])
+        if len(nodes) == 1 or not (nodes != first).any():
+            self._send_batch(first, sector, batch.message(), len(nodes))
+            return
+        for node in np.unique(nodes).tolist():  # a batch that spans nodes: one message per node
+            idx = np.flatnonzero(nodes == node)
+            self._send_batch(node, sector, batch.subset(idx).message(), len(idx))
+
+    def _send_batch(self, node: int, sector: int, parts: list, blocks: int) -> None:
+        self._send(node, parts)
+        self.per_sector_node[sector][node] += blocks
+        self.stats.frames_routed[node] += blocks
+        self.stats.bytes_routed += blocks * self.profile.sector_nbytes
+
+    def _split_by_sector(self, batch) -> None:
+        """A batch mixing sectors (producers never send one): handle each sector's blocks alone."""
+        sectors = batch.headers["sector"]
+        for sector in np.unique(sectors).tolist():
+            self._handle(batch.subset(np.flatnonzero(sectors == sector)).message())
+
+    def _markers(self, batch) -> None:
+        """END markers (a marker travels alone; any in a batch are taken one by one)."""
+        for i, head in enumerate(batch.headers):
+            kind = Kind(int(head["kind"]))
+            if kind is Kind.DATA:
+                self._handle(batch.subset([i]).message())
+                continue
+            if kind is not Kind.END:
+                self.rejects.reject(MalformedMessage("unexpected_kind", f"{kind.name} from a producer"))
+                continue
+            sector = int(head["sector"])
+            if sector not in self._owned:
+                self.rejects.reject(MalformedMessage("sector_elsewhere", f"END of sector {sector} at shard {self.shard}"))
+                continue
+            if sector in self.ended:
+                self.rejects.reject(MalformedMessage("duplicate_end", f"second END from sector {sector}"))
+                continue
+            self.ended.add(sector)
             self.stats.ends_seen += 1
             for node in range(self.nodes):
                 if self._node[node].alive:
                     self._send(node, [
-                        wire.end_header(header.sector, header.scan_number, header.scan_width,
-                                        header.scan_height, self.per_sector_node[header.sector][node],
-                                        header.session),
+                        wire.end_header(sector, int(head["scan_number"]), int(head["scan_width"]),
+                                        int(head["scan_height"]), self.per_sector_node[sector][node],
+                                        int(head["session"])),
                         b""])
-            return
-        if header.kind is not Kind.DATA:
-            self.rejects.reject(MalformedMessage("unexpected_kind", f"{header.kind.name} from a producer"))
-            return
-        if self.acks:
-            node = self._admit(header, parts)
-            if node is None:
-                return
-        else:
-            node = route(header.position, self.nodes)
-        self._send(node, parts)
-        self.per_sector_node[header.sector][node] += 1
-        self.stats.frames_routed[node] += 1
-        self.stats.bytes_routed += len(parts[1].buffer)
 
-    def _admit(self, header: wire.Header, parts) -> Optional[int]:
-        """Put a sector block into the window; return the node it goes to (None: not sent)."""
-        pos, s = header.position, header.sector
-        entry = self._window.get(pos)
-        if entry is None:
-            if self._acked[pos]:
-                self.rejects.reject(MalformedMessage("duplicate_sector", f"sector {s} of acknowledged position {pos}"))
-                return None
-            node = pos % self.nodes
-            if not self._alive[node]:
-                node = next_alive(pos, self._alive)
-                if node is None:
-                    self._lost_why.setdefault("no_node", set()).add(pos)
-                    return None
-            entry = self._window[pos] = _Entry(node, self.sectors)
-            self.stats.positions_routed[node] += 1
-            if len(self._window) > self.stats.window_peak:
-                self.stats.window_peak = len(self._window)
-        elif entry.parts[s] is not None:
-            self.rejects.reject(MalformedMessage("duplicate_sector", f"sector {s} of position {pos} twice"))
-            return None
-        entry.parts[s] = parts
-        entry.have += 1
-        self._have[s] += 1
-        if entry.have == self.sectors:
-            self._gave_work(entry.node)
-        return entry.node
+    def _admit(self, sector: int, positions: np.ndarray, batch) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Put a batch of one sector's blocks into the window. Returns the node of each block
+        sent, and the indices of the blocks to send if not all of them (else None)."""
+        state = self._state[positions]
+        refused = (state >= _ACKED) | self._got[positions, sector]
+        if len(positions) > 1:  # a position twice in the batch: the later write of its index wins
+            order = np.arange(len(positions), dtype=np.int32)
+            marks = self._held_at[:, sector]
+            before = marks[positions]
+            marks[positions] = order
+            refused |= marks[positions] != order
+            marks[positions] = before
+        keep = None
+        if refused.any():
+            for i in np.flatnonzero(refused).tolist():
+                self.rejects.reject(MalformedMessage(
+                    "duplicate_sector", f"sector {sector} of position {positions[i]} twice or after it was acknowledged"))
+            keep = np.flatnonzero(~refused)
+            positions, state = positions[keep], state[keep]
+        new = positions[state == _UNSEEN]
+        if len(new):
+            target = self._targets()[new % self.nodes]
+            orphan = target < 0
+            if orphan.any():
+                lost = new[orphan]
+                self._state[lost] = _DROPPED
+                self._lost_why.setdefault("no_node", set()).update(lost.tolist())
+                new, target = new[~orphan], target[~orphan]
+                sendable = self._state[positions] != _DROPPED
+                keep = (np.arange(len(refused)) if keep is None else keep)[sendable]
+                positions = positions[sendable]
+            self._state[new] = _WINDOW
+            self._node_of[new] = target
+            self._in_window += len(new)
+            routed = np.bincount(target, minlength=self.nodes)
+            for n in np.flatnonzero(routed).tolist():
+                self.stats.positions_routed[n] += int(routed[n])
+            if self._in_window > self.stats.window_peak:
+                self.stats.window_peak = self._in_window
+        if not len(positions):
+            return positions, keep
+        bid = self._next_batch
+        self._next_batch += 1
+        self._batches[bid] = _Held(batch, keep, len(positions))
+        self._got[positions, sector] = True
+        self._held_in[positions, sector] = bid
+        self._held_at[positions, sector] = np.arange(len(positions), dtype=np.int32)
+        self._have_n[positions] += 1
+        self._have_in_window[sector] += len(positions)
+        nodes = self._node_of[positions].astype(np.int64)
+        complete = nodes[self._have_n[positions] == self.sectors]
+        if len(complete):
+            counts = np.bincount(complete, minlength=self.nodes)
+            for n in np.flatnonzero(counts).tolist():
+                self._gave_work(n, int(counts[n]))
+        return nodes, keep
+
+    def _targets(self) -> np.ndarray:
+        """For each home node, where its positions go now (-1: no node alive)."""
+        if self._target_cache is None:
+            self._target_cache = np.array([-1 if (t := next_alive(h, self._alive)) is None else t
+                                           for h in range(self.nodes)], dtype=np.int64)
+        return self._target_cache
 
     def _end_of_input(self, why: str) -> None:
         """No more sector blocks will come: positions still incomplete never will be."""
         if not self.acks:
             return
-        incomplete = [p for p, e in self._window.items() if e.have < self.sectors]
-        for p in incomplete:
-            self._drop(p, why)
-        if incomplete:
+        incomplete = np.flatnonzero((self._state == _WINDOW) & (self._have_n < self.sectors))
+        if len(incomplete):
+            self._drop(incomplete, why)
             log.warning("%d positions never received every sector (%s)", len(incomplete), why)
 
-    def _drop(self, pos: int, why: str) -> None:
-        """Take a position out of the window unacknowledged, as lost for ``why``."""
-        entry = self._window.pop(pos)
-        self._removed(entry)
-        self._lost_why.setdefault(why, set()).add(pos)
+    def _drop(self, positions: np.ndarray, why: str) -> None:
+        """Take positions out of the window unacknowledged, as lost for ``why``."""
+        self._leave(positions, _DROPPED)
+        self._lost_why.setdefault(why, set()).update(positions.tolist())
 
     # -- sending ---------------------------------------------------------------------------
     def _send(self, node: int, parts) -> None:
@@ -482,12 +610,12 @@ class Aggregator:
             time.sleep(0.01)
 
     # -- acknowledgements and node loss ----------------------------------------------------
-    def _gave_work(self, node: int) -> None:
-        """A whole position is now the node's to acknowledge; its no-progress clock may start."""
+    def _gave_work(self, node: int, n: int = 1) -> None:
+        """Whole positions are now the node's to acknowledge; its no-progress clock may start."""
         state = self._node[node]
         if state.complete_unacked == 0:
             state.busy_since = time.monotonic()
-        state.complete_unacked += 1
+        state.complete_unacked += n
 
     def _read_acks(self, node: int) -> None:
         """Take a node's ACKs and heartbeats; new counts or an ACK are progress."""
@@ -510,25 +638,47 @@ class Aggregator:
                 self._acknowledge(node, msg.positions)
 
     def _acknowledge(self, node: int, positions: np.ndarray) -> None:
-        """Release acknowledged positions from the window (stale or repeated ones are ignored)."""
-        window, acked = self._window, self._acked
-        for pos in positions.tolist():
-            entry = window.pop(pos, None)
-            if entry is None:  # acknowledged before, or never sent: nothing to do
-                continue
-            acked[pos] = True
-            self.stats.positions_acked[node] += 1
-            self._removed(entry)
+        """Release acknowledged positions from the window (stale, repeated or unknown ones are ignored)."""
+        positions = positions[positions < self.positions].astype(np.int64)
+        positions = np.unique(positions[self._state[positions] == _WINDOW])
+        if len(positions):
+            self.stats.positions_acked[node] += len(positions)
+            self._leave(positions, _ACKED)
 
-    def _removed(self, entry: _Entry) -> None:
-        """Keep the counts straight for an entry taken out of the window."""
-        if entry.have == self.sectors:
-            self._node[entry.node].complete_unacked -= 1
-            self._removed_complete += 1
-        else:
-            for k, part in enumerate(entry.parts):
-                if part is not None:
-                    self._have[k] -= 1
+    def _leave(self, positions: np.ndarray, new_state: int) -> None:
+        """Positions leave the window: keep the counts straight, release batches no longer held."""
+        have_n = self._have_n[positions]
+        complete = self._node_of[positions][have_n == self.sectors].astype(np.int64)
+        if len(complete):
+            counts = np.bincount(complete, minlength=self.nodes)
+            for n in np.flatnonzero(counts).tolist():
+                self._node[n].complete_unacked -= int(counts[n])
+        got = self._got[positions]
+        self._have_in_window -= got.sum(axis=0)
+        self._in_window -= len(positions)
+        self._state[positions] = new_state
+        bids, counts = np.unique(self._held_in[positions][got], return_counts=True)
+        batches = self._batches
+        for bid, n in zip(bids.tolist(), counts.tolist()):
+            held = batches[bid]
+            held.live -= n
+            if not held.live:
+                del batches[bid]
+
+    def _resend(self, positions: np.ndarray, targets: np.ndarray) -> None:
+        """Send the held blocks of ``positions`` to ``targets`` (one message per batch and target)."""
+        got = self._got[positions]
+        rows, sectors = np.nonzero(got)
+        bids = self._held_in[positions[rows], sectors]
+        at = self._held_at[positions[rows], sectors]
+        dest = targets[rows]
+        order = np.lexsort((at, dest, bids))
+        bids, at, dest, sectors = bids[order], at[order], dest[order], sectors[order]
+        cuts = np.flatnonzero((np.diff(bids) != 0) | (np.diff(dest) != 0)) + 1
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(bids)]):
+            node = int(dest[lo])
+            self._send(node, self._batches[int(bids[lo])].blocks(at[lo:hi]).message())
+            self.stats.frames_routed[node] += hi - lo
 
     def _read_monitor(self, node: int) -> None:
         """A dropped connection to a node means the node is lost."""
@@ -576,27 +726,28 @@ class Aggregator:
             self._held[node] = False
             self._full_backlogs -= 1
         self._backlog[node].clear()
-        mine = [p for p, e in self._window.items() if e.node == node]
+        mine = np.flatnonzero((self._state == _WINDOW) & (self._node_of == node))
         self.stats.nodes_lost.append({"node": node, "reason": why, "detected_at": time.time(),
                                       "unacknowledged": len(mine)})
         log.error("node %d lost (%s): re-routing its %d unacknowledged positions", node, why, len(mine))
-        for pos in mine:
-            entry = self._window[pos]
-            if entry.have == self.sectors:
-                state.complete_unacked -= 1
-            target = next_alive(pos, self._alive)
-            if target is None:
-                self._drop(pos, "no_node")
-                continue
-            entry.node = target
-            self.stats.positions_routed[target] += 1
-            self.stats.rerouted.append(pos)
-            if entry.have == self.sectors:
-                self._gave_work(target)
-            for parts in entry.parts:
-                if parts is not None:
-                    self._send(target, parts)
-                    self.stats.frames_routed[target] += 1
+        self._target_cache = None
+        targets = self._targets()[mine % self.nodes]
+        orphan = targets < 0
+        if orphan.any():
+            self._drop(mine[orphan], "no_node")
+            mine, targets = mine[~orphan], targets[~orphan]
+        state.complete_unacked = 0
+        if not len(mine):
+            return
+        self._node_of[mine] = targets
+        self.stats.rerouted.extend(mine.tolist())
+        routed = np.bincount(targets, minlength=self.nodes)
+        complete = np.bincount(targets[self._have_n[mine] == self.sectors], minlength=self.nodes)
+        for n in np.flatnonzero(routed).tolist():
+            self.stats.positions_routed[n] += int(routed[n])
+            if complete[n]:
+                self._gave_work(n, int(complete[n]))
+        self._resend(mine, targets)
 
     # -- the end ---------------------------------------------------------------------------
     def _finish_nodes(self, wait_s: float) -> None:
@@ -606,7 +757,7 @@ class Aggregator:
             if state.alive:
                 self._send(n, [wire.fin_header(self._scan_number, self.validator.scan_width,
                                                  self.validator.scan_height, self.stats.positions_acked[n],
-                                                 self.validator.session_token), b""])
+                                                 shard=self.shard, session=self.validator.session_token), b""])
                 self.stats.fin_sent.append(n)
         deadline = time.monotonic() + wait_s
         waiting = set(self.stats.fin_sent)
@@ -631,9 +782,10 @@ class Aggregator:
         """Every position no node acknowledged, with why."""
         if not self.acks:
             return
-        for pos in list(self._window):
-            self._drop(pos, "unacknowledged")
-        lost = np.flatnonzero(~self._acked)
+        left = np.flatnonzero(self._state == _WINDOW)
+        if len(left):
+            self._drop(left, "unacknowledged")
+        lost = np.flatnonzero(self._state != _ACKED)
         explained = set().union(*self._lost_why.values()) if self._lost_why else set()
         never = [int(p) for p in lost if int(p) not in explained]
         if never:

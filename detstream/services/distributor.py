@@ -2,8 +2,8 @@
 
 It binds a PULL socket that the aggregator connects to, collects the sectors of each of its
 scan positions (``position % nodes == node_index``), copies a complete frame once into a
-shared-memory slot for the counting workers, and appends their sparse results to its part
-file. It finishes when every sector's END marker has arrived and every frame is counted, when
+slot of its counting pool (its own threads, or worker processes over shared memory), and appends
+the sparse results to its part file. It finishes when every sector's END marker has arrived and every frame is counted, when
 the stream stalls, or when told to stop; frames it never completed are listed, not dropped.
 
 With acks, it also binds a PUSH socket for acknowledgements: it acknowledges positions once
@@ -35,6 +35,8 @@ from ..wire import Control, Kind, MalformedMessage
 from .aggregator import route
 from .counting_pool import CountingPool
 from . import security
+from .counting_threads import ThreadCountingPool
+from .endpoints import bind_address
 from .validation import MessageValidator, RejectLog, SectorCopies
 
 log = logging.getLogger("detstream.distributor")
@@ -52,6 +54,7 @@ class DistributorResult:
     missing: list[int] = field(default_factory=list)
     partial: list[int] = field(default_factory=list)
     conflicted: list[int] = field(default_factory=list)
+    partial_peak: int = 0   # most frames partly received at once: how far the sectors ran apart
     rejected: dict = field(default_factory=dict)
     end_markers: int = 0
     fin: bool = False
@@ -80,7 +83,8 @@ class Distributor:
                  max_partial_frames: int = 256, stall_timeout_s: float = 60.0,
                  ctx: Optional[zmq.Context] = None, acks: bool = False, segment_frames: int = 256,
                  segment_seconds: float = 0.5, heartbeat_s: float = 0.5, linger_s: float = 2.0,
-                 live=None, curve: Optional[security.Curve] = None):
+                 counting_mode: str = "processes", shards: int = 1, live=None,
+                 curve: Optional[security.Curve] = None):
         """``live``: a detstream.live.LiveImages fed every counted frame (the live images)."""
         if not 0 <= node_index < nodes:
             raise ValueError(f"node index {node_index} outside 0..{nodes - 1}")
@@ -105,7 +109,8 @@ class Distributor:
         self.ctx = ctx or zmq.Context()
         # Workers are spawned before this process's sockets exist.
         try:
-            self.pool = CountingPool(profile, counting, workers, ctx=self.ctx)
+            pool = ThreadCountingPool if counting_mode == "threads" else CountingPool
+            self.pool = pool(profile, counting, workers, ctx=self.ctx)
         except BaseException:
             if self._own_ctx:
                 self.ctx.term()
@@ -114,17 +119,23 @@ class Distributor:
         self.inbound = security.server(self.guard, self.ctx.socket(zmq.PULL))
         self.inbound.setsockopt(zmq.RCVHWM, hwm)
         self.inbound.setsockopt(zmq.LINGER, 0)
-        self.inbound.bind(bind)
+        self.inbound.bind(bind_address(bind, f"node-{node_index}-data"))
         self.endpoint = self.inbound.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.ack_endpoint: Optional[str] = None
-        self.ack_out = self.monitor = None
-        if acks:
-            self.ack_out = security.server(self.guard, self.ctx.socket(zmq.PUSH), watch=False)
-            self.ack_out.setsockopt(zmq.SNDHWM, 10_000)
-            self.ack_out.setsockopt(zmq.LINGER, int(linger_s * 1000))
-            self.monitor = self.ack_out.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-            self.ack_out.bind(bind)
-            self.ack_endpoint = self.ack_out.getsockopt_string(zmq.LAST_ENDPOINT)
+        # With acks, one ACK socket per aggregator shard: each shard's window holds its own
+        # sectors of a position, and each must hear of every acknowledgement.
+        self.shards = shards
+        self.ack_outs: list[zmq.Socket] = []
+        self.monitors: list[zmq.Socket] = []
+        self.ack_endpoints: list[str] = []
+        for k in range(shards if acks else 0):
+            sock = security.server(self.guard, self.ctx.socket(zmq.PUSH), watch=False)
+            sock.setsockopt(zmq.SNDHWM, 10_000)
+            sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
+            self.monitors.append(sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED))
+            sock.bind(bind_address(bind, f"node-{node_index}-acks" + (f"-{k}" if shards > 1 else "")))
+            self.ack_outs.append(sock)
+            self.ack_endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.ack_endpoint: Optional[str] = self.ack_endpoints[0] if self.ack_endpoints else None
         mine = len(range(node_index, self.positions, nodes))
         self.result = DistributorResult(node_index=node_index, frames_expected=mine)
         self._pending: dict[int, list] = {}      # position -> sector frames (None until arrived)
@@ -134,52 +145,68 @@ class Distributor:
         self._blocks_per_sector = [0] * profile.sectors
         self._undurable: list[int] = []          # counted, not yet committed and acknowledged
         self._undurable_since = 0.0
-        self._acks_out: deque = deque()          # ACK messages the socket has not taken yet
+        self._acks_out = [deque() for _ in self.ack_outs]  # per shard: ACKs its socket has not taken yet
         self._last_heartbeat = 0.0
-        self._aggregator_seen = self._aggregator_gone = False
+        self._shard_seen = [False] * shards
+        self._shard_gone = [False] * shards
+        self._fins: set[int] = set()
         self._closed = False
 
     # -- receiving -------------------------------------------------------------------------
     def _handle(self, parts) -> None:
         try:
-            header = self.validator.check(parts)
+            batch = self.validator.check_batch(parts, self.rejects.reject)
         except MalformedMessage as err:
             self.rejects.reject(err)
+            return
+        heads = batch.headers
+        if not len(heads):
             return
         now = time.time()
         if self.result.first_recv is None:
             self.result.first_recv = now
         self.result.last_recv = now
-        s = header.sector
-        if header.kind is Kind.END:
-            if s in self._ends:
-                self.rejects.reject(MalformedMessage("duplicate_end", f"second END for sector {s}"))
-            else:
-                self._ends[s] = header.count
-                self.result.end_markers += 1
-            return
-        if header.kind is Kind.FIN:
-            self.result.fin = True
-            return
-        pos = header.position
+        for kind, s, count, pos, part in zip(heads["kind"].tolist(), heads["sector"].tolist(),
+                                             heads["count"].tolist(), batch.positions.tolist(), batch.payloads):
+            if kind == Kind.DATA:
+                self._block(s, pos, part)
+            elif kind == Kind.END:
+                if s in self._ends:
+                    self.rejects.reject(MalformedMessage("duplicate_end", f"second END for sector {s}"))
+                else:
+                    self._ends[s] = count
+                    self.result.end_markers += 1
+            else:  # FIN: its sector field is the shard's index
+                self._fins.add(s)
+                self.result.fin = len(self._fins) >= self.shards
+
+    @property
+    def _aggregator_gone(self) -> bool:
+        """An aggregator shard hung up before its FIN (it fenced this node, or died)."""
+        return any(gone and k not in self._fins for k, gone in enumerate(self._shard_gone))
+
+    def _block(self, s: int, pos: int, part) -> None:
+        """One sector block: into its position's frame; a complete frame waits for a slot."""
         # With acks the aggregator is the routing authority: it re-routes a lost node's positions.
-        if not self.acks and route(pos, self.nodes) != self.node_index:
+        if not self.acks and pos % self.nodes != self.node_index:
             self.rejects.reject(MalformedMessage(
                 "wrong_node", f"position {pos} belongs to node {route(pos, self.nodes)}"))
             return
         if self._done[pos]:
-            self.rejects.reject(self.copies.second(pos, s, parts[1]))
+            self.rejects.reject(self.copies.second(pos, s, part))
             return
         sectors = self._pending.get(pos)
         if sectors is None:
             if len(self._pending) >= self.max_partial:
                 self._evict_oldest()
             sectors = self._pending[pos] = [None] * self.profile.sectors
+            if len(self._pending) > self.result.partial_peak:
+                self.result.partial_peak = len(self._pending)
         if sectors[s] is not None:
-            self.rejects.reject(self.copies.second(pos, s, parts[1], sectors[s]))
+            self.rejects.reject(self.copies.second(pos, s, part, sectors[s]))
             return
-        sectors[s] = parts[1]
-        self.copies.first(pos, s, parts[1])
+        sectors[s] = part
+        self.copies.first(pos, s, part)
         self._blocks_per_sector[s] += 1
         self.result.bytes_received += self.profile.sector_nbytes
         if all(p is not None for p in sectors):
@@ -205,11 +232,12 @@ class Distributor:
             frame = self.pool.ring[slot]
             for s, part in enumerate(sectors):
                 frame[s * rows:(s + 1) * rows] = np.frombuffer(
-                    part.buffer, dtype=self.profile.np_dtype).reshape(self.profile.sector_shape)
+                    part, dtype=self.profile.np_dtype).reshape(self.profile.sector_shape)
             self.result.assemble_seconds += time.perf_counter() - t0
             self.pool.submit(slot, pos)
             if self.acks and not self.pool.workers:  # counting off: assembled is as far as it goes
                 self._made(pos)
+        self.pool.flush()
 
     def _collect(self) -> None:
         for pos, events in self.pool.collect():
@@ -246,36 +274,41 @@ class Distributor:
             positions = np.asarray(self._undurable, dtype=np.uint32)
             self._undurable = []
             self.result.frames_acked += len(positions)
-            self._acks_out.append(self._control(Control.ACK, positions))
-        while self._acks_out:
-            try:
-                self.ack_out.send_multipart(self._acks_out[0], zmq.NOBLOCK)
-            except zmq.Again:  # no aggregator yet, or its queue is full: keep them, in order
-                break
-            self._acks_out.popleft()
+            ack = self._control(Control.ACK, positions)
+            for queue in self._acks_out:
+                queue.append(ack)
+        for sock, queue in zip(self.ack_outs, self._acks_out):
+            while queue:
+                try:
+                    sock.send_multipart(queue[0], zmq.NOBLOCK)
+                except zmq.Again:  # no aggregator yet, or its queue is full: keep them, in order
+                    break
+                queue.popleft()
         if now - self._last_heartbeat >= self.heartbeat_s:
             self._last_heartbeat = now
-            try:
-                self.ack_out.send_multipart(self._control(Control.HEARTBEAT), zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+            beat = self._control(Control.HEARTBEAT)
+            for sock in self.ack_outs:
+                try:
+                    sock.send_multipart(beat, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
 
     def _control(self, kind: Control, positions=None) -> list:
         """An ACK or HEARTBEAT carrying this node's counts."""
         r = self.result
         return wire.control_message(kind, self.node_index, r.frames_received, r.frames_counted, positions)
 
-    def _read_monitor(self) -> None:
-        """Note the aggregator connecting to the ack socket, and hanging up."""
+    def _read_monitor(self, k: int) -> None:
+        """Note aggregator shard ``k`` connecting to its ack socket, and hanging up."""
         while True:
             try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+                event = recv_monitor_message(self.monitors[k], zmq.NOBLOCK)
             except zmq.Again:
                 return
             if event["event"] == zmq.EVENT_ACCEPTED:
-                self._aggregator_seen = True
-            elif event["event"] == zmq.EVENT_DISCONNECTED and self._aggregator_seen:
-                self._aggregator_gone = True
+                self._shard_seen[k] = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED and self._shard_seen[k]:
+                self._shard_gone[k] = True
 
     # -- main loop -------------------------------------------------------------------------
     def run(self, should_stop: Optional[Callable[[], Optional[str]]] = None,
@@ -284,14 +317,14 @@ class Distributor:
         """Receive and count until finished; ``should_stop`` returns a reason to stop, or None."""
         poller = zmq.Poller()
         poller.register(self.pool.results, zmq.POLLIN)
-        if self.monitor is not None:
-            poller.register(self.monitor, zmq.POLLIN)
+        for monitor in self.monitors:
+            poller.register(monitor, zmq.POLLIN)
         reading = False
         last_data = last_turn = time.monotonic()
         last_tick = 0.0
         reason = ""
         while not self._finished():
-            want = len(self._ready) < 4 and not self._input_done()
+            want = len(self._ready) < self.pool.task_batch and not self._input_done()
             if want and not reading:
                 poller.register(self.inbound, zmq.POLLIN)
             elif reading and not want:
@@ -314,8 +347,9 @@ class Distributor:
                 # the segment to fill: the aggregator's FIN waits on it.
                 drained = len(self._ends) == self.profile.sectors and not self._ready and self.pool.idle
                 self._deliver(now, force=drained)
-                if self.monitor in ready:
-                    self._read_monitor()
+                for k, monitor in enumerate(self.monitors):
+                    if monitor in ready:
+                        self._read_monitor(k)
                 if self._aggregator_gone:
                     # A FIN sent just before may still be on its way: take what has arrived.
                     if self.inbound.poll(200):
@@ -356,7 +390,7 @@ class Distributor:
             except zmq.Again:
                 break
             self._handle(parts)
-            if len(self._ready) >= 4:
+            if len(self._ready) >= self.pool.task_batch:
                 break
 
     def _finish(self) -> DistributorResult:
@@ -383,10 +417,10 @@ class Distributor:
         self.result.worker_peak_rss_mib = self.pool.worker_peak_rss_mib
         self.result.peak_rss_mib = peak_rss_mib()
         self.inbound.close()
-        if self.ack_out is not None:
-            self.ack_out.disable_monitor()
-            self.monitor.close(0)
-            self.ack_out.close()
+        for sock, monitor in zip(self.ack_outs, self.monitors):
+            sock.disable_monitor()
+            monitor.close(0)
+            sock.close()
         if self.guard is not None:
             self.guard.stop()
         if self._own_ctx:

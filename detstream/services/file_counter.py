@@ -237,6 +237,7 @@ def _run(spec: SessionSpec, reader: _SectorReader, pool: CountingPool, writer, m
                     last_result = time.monotonic()
                 if time.monotonic() - last_tick >= progress_interval_s:
                     break
+            pool.flush()  # tasks go in batches: hand on what this turn read
             if not pool.idle:
                 if pool.results.poll(100):
                     collect()
@@ -256,6 +257,7 @@ def _run(spec: SessionSpec, reader: _SectorReader, pool: CountingPool, writer, m
                     if reason:
                         break
         # Count what is already read before leaving (a stop request ends the reading only).
+        pool.flush()
         deadline = time.monotonic() + 30
         while not pool.idle and time.monotonic() < deadline:
             if pool.results.poll(100):

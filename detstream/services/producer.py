@@ -1,6 +1,9 @@
-"""Producer: one per sector. Sends each sector block as ``[header, payload]`` to the aggregator.
+"""Producer: one per sector. Sends its sector blocks in batches to the aggregator.
 
-The payload goes zero-copy (pyzmq ``copy=False``); a PUSH socket with a send high-water mark
+A batch (wire version 2: ``[headers, payloads]``) holds up to ``batch_blocks`` blocks, all of
+positions owned by one node (``position % nodes``), so the aggregator forwards it whole. The
+payloads are copied once into a reusable batch buffer, which goes zero-copy (pyzmq ``copy=False``)
+and is reused once ZeroMQ is done with it; a PUSH socket with a send high-water mark
 holds the producer back when the aggregator falls behind, which is the backpressure that
 bounds memory. A held-back send waits in slices of ``stop_check_s`` (SNDTIMEO), checking
 ``should_stop`` between them, and gives up after ``send_timeout_s``: no send blocks forever.
@@ -11,10 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .. import wire
 from . import security
@@ -40,14 +46,42 @@ class ProducerStats:
         }
 
 
+class BatchBuffers:
+    """Buffers a batch's payloads are joined into, each reused once ZeroMQ has sent it (its
+    MessageTracker is done): a fresh buffer per batch would page-fault every byte in anew."""
+
+    def __init__(self):
+        self._free: list[np.ndarray] = []
+        self._busy: deque = deque()
+
+    def join(self, blocks: list) -> memoryview:
+        """The blocks back to back in a free buffer (a view of exactly their bytes)."""
+        while self._busy and self._busy[0][1].done:
+            self._free.append(self._busy.popleft()[0])
+        n = sum(b.nbytes if hasattr(b, "nbytes") else len(b) for b in blocks)
+        buf = self._free.pop() if self._free and self._free[-1].nbytes >= n else np.empty(n, np.uint8)
+        off = 0
+        for b in blocks:
+            raw = np.frombuffer(b, np.uint8) if not hasattr(b, "view") else b.reshape(-1).view(np.uint8)
+            buf[off:off + raw.nbytes] = raw
+            off += raw.nbytes
+        self._pending = buf
+        return memoryview(buf)[:n]
+
+    def sent(self, tracker) -> None:
+        """The last joined buffer went out with ``tracker``; reusable once it is done."""
+        self._busy.append((self._pending, tracker))
+
+
 def _send(sock: zmq.Socket, parts, should_stop: Optional[Callable[[], bool]],
-          send_timeout_s: Optional[float]) -> bool:
-    """Send, waiting out backpressure one SNDTIMEO slice at a time; False if told to stop."""
+          send_timeout_s: Optional[float], track: bool = False):
+    """Send, waiting out backpressure one SNDTIMEO slice at a time; False if told to stop (with
+    ``track``, the message's tracker once sent)."""
     blocked_since = None
     while True:
         try:
-            sock.send_multipart(parts, copy=False)
-            return True
+            tracker = sock.send_multipart(parts, copy=False, track=track)
+            return tracker if track else True
         except zmq.Again:
             now = time.monotonic()
             blocked_since = blocked_since or now
@@ -57,14 +91,31 @@ def _send(sock: zmq.Socket, parts, should_stop: Optional[Callable[[], bool]],
                 raise TimeoutError(f"the aggregator took nothing for {send_timeout_s:g} s") from None
 
 
+def _await_hangup(monitor: zmq.Socket, timeout_s: float, stop_check_s: float,
+                  should_stop: Optional[Callable[[], bool]]) -> bool:
+    """Wait (bounded) until the aggregator hangs up, which it does once it has read our END: only
+    then is closing safe (libzmq can drop what a closing socket still had queued,
+    zeromq/libzmq#4660). True if it did."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if monitor.poll(int(stop_check_s * 1000)):
+            if recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                return True
+        elif should_stop is not None and should_stop():
+            return False
+    log.warning("the aggregator did not hang up within %g s of our END", timeout_s)
+    return False
+
+
 def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                  ctx: Optional[zmq.Context] = None, tee=None,
                  on_progress: Optional[Callable[[int], None]] = None,
                  should_stop: Optional[Callable[[], bool]] = None,
                  linger_s: float = 60.0, stop_check_s: float = 0.5,
                  send_timeout_s: Optional[float] = None, curve: Optional[security.Curve] = None,
-                 session_token: int = 0) -> ProducerStats:
-    """Stream ``source``'s sector ``sector`` to the aggregator at ``endpoint``.
+                 session_token: int = 0, batch_blocks: int = 1, nodes: int = 1) -> ProducerStats:
+    """Stream ``source``'s sector ``sector`` to the aggregator at ``endpoint``, ``batch_blocks``
+    blocks per message, each message for one of ``nodes`` nodes.
 
     ``tee``, if given, receives ``write(meta, block)`` for every block (the file path's writer).
     ``should_stop`` is checked between blocks, at most every ``stop_check_s``, and while a send
@@ -76,10 +127,38 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
     sock.setsockopt(zmq.SNDTIMEO, max(1, int(stop_check_s * 1000)))
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     sock.connect(endpoint)
-    stats = ProducerStats(sector=sector)
+    stats = ProducerStats(sector=sector, extra={"batch_blocks": batch_blocks})
     next_check = 0.0
     stopped = False
+    open_batches: list[tuple[list, list]] = [([], []) for _ in range(nodes)]  # per node: headers, blocks
+    buffers = BatchBuffers()
+    last_progress = 0
+
+    def send_batch(node: int) -> bool:
+        nonlocal last_progress
+        headers, blocks = open_batches[node]
+        if not blocks:
+            return True
+        if stats.first_send is None:
+            stats.first_send = time.time()
+        if len(blocks) == 1:
+            if not _send(sock, wire.batch_message(headers, blocks), should_stop, send_timeout_s):
+                return False
+        else:
+            tracker = _send(sock, [b"".join(headers), buffers.join(blocks)], should_stop, send_timeout_s, track=True)
+            if tracker is False:
+                return False
+            buffers.sent(tracker)
+        stats.frames_sent += len(blocks)
+        stats.bytes_sent += sum(b.nbytes if hasattr(b, "nbytes") else len(b) for b in blocks)
+        open_batches[node] = ([], [])
+        if on_progress is not None and stats.frames_sent - last_progress >= 256:
+            last_progress = stats.frames_sent
+            on_progress(stats.frames_sent)
+        return True
+
     try:
         for seq, (meta, block) in enumerate(source.iter_sector(sector)):
             if should_stop is not None and time.monotonic() >= next_check:
@@ -87,31 +166,36 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                 if should_stop():
                     log.warning("stop requested after %d blocks of sector %d", seq, sector)
                     break
-            header = wire.data_header(sector, meta.scan_number, meta.frame_number, meta.scan_width,
-                                      meta.scan_height, meta.x, meta.y, seq, session_token)
-            if stats.first_send is None:
-                stats.first_send = time.time()
-            if not _send(sock, [header, block], should_stop, send_timeout_s):
+            node = (meta.y * meta.scan_width + meta.x) % nodes
+            headers, blocks = open_batches[node]
+            headers.append(wire.data_header(sector, meta.scan_number, meta.frame_number, meta.scan_width,
+                                            meta.scan_height, meta.x, meta.y, seq, session_token))
+            blocks.append(block)
+            if tee is not None:
+                tee.write(meta, block)
+            if len(blocks) >= batch_blocks and not send_batch(node):
                 log.warning("stop requested after %d blocks of sector %d (held back)", seq, sector)
                 stopped = True
                 break
-            if tee is not None:
-                tee.write(meta, block)
-            stats.frames_sent += 1
-            stats.bytes_sent += block.nbytes if hasattr(block, "nbytes") else len(block)
-            if on_progress is not None and stats.frames_sent % 256 == 0:
-                on_progress(stats.frames_sent)
+        for node in range(nodes):  # what is left, then the END marker
+            if stopped or not send_batch(node):
+                stopped = True
+                break
         if not stopped:
             end = wire.end_header(sector, source.scan_number, source.scan_width, source.scan_height,
                                   stats.frames_sent, session_token)
             stopped = not _send(sock, [end, b""], should_stop, send_timeout_s)
         stats.last_send = time.time()
+        if not stopped:
+            _await_hangup(monitor, linger_s, stop_check_s, should_stop)
     except BaseException:
         stopped = True
         raise
     finally:
         if stopped:
             sock.setsockopt(zmq.LINGER, 0)  # nobody is reading: do not wait for them
+        sock.disable_monitor()
+        monitor.close(0)
         sock.close()
         if own_ctx:
             # Waits until queued blocks are delivered (LINGER, bounded): zero-copy payloads point

@@ -27,6 +27,7 @@ from ..states import TERMINAL_STATES
 from .aggregator import Aggregator
 from .distributor import Distributor
 from . import security
+from .endpoints import advertise, bind_base
 from .producer import run_producer
 from .segments import SegmentedPart
 
@@ -169,20 +170,26 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
         writer = (SegmentedPart(parts_dir, name, spec.profile.frame_shape) if spec.acks
                   else PartWriter(part_path, spec.profile.frame_shape))
     # A partial frame the aggregator may still complete must not be evicted: room for its window.
-    max_partial = max(256, spec.delivery_window) if spec.acks else 256
+    # Sectors may run apart by their queues (in blocks) and a batch per node.
+    max_partial = max(256, 4 * spec.send_hwm + 2 * spec.batch_blocks * spec.nodes)
+    if spec.acks:
+        max_partial = max(max_partial, spec.delivery_window)
     live = (LiveImages(spec.frames_expected, spec.profile.frame_shape, spec.virtual)
             if spec.virtual.live and spec.counting.enabled else None)
     dist = Distributor(spec.profile, spec.scan_width, spec.scan_height, node_index, spec.nodes,
                        spec.counting, workers=spec.workers_per_node, part_writer=writer,
-                       bind=f"tcp://{bind_host}:*", hwm=spec.send_hwm, max_partial_frames=max_partial,
+                       bind=bind_base(spec.transport, sid, bind_host), hwm=spec.hwm_messages, shards=spec.aggregators,
+                       max_partial_frames=max_partial,
                        stall_timeout_s=spec.stall_timeout_s, acks=spec.acks,
-                       segment_frames=spec.segment_frames, segment_seconds=spec.segment_seconds, live=live,
-                       curve=_curve(coord, spec, "distributor", bind_host))
+                       segment_frames=spec.segment_frames, segment_seconds=spec.segment_seconds,
+                       counting_mode=spec.counting_mode, live=live,
+                       curve=_curve(coord, spec, "distributor", bind_base(spec.transport, sid, bind_host)))
     dist.validator.expect_session(spec.scan_number, spec.session_token)
-    info = service_info(_advertise(dist.endpoint, bind_host, advertise_host), node_index=node_index,
+    info = service_info(advertise(dist.endpoint, bind_host, advertise_host), node_index=node_index,
                         curve=dist.guard is not None)
     if dist.ack_endpoint:
-        info["ack_endpoint"] = _advertise(dist.ack_endpoint, bind_host, advertise_host)
+        info["ack_endpoint"] = advertise(dist.ack_endpoint, bind_host, advertise_host)
+        info["ack_endpoints"] = [advertise(e, bind_host, advertise_host) for e in dist.ack_endpoints]
     try:
         with coord.lease(SERVICE_LEASE_TTL_S) as lease:
             coord.register_service(sid, "distributor", name, info, lease)
@@ -224,11 +231,11 @@ def finish_node(coord: Coordinator, spec: SessionSpec, name: str, report: dict, 
                   report_path(spec, "distributor", name))
 
 
-def _curve(coord: Coordinator, spec: SessionSpec, role: str, bind_host: Optional[str],
+def _curve(coord: Coordinator, spec: SessionSpec, role: str, bind: Optional[str],
            servers: list[tuple[str, dict]] = ()) -> Optional[security.Curve]:
-    """This service's CURVE: a server if its mode and bind host say so, a client of each server
-    whose etcd record says it uses CURVE; None when neither."""
-    serve = bind_host is not None and security.uses_curve(spec.security, f"tcp://{bind_host}:0")
+    """This service's CURVE: a server if its mode and what it binds (``bind``, None: nothing) say
+    so, a client of each server whose etcd record says it uses CURVE; None when neither."""
+    serve = bind is not None and security.uses_curve(spec.security, bind)
     curve_roles = {r for r, info in servers if info.get("curve")}
     if any(r in curve_roles and not info.get("curve") for r, info in servers):
         raise ValueError(f"the {role}'s servers disagree on CURVE: some of them use it, some do not")
@@ -237,38 +244,38 @@ def _curve(coord: Coordinator, spec: SessionSpec, role: str, bind_host: Optional
     return security.Curve(role, coord.public_keys(spec.session_id), serve=serve, servers=frozenset(curve_roles))
 
 
-def _advertise(endpoint: str, bind_host: str, advertise_host: Optional[str]) -> str:
-    """The endpoint as others reach it: the bound host replaced by the advertised one."""
-    return endpoint.replace(bind_host, advertise_host, 1) if advertise_host else endpoint
-
-
-
 def serve_aggregator(coord: Coordinator, sid: str, bind_host: str = "127.0.0.1",
-                     advertise_host: Optional[str] = None) -> dict:
-    """Wait for every node's distributor, then route the producers' sectors to them."""
+                     advertise_host: Optional[str] = None, shard: int = 0) -> dict:
+    """Wait for every node's distributor, then route the producers' sectors to them: all sectors,
+    or with ``spec.aggregators`` shards, shard ``shard``'s share of them."""
     spec = SessionSpec.model_validate(coord.get_spec(sid))
+    if not 0 <= shard < spec.aggregators:
+        raise ValueError(f"shard {shard} outside 0..{spec.aggregators - 1} for session {sid}")
     nodes = coord.wait_for_services(sid, "distributor", spec.nodes, spec.register_timeout_s)
     ordered = sorted(nodes.values(), key=lambda info: info["node_index"])
-    acks = [info["ack_endpoint"] for info in ordered] if spec.acks else None
+    acks = [info.get("ack_endpoints", [info.get("ack_endpoint")])[shard] for info in ordered] if spec.acks else None
     agg = Aggregator(spec.profile, spec.scan_width, spec.scan_height,
-                     [info["endpoint"] for info in ordered], bind=f"tcp://{bind_host}:*",
-                     hwm=spec.send_hwm, ack_endpoints=acks, window_frames=spec.delivery_window,
-                     node_timeout_s=spec.node_timeout_s,
-                     curve=_curve(coord, spec, "aggregator", bind_host, [("distributor", i) for i in ordered]))
+                     [info["endpoint"] for info in ordered],
+                     bind=bind_base(spec.transport, sid, bind_host),
+                     hwm=spec.hwm_messages, ack_endpoints=acks, window_frames=spec.delivery_window,
+                     node_timeout_s=spec.node_timeout_s, sectors=spec.shard_sectors(shard), shard=shard,
+                     curve=_curve(coord, spec, "aggregator", bind_base(spec.transport, sid, bind_host),
+                                  [("distributor", i) for i in ordered]))
     agg.validator.expect_session(spec.scan_number, spec.session_token)
-    info = service_info(_advertise(agg.endpoint, bind_host, advertise_host), curve=agg.guard is not None,
-                        sector_endpoints=[_advertise(e, bind_host, advertise_host) for e in agg.sector_endpoints])
+    info = service_info(advertise(agg.endpoint, bind_host, advertise_host), shard=shard, sectors=agg.own_sectors,
+                        curve=agg.guard is not None,
+                        sector_endpoints=[e and advertise(e, bind_host, advertise_host) for e in agg.sector_endpoints])
     try:
         with coord.lease(SERVICE_LEASE_TTL_S) as lease:
-            coord.register_service(sid, "aggregator", "0", info, lease)
+            coord.register_service(sid, "aggregator", str(shard), info, lease)
             link = EtcdLink(coord, sid, spec.scan_number, None, watch_nodes=True)
             try:
                 stats = agg.run(should_stop=link.should_stop, stall_timeout_s=spec.stall_timeout_s,
                                 node_check=link.registered_nodes)
             finally:
                 link.close()
-            report = stats.as_dict()
-            write_report(report_path(spec, "aggregator", "0"), report)
+            report = {**stats.as_dict(), "shard": shard, "sectors": agg.own_sectors}
+            write_report(report_path(spec, "aggregator", str(shard)), report)
             return report
     finally:
         agg.close()
@@ -280,8 +287,10 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
     if not 0 <= sector < spec.profile.sectors:
         raise ValueError(f"sector {sector} outside 0..{spec.profile.sectors - 1}")
     source = source_for_spec(spec)
-    agg = next(iter(coord.wait_for_services(sid, "aggregator", 1, spec.register_timeout_s).values()))
-    # Its own socket at the aggregator, so that the aggregator can hold back the sectors ahead.
+    shards = coord.wait_for_services(sid, "aggregator", spec.aggregators, spec.register_timeout_s)
+    # Its own socket at the aggregator shard routing its sector, so that the aggregator can hold
+    # back the sectors ahead.
+    agg = shards[str(spec.shard_of(sector))]
     sector_endpoints = agg.get("sector_endpoints")
     endpoint = sector_endpoints[sector] if sector_endpoints else agg["endpoint"]
     name = f"sector-{sector}"
@@ -295,7 +304,8 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
         log.info("sector %d: streaming %d frames to %s", sector, source.frames, endpoint)
         link = EtcdLink(coord, sid, spec.scan_number, None)  # stop checks off the send path
         try:
-            stats = run_producer(source, sector, endpoint, hwm=spec.send_hwm,
+            stats = run_producer(source, sector, endpoint, hwm=spec.hwm_messages,
+                                 batch_blocks=spec.batch_blocks, nodes=spec.nodes,
                                  should_stop=lambda: link.should_stop() is not None,
                                  send_timeout_s=spec.stall_timeout_s,
                                  curve=_curve(coord, spec, "producer", None, [("aggregator", agg)]),

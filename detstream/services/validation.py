@@ -4,61 +4,158 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from ..profile import DetectorProfile
-from ..wire import Header, Kind, MalformedMessage
+from ..wire import WIRE_VERSION, Kind, MalformedMessage, pack_headers, parse_headers
+
+
+def _buf(frame):
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+class Batch:
+    """The good blocks of one message: their headers (HEADER_DTYPE) and payloads, in order.
+
+    ``whole`` says every block was good, so the message may be forwarded exactly as received.
+    ``payloads`` (a memoryview per block, into the received frames) is made on first use only:
+    an aggregator that forwards the message whole never needs it.
+    """
+
+    __slots__ = ("parts", "headers", "whole", "_frames", "_good", "_nbytes", "_payloads", "_all_headers",
+                 "_positions")
+
+    def __init__(self, parts, headers: np.ndarray, whole: bool, frames=(), good=None, nbytes: int = 0,
+                 payloads: Optional[list] = None, all_headers: Optional[np.ndarray] = None,
+                 positions: Optional[np.ndarray] = None):
+        self.parts = parts
+        self.headers = headers
+        self.whole = whole
+        self._frames, self._good, self._nbytes, self._payloads = frames, good, nbytes, payloads
+        self._all_headers = all_headers
+        self._positions = positions
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Each block's scan position (y * scan_width + x), int64."""
+        if self._positions is None:
+            h = self.headers
+            self._positions = h["y"].astype(np.int64) * h["scan_width"] + h["x"]
+        return self._positions
+
+    @property
+    def payloads(self) -> list:
+        if self._payloads is None:
+            self._payloads = self._views()
+        return self._payloads
+
+    def _views(self) -> list:
+        bufs = [_buf(f) for f in self._frames]
+        ends = np.cumsum([len(b) for b in bufs])
+        heads = self.headers if self._good is None else self._all_headers
+        sizes = np.where(heads["kind"] == Kind.DATA, self._nbytes, 0)
+        starts = np.cumsum(sizes) - sizes
+        which = np.searchsorted(ends, starts, side="right")
+        views = []
+        for i, (f, start, size) in enumerate(zip(which.tolist(), starts.tolist(), sizes.tolist())):
+            if size == 0:
+                views.append(b"")
+            else:
+                off = start - (int(ends[f - 1]) if f else 0)
+                views.append(bufs[f][off:off + size])
+        return views if self._good is None else [views[i] for i in self._good.tolist()]
+
+    def subset(self, idx) -> "Batch":
+        """The blocks at ``idx`` (indices into this batch's good blocks), as a batch of their own."""
+        idx = np.asarray(idx, dtype=np.int64)
+        payloads = self.payloads
+        return Batch(None, self.headers[idx], False, payloads=[payloads[i] for i in idx.tolist()])
+
+    def message(self) -> list:
+        """The frames to forward: as received if whole, else rebuilt (the payloads not copied)."""
+        if self.whole and self.parts is not None:
+            return self.parts
+        return [pack_headers(self.headers), *self.payloads]
 
 
 class MessageValidator:
-    """Turns ``[header, payload]`` frames into a Header, or raises MalformedMessage with a reason."""
+    """Turns a message's frames into a Batch of its good blocks; names what is wrong with the rest."""
 
     def __init__(self, profile: DetectorProfile, scan_width: int, scan_height: int):
         self.profile = profile
         self.scan_width = scan_width
         self.scan_height = scan_height
         self.positions = scan_width * scan_height
+        self._scan_word = scan_width | scan_height << 16
         self.scan_number: Optional[int] = None
         self.session_token = 0
 
     def expect_session(self, scan_number: int, token: int) -> None:
-        """Reject from now on every message that names another scan or session (token)."""
+        """Reject from now on every block that names another scan or session (token)."""
         self.scan_number, self.session_token = scan_number, token
 
-    def check(self, parts) -> Header:
-        if len(parts) != 2:
-            raise MalformedMessage("wrong_part_count", f"{len(parts)} parts, expected 2 (header, payload)")
-        header = Header.unpack(parts[0].buffer if hasattr(parts[0], "buffer") else parts[0])
-        if header.sector >= self.profile.sectors:
-            raise MalformedMessage(
-                "sector_out_of_range", f"sector {header.sector}, detector has {self.profile.sectors}")
-        if (header.scan_width, header.scan_height) != (self.scan_width, self.scan_height):
-            raise MalformedMessage(
-                "frame_outside_scan",
-                f"header scan {header.scan_width}x{header.scan_height}, session scan "
-                f"{self.scan_width}x{self.scan_height}")
+    def check_batch(self, parts, reject: Callable[[MalformedMessage], None]) -> Batch:
+        """Validate every block of a (version 2) batch; each bad one goes to ``reject`` alone.
+
+        Raises MalformedMessage when the message as a whole cannot be read: its headers frame,
+        no payload frame, or payload bytes that do not pair with its headers (the data blocks,
+        back to back, each frame holding whole blocks).
+        """
+        heads = parse_headers(_buf(parts[0]))
+        n = len(heads)
+        frames = parts[1:]
+        if not frames:
+            raise MalformedMessage("wrong_part_count", f"{len(parts)} parts, expected a headers frame and payload")
+        kind = heads["kind"]
+        data = kind == Kind.DATA
+        nb = self.profile.sector_nbytes
+        sizes = [len(_buf(f)) for f in frames]
+        n_data = int(np.count_nonzero(data))
+        if sum(sizes) != n_data * nb or any(size % nb for size in sizes):
+            what = (f"payload {sizes[0]} bytes, profile {self.profile.name} sector is {nb}" if n == 1 and n_data
+                    else f"{Kind(int(kind[0])).name} marker with a {sizes[0]}-byte payload" if n == 1
+                    else f"payload frames of {sizes} bytes for {n_data} blocks of {nb}")
+            raise MalformedMessage("payload_size", what)
+        # The header as 8 little-endian u4 words: [0] version | kind << 8 | sector << 16,
+        # [1] scan number, [3] scan_width | scan_height << 16, [4] x | y << 16, [7] session
+        # token -- a few numpy operations per batch.
+        words = np.frombuffer(_buf(parts[0]), dtype="<u4").reshape(n, 8)
+        head, xy = words[:, 0], words[:, 4]
+        x, y = xy & 0xFFFF, xy >> 16
+        bad = (((head & 0xFF) != WIRE_VERSION) | ((head & 0xFF00) > (Kind.FIN << 8))
+               | ((head >> 16) >= self.profile.sectors) | (words[:, 3] != self._scan_word)
+               | (data & ((x >= self.scan_width) | (y >= self.scan_height))))
         if self.scan_number is not None:
-            if header.session != self.session_token:
-                raise MalformedMessage("wrong_session", f"session token {header.session:#010x}, this session's is "
-                                       f"{self.session_token:#010x}")
-            if header.scan_number != self.scan_number:
-                raise MalformedMessage("wrong_scan", f"scan {header.scan_number}, this session's is {self.scan_number}")
-        size = len(parts[1].buffer) if hasattr(parts[1], "buffer") else len(parts[1])
-        if header.kind is not Kind.DATA:
-            if size:
-                raise MalformedMessage("payload_size", f"{header.kind.name} marker with a {size}-byte payload")
-            return header
-        if header.x >= self.scan_width or header.y >= self.scan_height:
-            raise MalformedMessage(
-                "frame_outside_scan",
-                f"position ({header.x}, {header.y}) outside scan {self.scan_width}x{self.scan_height}")
-        if size != self.profile.sector_nbytes:
-            raise MalformedMessage(
-                "payload_size", f"payload {size} bytes, profile {self.profile.name} sector is "
-                f"{self.profile.sector_nbytes}")
-        return header
+            bad |= (words[:, 7] != self.session_token) | (words[:, 1] != self.scan_number)
+        if not bad.any():
+            return Batch(parts, heads, True, frames, None, nb, positions=y.astype(np.int64) * self.scan_width + x)
+        for i in np.flatnonzero(bad).tolist():
+            reject(self._reason(heads[i]))
+        good = np.flatnonzero(~bad)
+        return Batch(parts, heads[good], False, frames, good, nb, all_headers=heads)
+
+    def _reason(self, head) -> MalformedMessage:
+        """Why one block's header is bad (the first rule it breaks)."""
+        w, h = self.scan_width, self.scan_height
+        if head["version"] != WIRE_VERSION:
+            return MalformedMessage("unknown_version", f"header version {head['version']}, expected {WIRE_VERSION}")
+        if head["kind"] > Kind.FIN:
+            return MalformedMessage("unknown_kind", f"message kind {head['kind']}")
+        if head["sector"] >= self.profile.sectors:
+            return MalformedMessage("sector_out_of_range",
+                                    f"sector {head['sector']}, detector has {self.profile.sectors}")
+        if self.scan_number is not None and head["session"] != self.session_token:
+            return MalformedMessage("wrong_session", f"session token {int(head['session']):#010x}, this session's "
+                                    f"is {self.session_token:#010x}")
+        if self.scan_number is not None and head["scan_number"] != self.scan_number:
+            return MalformedMessage("wrong_scan", f"scan {int(head['scan_number'])}, this session's is "
+                                    f"{self.scan_number}")
+        if (head["scan_width"], head["scan_height"]) != (w, h):
+            return MalformedMessage("frame_outside_scan", f"header scan {head['scan_width']}x{head['scan_height']}, "
+                                    f"session scan {w}x{h}")
+        return MalformedMessage("frame_outside_scan", f"position ({head['x']}, {head['y']}) outside scan {w}x{h}")
 
 
 class SectorCopies:

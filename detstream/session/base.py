@@ -23,6 +23,7 @@ from ..etcd import CoordinationError
 from ..processes import ManagedProcess, detstream_argv
 from ..secretfiles import write_env_file
 from ..services import security
+from ..services.endpoints import remove_session_sockets
 from ..services.serve import SERVICE_LEASE_TTL_S
 from ..progress import report as report_progress
 from ..states import TERMINAL_STATES, SessionState
@@ -127,6 +128,8 @@ class Session:
         if self.overwrite:
             shutil.rmtree(out, ignore_errors=True)
         self.spec = with_simulator_dark(self.spec)
+        if self.spec.transport == "auto":  # the backend knows whether the nodes share this host
+            self.spec = self.spec.model_copy(update={"transport": self.backend.transport})
         self.paths.root.mkdir(parents=True, exist_ok=True)
         write_atomically(self.paths.spec, self.spec.model_dump_json(indent=2))
         self.coord.put_spec(self.sid, json.loads(self.spec.model_dump_json()))
@@ -418,6 +421,7 @@ class Session:
             self._in_etcd(self.coord.put_result, self.sid, result)
         self._in_etcd(self.coord.cleanup_session, self.sid)
         self.paths.node_env.unlink(missing_ok=True)
+        remove_session_sockets(self.sid)
         if state == SessionState.COMPLETED:
             self._in_etcd(self.coord.set_state, self.sid, state, reason)
         self._in_etcd(self.coord.unlock_detector, self.spec.detector, self.sid)

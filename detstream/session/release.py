@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 from ..backends.base import JobState, Reservation
 from ..coordination import Coordinator
+from ..services.endpoints import remove_session_sockets
 from ..states import TERMINAL_STATES, SessionState
 
 
@@ -40,5 +41,6 @@ def release_session(coord: Coordinator, sid: str, state: SessionState, reason: s
                 coord.put_job(sid, json.loads(res.model_dump_json()))
     spec = coord.get_spec(sid) or {}
     coord.cleanup_session(sid)
+    remove_session_sockets(sid)  # the local services' ipc socket folder, if this host had one
     if spec.get("detector"):
         coord.unlock_detector(spec["detector"], sid)

@@ -47,8 +47,10 @@ class StreamingSession(Session):
         t0 = time.time()
         nodes = self._await_nodes(self.spec.register_timeout_s)
         self.timings["register_s"] = time.time() - t0
-        self.aggregator = self._start_local("aggregator", "0")
-        self.coord.wait_for_services(self.sid, "aggregator", 1, self.spec.register_timeout_s)
+        self.aggregators = [self._start_local("aggregator", str(k), "--shard", str(k))
+                            for k in range(self.spec.aggregators)]
+        self.aggregator = self.aggregators[0]
+        self.coord.wait_for_services(self.sid, "aggregator", self.spec.aggregators, self.spec.register_timeout_s)
         self.producers = [self._start_local("producer", str(s), "--sector", str(s))
                           for s in range(self.spec.profile.sectors)]
         return nodes

@@ -167,3 +167,25 @@ def test_nothing_outlives_a_killed_orchestrator_and_salvage_accounts_for_every_f
     assert not set(summary["missing_positions"]) & set(summary["partial_positions"])
     assert r.prefix_coord.get_state(r.sid) == "abandoned"
     assert not list((r.out / r.sid / "parts").rglob("*.partial"))
+
+
+def test_run_with_two_aggregator_shards_completes_with_every_frame(run, tmp_path):
+    """``detstream run --aggregators 2``: two shards (sectors 0-1 and 2-3) registered in etcd like
+    the other services, each feeding both nodes; every frame counted, the account complete."""
+    r = run("--scan", "24x24", "--detector", "testcam", "--aggregators", "2", "--json", str(tmp_path / "s.json"))
+    seen = {}
+    deadline = time.monotonic() + 180
+    while r.proc.poll() is None and time.monotonic() < deadline:
+        shards = r.prefix_coord.services(r.sid, "aggregator")
+        if len(shards) == 2:
+            seen = shards
+        time.sleep(0.05)
+    assert r.proc.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, r.output()
+    assert sorted(seen) == ["0", "1"] and [seen[k]["sectors"] for k in ("0", "1")] == [[0, 1], [2, 3]]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["state"] == "completed" and summary["frames_counted"] == 24 * 24
+    assert summary["frames_missing"] == 0 and summary["rejected"] == {}
+    for k in ("0", "1"):
+        report = json.loads((r.out / r.sid / "services" / f"aggregator-{k}.json").read_text())
+        assert report["finish_reason"] == "complete" and report["lost_positions"] == []
+        assert report["end_markers"] == 2

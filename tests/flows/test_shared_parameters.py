@@ -21,7 +21,7 @@ def test_both_session_flows_take_the_shared_parameters_and_their_own():
     shared = list(P.SHARED.parameters)
     assert [n for n in _names(streaming_session) if n in shared] == shared
     assert [n for n in _names(file_transfer_session) if n in shared] == shared
-    assert set(_names(streaming_session)) - set(shared) == {"fallback", "fallback_backend"}
+    assert set(_names(streaming_session)) - set(shared) == {"fallback", "fallback_backend", "aggregators"}
     assert _names(streaming_session).index("fallback") == shared.index("backend") + 1
     assert _names(file_transfer_session)[len(shared):] == ["keep_raw_files", "fallback_reason", "fell_back_from"]
     compared = inspect.signature(compare_workflows).parameters

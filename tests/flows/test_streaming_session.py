@@ -107,6 +107,9 @@ def test_keys_live_during_the_session_and_vanish_after(tmp_path, etcd_server):
         if "keys" not in seen:
             seen["keys"] = coord.session_keys(sid)
             seen["lock"] = coord.lock_holder("4dcamera")
+            ep = json.loads(seen["keys"].get("services/distributor/node-0", "{}")).get("endpoint", "")
+            if ep.startswith("ipc://"):
+                seen["socket_dir_mode"] = os.stat(os.path.dirname(ep[len("ipc://"):])).st_mode & 0o777
     progress.LISTENERS.append(listener)
     try:
         summary, _ = _run(tmp_path, etcd_server, scan_width=8, scan_height=8, session_id=sid,
@@ -119,7 +122,10 @@ def test_keys_live_during_the_session_and_vanish_after(tmp_path, etcd_server):
     assert json.loads(keys["scans/1/expected"]) == 64
     assert {"services/distributor/node-0", "services/distributor/node-1", "services/aggregator/0"} <= set(keys)
     node0 = json.loads(keys["services/distributor/node-0"])
-    assert node0["endpoint"].startswith("tcp://127.0.0.1:") and node0["pid"] > 0
+    # The local backend's nodes share this host: ipc, in a private folder removed with the session.
+    assert node0["endpoint"].startswith("ipc://") and node0["pid"] > 0
+    assert seen["socket_dir_mode"] == 0o700
+    assert not os.path.exists(os.path.dirname(node0["endpoint"][len("ipc://"):]))
     _no_leftovers(coord, sid)
     states = [e["state"] for e in coord.events(sid)]
     assert states == ["requested", "reserving", "starting", "streaming", "draining", "completed"]

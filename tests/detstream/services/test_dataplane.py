@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 import time
 
@@ -27,25 +29,45 @@ class Collected:
 
     def add(self, position, events):
         assert position not in self.events
-        self.events[position] = events
+        self.events[position] = np.array(events)  # a copy: the view would keep the message
 
 
 class Pipeline:
-    """Distributors + aggregator on threads in this process, every socket real."""
+    """Distributors + aggregator on threads in this process, every socket real; with ``acks``,
+    acknowledged delivery (the sessions' default)."""
 
     def __init__(self, profile, w, h, nodes, counting=CountingParams(enabled=False), stall=10.0,
-                 hwm=64):
+                 hwm=64, bind="tcp://127.0.0.1:*", acks=False, window=64, counting_mode="processes", shards=1,
+                 max_partial=256):
         self.ctx = zmq.Context()
         self.parts = [Collected() for _ in range(nodes)]
         self.dists = [Distributor(profile, w, h, i, nodes, counting, workers=1, part_writer=self.parts[i],
-                                  ctx=self.ctx, stall_timeout_s=stall, hwm=hwm) for i in range(nodes)]
-        self.agg = Aggregator(profile, w, h, [d.endpoint for d in self.dists], ctx=self.ctx, hwm=hwm)
+                                  ctx=self.ctx, stall_timeout_s=stall, hwm=hwm, bind=bind, acks=acks,
+                                  segment_seconds=0.05, counting_mode=counting_mode, shards=shards,
+                                  max_partial_frames=max_partial)
+                      for i in range(nodes)]
+        share = np.array_split(np.arange(profile.sectors), shards)  # shard k: sectors share[k]
+        self.aggs = [Aggregator(profile, w, h, [d.endpoint for d in self.dists], ctx=self.ctx, hwm=hwm, bind=bind,
+                                ack_endpoints=[d.ack_endpoints[k] for d in self.dists] if acks else None,
+                                window_frames=window, linger_s=1.0, sectors=share[k].tolist(), shard=k)
+                     for k in range(shards)]
+        self.agg = self.aggs[0]
+        #: Per sector, its socket at the shard that routes it.
+        self.sector_endpoints = [next(a.sector_endpoints[s] for a in self.aggs if a.sector_endpoints[s])
+                                 for s in range(profile.sectors)]
         self.results = {}
         self.threads = [threading.Thread(target=lambda d=d: self.results.__setitem__(d.node_index, d.run()),
                                          daemon=True) for d in self.dists]
-        self.threads.append(threading.Thread(target=self.agg.run, kwargs={"stall_timeout_s": stall}, daemon=True))
+        self.threads += [threading.Thread(target=lambda k=k, a=a: self.results.__setitem__(
+            "agg" if k == 0 else f"agg-{k}", a.run(stall_timeout_s=stall, fin_wait_s=1.0)), daemon=True)
+            for k, a in enumerate(self.aggs)]
         for t in self.threads:
             t.start()
+
+    def produce(self, source, batch=1, slow=None):
+        """Stream every sector of ``source``, ``batch`` blocks per message (``slow``: sector -> a source)."""
+        _produce(source, self.sector_endpoints, self.ctx, range(source.profile.sectors), batch, len(self.dists),
+                 sources=slow)
 
     def join(self, timeout=60):
         for t in self.threads:
@@ -53,8 +75,17 @@ class Pipeline:
             assert not t.is_alive(), "pipeline did not finish"
         return [self.results[i] for i in range(len(self.dists))]
 
+    def events(self) -> dict[int, np.ndarray]:
+        """Every node's counted events by position (each position on one node only)."""
+        out = {}
+        for part in self.parts:
+            assert not set(out) & set(part.events)
+            out.update(part.events)
+        return out
+
     def close(self):
-        self.agg.close()
+        for a in self.aggs:
+            a.close()
         for d in self.dists:
             d.close()
         self.ctx.destroy(linger=0)
@@ -62,9 +93,13 @@ class Pipeline:
 
 @pytest.fixture
 def pipelines():
-    made = []
+    """Make Pipelines (transport="ipc": in a private temp folder); all closed and removed at the end."""
+    made, dirs = [], []
 
-    def make(*args, **kw):
+    def make(*args, transport="tcp", **kw):
+        if transport == "ipc":
+            dirs.append(tempfile.mkdtemp(prefix="ds-"))
+            kw["bind"] = f"ipc://{dirs[-1]}"
         p = Pipeline(*args, **kw)
         made.append(p)
         return p
@@ -72,10 +107,17 @@ def pipelines():
     yield make
     for p in made:
         p.close()
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
 
 
-def _produce(src, endpoint, ctx, sectors):
-    threads = [threading.Thread(target=run_producer, args=(src, s, endpoint), kwargs={"ctx": ctx})
+def _produce(src, endpoint, ctx, sectors, batch=1, nodes=1, sources=None):
+    """One producer thread per sector; ``endpoint`` is one for all, or a list (one per sector);
+    ``sources`` may give some sectors a source of their own."""
+    sources = sources or {}
+    threads = [threading.Thread(target=run_producer, args=(sources.get(s, src), s,
+                                                           endpoint if isinstance(endpoint, str) else endpoint[s]),
+                                kwargs={"ctx": ctx, "batch_blocks": batch, "nodes": nodes})
                for s in sectors]
     for t in threads:
         t.start()
@@ -193,19 +235,124 @@ def test_backpressure_blocks_the_producer_and_memory_stays_bounded():
         t.join(3.0)
         assert t.is_alive(), "producer sent the whole scan into a node that never reads"
         got = 0
-        while sink.poll(100):                                 # now drain: everything arrives
-            sink.recv_multipart()
-            got += 1
         deadline = time.monotonic() + 30
-        while t.is_alive() and time.monotonic() < deadline:
+        while got < 64 * 64 + 1 and time.monotonic() < deadline:  # now drain: everything arrives
             if sink.poll(100):
                 sink.recv_multipart()
                 got += 1
-        t.join(5)
-        assert not t.is_alive()
-        while sink.poll(200):
-            sink.recv_multipart()
-            got += 1
         assert got == 64 * 64 + 1                              # every block and the END marker
+        assert t.is_alive()                                    # it waits for the reader to hang up...
+        sink.close(0)
+        t.join(10)
+        assert not t.is_alive()                                # ...and then closes
     finally:
         ctx.destroy(linger=0)
+
+
+# --------------------------------------------------------------------------- batches (wire v2) and ipc
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    sim = Simulator(NCEM_4D_CAMERA, 7, 5, seed=11, pool_size=6)
+    path = tmp_path_factory.mktemp("dark") / "dark.npy"
+    np.save(path, sim.dark_reference())
+    return sim, CountingParams(dark_reference=path)
+
+
+def _stream(pipelines, scan, batch, transport, nodes=2, counting_mode="processes", shards=1, slow=None):
+    sim, counting = scan
+    p = pipelines(sim.profile, sim.scan_width, sim.scan_height, nodes, counting, transport=transport,
+                  acks=True, stall=20.0, counting_mode=counting_mode, shards=shards, window=16)
+    if transport == "ipc":
+        assert p.agg.endpoint.startswith("ipc://") and p.dists[0].endpoint.startswith("ipc://")
+    p.produce(sim, batch, slow=slow)
+    res = p.join()
+    for name in ["agg", *(f"agg-{k}" for k in range(1, shards))]:
+        agg = p.results[name]
+        assert agg.lost == [] and agg.finish_reason == "complete" and agg.rejected == {}, name
+    assert all(r.partial == [] and r.fin for r in res)
+    assert sum(r.frames_counted for r in res) == sim.frames
+    return p.events(), res
+
+
+@pytest.mark.e2e  # four data planes with counting processes or threads: too slow for test-fast
+def test_batched_and_ipc_give_the_events_of_the_unbatched_tcp_path(pipelines, scan):
+    """Batched (tcp, counted in threads), batched ipc (worker processes) and 2 aggregator shards:
+    the events, position by position, of one block per message through one aggregator over tcp."""
+    sim, _ = scan
+    reference, _ = _stream(pipelines, scan, 1, "tcp")
+    assert sorted(reference) == list(range(sim.frames))
+    dark = sim.dark_reference()
+    np.testing.assert_array_equal(reference[3], count_frame(sim.frame(3), dark, None, 12.0, 2000.0))
+    for batch, transport, mode, shards in [(8, "tcp", "threads", 1), (5, "ipc", "processes", 1), (4, "ipc", "threads", 2)]:
+        got, res = _stream(pipelines, scan, batch, transport, counting_mode=mode, shards=shards)
+        assert sorted(got) == sorted(reference)
+        for pos in reference:
+            np.testing.assert_array_equal(got[pos], reference[pos], err_msg=f"{batch} {transport} {mode} {shards}: {pos}")
+        assert res[0].rejected == {}
+
+
+def test_a_bad_block_inside_a_batch_is_rejected_alone(pipelines):
+    prof = SMALL_TEST_CAMERA
+    w, h = 4, 2
+    p = pipelines(prof, w, h, 1, acks=True)
+    senders = []
+    for ep in p.agg.sector_endpoints:
+        s = p.ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 2000)
+        s.connect(ep)
+        senders.append(s)
+    good = np.zeros(prof.sector_shape, np.uint16).tobytes()
+    hdr = lambda s, pos, x=None, sector=None: wire.data_header(
+        s if sector is None else sector, 1, pos + 1, w, h, pos % w if x is None else x, pos // w, pos)
+    # Sector 0's batch: position 2's block names sector 9, the 4th block lies outside the scan.
+    senders[0].send_multipart(wire.batch_message([hdr(0, 0), hdr(0, 1), hdr(0, 2, sector=9), hdr(0, 3, x=9)],
+                                                 [good] * 4))
+    senders[0].send_multipart(wire.batch_message([hdr(0, p) for p in range(4, 8)], [good] * 4))
+    # A batch whose payload bytes do not pair with its headers cannot be read: rejected whole.
+    senders[0].send_multipart([hdr(0, 5) + hdr(0, 6), good])
+    for sector in range(1, prof.sectors):
+        senders[sector].send_multipart(wire.batch_message([hdr(sector, p) for p in range(8)], [good] * 8))
+    for sector, s in enumerate(senders):
+        s.send_multipart([wire.end_header(sector, 1, w, h, 8), b""])
+    (res,) = p.join()
+    for s in senders:
+        s.close(0)
+    agg = p.results["agg"]
+    assert agg.rejected == {"sector_out_of_range": 1, "frame_outside_scan": 1, "payload_size": 1}
+    assert res.frames_received == 6 and res.rejected == {}    # every position but 2 and 3
+    assert sorted(agg.lost) == [2, 3] and agg.lost_reasons == {"incomplete": 2}
+
+
+class Slowed:
+    """A source whose blocks come ``delay_s`` apart: a producer that lags the others."""
+
+    def __init__(self, source, delay_s):
+        self.source, self.delay_s = source, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def iter_sector(self, sector):
+        for item in self.source.iter_sector(sector):
+            time.sleep(self.delay_s)
+            yield item
+
+
+def test_sharded_aggregators_keep_the_sectors_in_step_behind_a_slow_producer(pipelines):
+    """Two shards (sectors 0-1, 2-3); sector 3's producer is slowed to a crawl. The fast shard's
+    window (16 positions) holds it back: the nodes never hold more partial frames than the
+    windows allow, none is evicted, every frame arrives whole."""
+    prof = SMALL_TEST_CAMERA
+    sim = Simulator(prof, 24, 16, seed=4, pool_size=4)
+    window = 16
+    p = pipelines(prof, 24, 16, 2, acks=True, shards=2, window=window, hwm=4, max_partial=48, stall=30.0)
+    t0 = time.monotonic()
+    p.produce(sim, batch=4, slow={3: Slowed(sim, 0.002)})
+    res = p.join()
+    assert time.monotonic() - t0 > 384 * 0.002               # the slow sector did set the pace
+    assert sum(r.frames_received for r in res) == 384
+    assert all(r.partial == [] and r.missing == [] and r.fin for r in res)
+    # Bounded skew: at most the fast shard's window (twice it, for its own lagging sectors) plus a batch.
+    assert max(r.partial_peak for r in res) <= 2 * window + 4
+    for name in ("agg", "agg-1"):
+        assert p.results[name].lost == [] and p.results[name].window_peak <= 2 * window + 4

@@ -297,8 +297,9 @@ class Services:
         for i in range(self.spec.nodes):
             self._start("distributor", f"node-{i}", "--node-index", str(i))
         self.coord.wait_for_services(self.sid, "distributor", self.spec.nodes, 60)
-        self._start("aggregator", "0")
-        self.coord.wait_for_services(self.sid, "aggregator", 1, 60)
+        for k in range(self.spec.aggregators):
+            self._start("aggregator", str(k), "--shard", str(k))
+        self.coord.wait_for_services(self.sid, "aggregator", self.spec.aggregators, 60)
         for s in range(PROFILE.sectors):
             self._start("producer", str(s), "--sector", str(s))
         # Counting workers included, to check all are gone at the end (a killed distributor's
@@ -406,12 +407,13 @@ def test_every_position_once_with_acks_and_fin(services, wait_until):
 
 
 @pytest.mark.chaos
-@pytest.mark.parametrize("nodes", [2, 4])
-def test_a_node_killed_mid_scan_loses_nothing(services, wait_until, nodes):
+@pytest.mark.parametrize("nodes, aggregators", [(2, 1), (4, 1), (2, 2)])
+def test_a_node_killed_mid_scan_loses_nothing(services, wait_until, nodes, aggregators):
     """kill -9 of one node once it has assembled 200 frames and committed a segment: what it
     acknowledged is read from its segments, its unacknowledged frames and its later positions
-    go to the others; every position is in the merge exactly once."""
-    s = services(nodes=nodes, width=128, height=96).start()  # long enough that the kill lands mid-scan
+    go to the others; every position is in the merge exactly once. With two aggregator shards,
+    each re-routes its own sectors of the lost node's positions, to the same node."""
+    s = services(nodes=nodes, width=128, height=96, aggregators=aggregators).start()  # the kill lands mid-scan
     victim = s.procs["distributor-node-1"]
     segments = s.spec.session_dir / "parts" / "node-1"
     wait_until(lambda: s.received(1) >= 200 and any(segments.glob("seg-*.h5")), timeout_s=60,
@@ -422,13 +424,14 @@ def test_a_node_killed_mid_scan_loses_nothing(services, wait_until, nodes):
         victim.signal_group(signal.SIGKILL)         # the whole node
         s.node_wiped = True
     s.wait_exit([n for n in s.procs if n != "distributor-node-1"], wait_until)
-    agg = s.report("aggregator", "0")
-    assert agg["finish_reason"] == "complete" and agg["lost_positions"] == []
-    assert [n["node"] for n in agg["nodes_lost"]] == [1] and agg["rerouted_positions"]
-    assert agg["fin_sent_to"] == [n for n in range(nodes) if n != 1]
-    assert sum(agg["positions_acked_per_node"]) == s.spec.frames_expected
+    for k in range(aggregators):
+        agg = s.report("aggregator", str(k))
+        assert agg["finish_reason"] == "complete" and agg["lost_positions"] == []
+        assert [n["node"] for n in agg["nodes_lost"]] == [1] and agg["rerouted_positions"]
+        assert agg["fin_sent_to"] == [n for n in range(nodes) if n != 1]
+        assert sum(agg["positions_acked_per_node"]) == s.spec.frames_expected
+        assert agg["positions_acked_per_node"][1] > 0  # merged from the dead node's segments
     assert not (s.spec.session_dir / "services" / "distributor-node-1.json").exists()
-    assert agg["positions_acked_per_node"][1] > 0  # merged from the dead node's segments
     s.check_counted_once()
 
 
@@ -461,7 +464,8 @@ def test_a_counting_worker_paused_at_the_end_of_the_scan_still_counts_everything
     Queues and window are made deep enough to take the rest of the scan, so the producers finish
     and the aggregator has every END while node 0 still holds frames it cannot count; the
     aggregator waits for them (no tail dropped at exit), nothing is lost or re-routed."""
-    s = services(nodes=2, width=64, height=64, node_timeout_s=60.0, send_hwm=16384, window_frames=4096)
+    s = services(nodes=2, width=64, height=64, node_timeout_s=60.0, send_hwm=16384, window_frames=4096,
+                 counting_mode="processes")
     s.start()
     share = s.share(0)
     wait_until(lambda: s.received(0) >= share // 4, timeout_s=60, what="node 0 a quarter through")
