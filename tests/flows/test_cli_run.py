@@ -111,6 +111,18 @@ def _session_processes(sid: str) -> list[psutil.Process]:
     return found
 
 
+def _described(procs: list[psutil.Process]) -> list[str]:
+    """What each process is, for a failure message: pid, parent, age and command line."""
+    out = []
+    for p in procs:
+        try:
+            out.append(f"{p.pid} (parent {p.ppid()}, {time.time() - p.create_time():.0f} s old): "
+                       f"{' '.join(p.cmdline())[:200]}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def _orphan_prefect_servers(since: float) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline", "create_time"]):
@@ -152,8 +164,11 @@ def test_nothing_outlives_a_killed_orchestrator_and_salvage_accounts_for_every_f
     killed_at = time.monotonic()
     r.proc.kill()
     r.proc.wait()
-    wait_until(lambda: not _session_processes(r.sid) and not _orphan_prefect_servers(r.started),
-               timeout_s=30, what="every process of the killed run to stop")
+    left = lambda: _session_processes(r.sid) + _orphan_prefect_servers(r.started)  # noqa: E731
+    try:
+        wait_until(lambda: not left(), timeout_s=30, what="every process of the killed run to stop")
+    except BaseException:
+        pytest.fail(f"still running 30 s after the kill: {_described(left())}")
     assert time.monotonic() - killed_at < 30
     wait_until(lambda: r.prefix_coord.lock_holder("4dcamera") is None, timeout_s=15, what="the lock lease to expire")
 

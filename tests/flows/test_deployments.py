@@ -77,7 +77,7 @@ def test_deploy_registers_the_deployments(prefect_deployments):
             "detstream-detector-profile"
         assert props["scan_width"]["anyOf"][0]["type"] == "integer"
         assert props["scan_height"]["anyOf"][0]["type"] == "integer"
-        assert props["backend"]["enum"] == ["local", "sfapi"]
+        assert props["backend"]["enum"] == ["local", "sfapi", "slurm"]
     nightly = deps[NIGHTLY]
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == [
         ("30 3 * * *", "America/Los_Angeles", True)]

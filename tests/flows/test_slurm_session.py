@@ -259,6 +259,9 @@ def test_a_killed_orchestrator_leaves_no_slurm_job(slurm, tmp_path, etcd_server,
         proc.wait()
     wait_until(lambda: not slurm.jobs() and not slurm.job_processes(), timeout_s=40,
                what="the Slurm job and its processes to end after the orchestrator died")
-    from test_cli_run import _session_processes
+    from test_cli_run import _described, _session_processes
 
-    wait_until(lambda: not _session_processes(sid), timeout_s=20, what="the orchestrator's local services to stop")
+    try:
+        wait_until(lambda: not _session_processes(sid), timeout_s=20, what="the orchestrator's local services to stop")
+    except BaseException:
+        pytest.fail(f"still running 20 s after the Slurm job ended: {_described(_session_processes(sid))}")
