@@ -166,7 +166,7 @@ def end_header(sector: int, scan_number: int, scan_width: int, scan_height: int,
                         session)
 
 
-def fin_header(scan_number: int, scan_width: int, scan_height: int, acked: int, shard: int = 0,
+def fin_header(scan_number: int, scan_width: int, scan_height: int, acked: int, *, shard: int = 0,
                session: int = 0) -> bytes:
     """FIN: every position is acknowledged, the node may exit; ``acked`` is how many it acknowledged.
     Its sector field carries the aggregator shard's index (a node waits for every shard's FIN)."""

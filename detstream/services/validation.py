@@ -103,11 +103,11 @@ class MessageValidator:
         no payload frame, or payload bytes that do not pair with its headers (the data blocks,
         back to back, each frame holding whole blocks).
         """
+        if len(parts) < 2:
+            raise MalformedMessage("wrong_part_count", f"{len(parts)} parts, expected a headers frame and payload")
         heads = parse_headers(_buf(parts[0]))
         n = len(heads)
         frames = parts[1:]
-        if not frames:
-            raise MalformedMessage("wrong_part_count", f"{len(parts)} parts, expected a headers frame and payload")
         kind = heads["kind"]
         data = kind == Kind.DATA
         nb = self.profile.sector_nbytes

@@ -247,7 +247,11 @@ class Session:
                 raise SessionError(f"detector {self.spec.detector} was taken by session {self.lock_lost} "
                                    "while etcd had lost this session's lease")
             if self.scan_finished():
-                return self.progress()
+                final = self.progress()  # what every node reported, shown once more at the end
+                report_progress(final)
+                if on_progress is not None:
+                    on_progress(final)
+                return final
             failed = [p for p in self.local if p.poll() not in (None, 0)]
             if failed:
                 names = ", ".join(f"{p.name} (exit {p.poll()}): {p.log_tail(3)}" for p in failed)

@@ -59,14 +59,19 @@ def test_the_header_parser_returns_a_header_or_names_what_is_wrong(buf):
 def test_a_service_never_crashes_on_a_message_it_gets(parts):
     v = MessageValidator(PROFILE, 4, 4)
     v.expect_session(1, 77)
+    reasons = {"wrong_part_count", "short_header", "unknown_version", "unknown_kind", "sector_out_of_range",
+               "frame_outside_scan", "payload_size", "wrong_session", "wrong_scan"}
+    rejected = []
     try:
-        header = v.check(parts)
+        batch = v.check_batch(parts, rejected.append)
     except MalformedMessage as err:
-        assert err.reason in {"wrong_part_count", "short_header", "unknown_version", "unknown_kind",
-                              "sector_out_of_range", "frame_outside_scan", "payload_size", "wrong_session",
-                              "wrong_scan"}
+        assert err.reason in reasons
         return
-    assert header.session == 77 and header.position < 16
+    assert {err.reason for err in rejected} <= reasons
+    # What passes is this session's, inside the scan, with a payload of its own for each data block.
+    assert all(h["session"] == 77 and h["scan_number"] == 1 for h in batch.headers)
+    assert all(p < 16 for p in batch.positions.tolist())
+    assert len(batch.payloads) == len(batch.headers)
 
 
 @FAST

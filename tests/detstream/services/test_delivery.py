@@ -439,7 +439,9 @@ def test_a_node_killed_mid_scan_loses_nothing(services, wait_until, nodes, aggre
 def test_a_stopped_node_is_fenced_and_its_late_copies_are_dropped(services, wait_until):
     """SIGSTOP of a node mid-scan: the aggregator finds no progress, re-routes, finishes without
     it; once continued, the node finds the aggregator gone, commits what it counted and exits."""
-    s = services(nodes=2, width=64, height=48, node_timeout_s=2.0).start()
+    # A scan long enough that node 1 is stopped well before its share has all been sent to it
+    # (batches and ipc move a small scan whole within the half second progress takes to show).
+    s = services(nodes=2, width=128, height=96, node_timeout_s=2.0).start()
     victim = s.procs["distributor-node-1"]
     wait_until(lambda: s.received(1) >= 200, timeout_s=60, what="node 1 to assemble 200 frames")
     victim.signal_group(signal.SIGSTOP)
