@@ -466,11 +466,13 @@ def test_a_counting_worker_paused_at_the_end_of_the_scan_still_counts_everything
     Queues and window are made deep enough to take the rest of the scan, so the producers finish
     and the aggregator has every END while node 0 still holds frames it cannot count; the
     aggregator waits for them (no tail dropped at exit), nothing is lost or re-routed."""
-    s = services(nodes=2, width=64, height=64, node_timeout_s=60.0, send_hwm=16384, window_frames=4096,
+    # A scan long enough that node 0 is a quarter through well before its end, with queues and a
+    # window that take all of it (batches move a small scan whole in about a second).
+    s = services(nodes=2, width=128, height=128, node_timeout_s=60.0, send_hwm=65536, window_frames=16384,
                  counting_mode="processes")
     s.start()
     share = s.share(0)
-    wait_until(lambda: s.received(0) >= share // 4, timeout_s=60, what="node 0 a quarter through")
+
     def workers():
         found = []
         for p in _tree(s.procs["distributor-node-0"])[1:]:
@@ -480,7 +482,8 @@ def test_a_counting_worker_paused_at_the_end_of_the_scan_still_counts_everything
             except psutil.NoSuchProcess:  # a helper process that came and went while we looked
                 pass
         return found
-    worker = wait_until(lambda: workers() or None, timeout_s=10, what="node 0's counting worker to be listed")
+    worker = wait_until(lambda: workers() or None, timeout_s=30, what="node 0's counting worker to be listed")
+    wait_until(lambda: s.received(0) >= share // 4, timeout_s=60, what="node 0 a quarter through")
     assert len(worker) == 1
     worker[0].send_signal(signal.SIGSTOP)
     try:
