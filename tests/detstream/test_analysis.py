@@ -14,7 +14,7 @@ import detstream.analysis as dsa
 from detstream.output import PartWriter, merge_parts, write_counts
 from detstream.session_dir import SessionDir
 
-pytestmark = pytest.mark.unit
+# Unmarked tests here are unit tests (tests/conftest.py); the whole-pipeline one is e2e.
 
 WIDTH, HEIGHT, FRAME = 12, 10, (72, 80)
 
@@ -43,6 +43,7 @@ def session(tmp_path_factory):
     return root
 
 
+@pytest.mark.e2e  # a whole multi-process pipeline: not in make test-fast
 def test_py4dstem_opens_the_result_and_its_virtual_images_equal_detstreams(session):
     dc = dsa.open_datacube(session)
     assert dc.data.shape == (HEIGHT, WIDTH, *FRAME)

@@ -17,7 +17,7 @@ from detstream.services.producer import run_producer
 from detstream.services.security import Curve, public_keys, session_keys, uses_curve
 from detstream.sources import Simulator
 
-pytestmark = pytest.mark.unit
+# Unmarked tests here are unit tests (tests/conftest.py); the whole-pipeline one is e2e.
 
 PROFILE, W, H = SMALL_TEST_CAMERA, 4, 4
 
@@ -124,6 +124,7 @@ def test_modes_by_name_and_by_where_a_socket_listens():
         Curve("distributor", {}, serve=True, environ={}).secret()
 
 
+@pytest.mark.e2e  # a whole multi-process pipeline: not in make test-fast
 def test_forged_sectors_without_the_sessions_key_deliver_nothing(pipelines, wait_until):
     env = session_keys()
     sim = Simulator(PROFILE, W, H, seed=7)

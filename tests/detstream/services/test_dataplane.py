@@ -125,6 +125,7 @@ def _produce(src, endpoint, ctx, sectors, batch=1, nodes=1, sources=None):
         t.join(60)
 
 
+@pytest.mark.e2e  # a whole multi-process pipeline: not in make test-fast
 def test_every_frame_reaches_its_node_and_is_counted(pipelines):
     sim = Simulator(NCEM_4D_CAMERA, 6, 5, seed=2, pool_size=8)
     dark = sim.dark_reference()
@@ -218,6 +219,7 @@ def test_a_stalled_stream_ends_with_what_arrived(pipelines):
     assert res.frames_received == 1
 
 
+@pytest.mark.e2e  # a whole multi-process pipeline: not in make test-fast
 def test_backpressure_blocks_the_producer_and_memory_stays_bounded():
     """A node that does not read holds the producer back after a bounded number of blocks."""
     prof = SMALL_TEST_CAMERA
@@ -338,6 +340,7 @@ class Slowed:
             yield item
 
 
+@pytest.mark.e2e  # a whole multi-process pipeline: not in make test-fast
 def test_sharded_aggregators_keep_the_sectors_in_step_behind_a_slow_producer(pipelines):
     """Two shards (sectors 0-1, 2-3); sector 3's producer is slowed to a crawl. The fast shard's
     window (16 positions) holds it back: the nodes never hold more partial frames than the

@@ -176,6 +176,7 @@ def test_refusals_name_what_was_wrong(session, tmp_path):
     assert not mp.active_children()
 
 
+@pytest.mark.e2e  # a whole multi-process pipeline: not in make test-fast
 def test_serve_file_counter_registers_reports_and_feeds_collect(session, etcd_server, etcd_prefix,
                                                                 tmp_path):
     """Through etcd, as a node runs it: spec read, leased registration as 'file-counter',

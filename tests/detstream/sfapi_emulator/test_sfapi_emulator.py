@@ -188,6 +188,7 @@ def test_job_queries_during_outage_read_as_not_found(emu, client):
 
 # -- HTTP faults ---------------------------------------------------------------------------------
 
+@pytest.mark.e2e  # a whole multi-process pipeline: not in make test-fast
 def test_429_and_503_are_retried_by_sfapi_client(emu, client):
     client.compute(Machine.perlmutter)
     emu.app_state.inject_http_errors(429, count=1, retry_after=1)
