@@ -26,7 +26,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_pipeline import _cpu_table, _parse_scan, pipeline_figures, run_session  # noqa: E402
+from bench_pipeline import _cpu_table, _parse_scan, pipeline_figures, run_session, save_json  # noqa: E402
 
 TARGET_COST = 0.05  # acks + window may cost at most 5% more CPU per GB
 
@@ -111,9 +111,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             f"{role} {v['off']:.2f} -> {v['on']:.2f}" for role, v in m["per_role_cpu_s_per_gb"].items()))
     result["meets_target"] = all(m["cpu_cost"] <= TARGET_COST for m in result["modes"].values())
     print(f"  target: at most {TARGET_COST:.0%} more CPU per GB: {'met' if result['meets_target'] else 'NOT met'}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    save_json(args.json, result)
     return result
 
 

@@ -14,7 +14,6 @@ Run: python benchmarks/bench_live.py [--scan 64x64] [--nodes 2] [--repeats 3] [-
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -27,7 +26,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_delivery import one_run  # noqa: E402
-from bench_pipeline import _parse_scan  # noqa: E402
+from bench_pipeline import _parse_scan, save_json  # noqa: E402
 
 TARGET_COST = 0.02  # live images may cost at most 2% of the data plane's throughput (CPU per GB)
 
@@ -165,9 +164,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                   f"{v['share_of_data_plane']:.2%} of the data plane's CPU per frame; {v['bytes_per_frame']:.1f} "
                   "bytes per frame published")
     print(f"  target: at most {TARGET_COST:.0%} more CPU per GB: {'met' if result['meets_target'] else 'NOT met'}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    save_json(args.json, result)
     return result
 
 

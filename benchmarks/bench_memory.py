@@ -21,7 +21,6 @@ Run: python benchmarks/bench_memory.py [--scans 32x32,96x96,128x128] [--nodes 2]
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import _parse_scan, run_session  # noqa: E402
+from bench_pipeline import _parse_scan, run_session, save_json  # noqa: E402
 
 # A service whose peak grows by less than this between the two scans counts as flat: allocator
 # noise is a few MiB, and how full the ZeroMQ queues get (HWM 64 messages of 162 KiB each per
@@ -239,9 +238,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"<= {FLAT_MIB:g} MiB from {before} to {large} ('last step') or over the second half of the {large} "
           f"scan ('2nd half', private memory). "
           f"{'No service grows with the scan.' if result['all_flat_or_bounded'] else 'SOME SERVICE GROWS WITH THE SCAN.'}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    save_json(args.json, result)
     return result
 
 
