@@ -43,6 +43,11 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _faults() -> int:
+    """This process's minor page faults so far (a fresh buffer faults in every page it touches)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _procs_cpu_s(procs) -> float:
     """CPU seconds so far of these (live) processes, from /proc/<pid>/stat."""
     total = 0
@@ -155,11 +160,12 @@ def _aggregator(q, go, tiny: bool, scan: tuple, nodes: list, acks: bool, bind: s
                      sectors=sectors, shard=shard)
     q.put(agg.sector_endpoints)
     go.wait()
-    cpu0 = _cpu_s()
+    cpu0, faults0 = _cpu_s(), _faults()
     stats = agg.run(fin_wait_s=2.0)
     cpu = _cpu_s() - cpu0
+    faults = _faults() - faults0
     agg.close()
-    q.put({"cpu_s": cpu, "seconds": stats.last_recv - stats.first_recv, "blocks": sum(stats.frames_routed),
+    q.put({"cpu_s": cpu, "faults": faults, "seconds": stats.last_recv - stats.first_recv, "blocks": sum(stats.frames_routed),
            "bytes": stats.bytes_routed, "lost": len(stats.lost), "rejected": stats.rejected})
 
 
@@ -177,10 +183,10 @@ def _hop_receiver(q, bind: str, expected: int) -> None:
     while n < expected:
         parts = sock.recv_multipart(copy=False)
         if cpu0 is None:
-            cpu0, t0 = _cpu_s(), time.time()
+            cpu0, t0, faults0 = _cpu_s(), time.time(), _faults()
         n += 1
         nbytes += len(parts[1].buffer)
-    q.put({"cpu_s": _cpu_s() - cpu0, "bytes": nbytes, "seconds": time.time() - t0})
+    q.put({"cpu_s": _cpu_s() - cpu0, "bytes": nbytes, "seconds": time.time() - t0, "faults": _faults() - faults0})
     sock.close(0)
     ctx.term()
 
@@ -281,7 +287,8 @@ def aggregator_run(*, tiny: bool, scan: tuple, batch: int, transport: str, acks:
             "producers_gb_per_core_s": nbytes / 1e9 / prod_cpu if prod_cpu else None,
             "cpu_s": cpu, "blocks_per_core_s": blocks / cpu, "gb_per_core_s": nbytes / 1e9 / cpu,
             "cpu_s_per_gb": cpu / (nbytes / 1e9) if nbytes else None,
-            "seconds": max(r["seconds"] for r in results), "per_shard_cpu_s": [r["cpu_s"] for r in results]}
+            "seconds": max(r["seconds"] for r in results), "per_shard_cpu_s": [r["cpu_s"] for r in results],
+            "faults_per_gb": sum(r["faults"] for r in results) / (nbytes / 1e9) if nbytes else None}
 
 
 def hop_run(*, tiny: bool, scan: tuple, transport: str, timeout_s: float = 300.0) -> dict:
@@ -303,7 +310,8 @@ def hop_run(*, tiny: bool, scan: tuple, transport: str, timeout_s: float = 300.0
     cpu = r["cpu_s"] + s["cpu_s"]
     return {"transport": transport, "tiny": tiny, "blocks": expected, "cpu_s": cpu,
             "blocks_per_core_s": expected / cpu, "gb_per_core_s": r["bytes"] / 1e9 / cpu,
-            "cpu_s_per_gb": cpu / (r["bytes"] / 1e9), "seconds": r["seconds"]}
+            "cpu_s_per_gb": cpu / (r["bytes"] / 1e9), "seconds": r["seconds"],
+            "receiver_faults_per_gb": r["faults"] / (r["bytes"] / 1e9)}
 
 
 def _distributor(q, go, scan: tuple, bind: str, hwm: int) -> None:

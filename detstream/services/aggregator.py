@@ -43,7 +43,7 @@ from zmq.utils.monitor import recv_monitor_message
 from .. import wire
 from ..profile import DetectorProfile
 from ..wire import Control, Kind, MalformedMessage
-from . import security
+from . import heap, security
 from .endpoints import bind_address
 from .validation import Batch, MessageValidator, RejectLog
 
@@ -165,6 +165,7 @@ class Aggregator:
                  curve: Optional[security.Curve] = None):
         """``sectors``: the sectors this aggregator routes (a shard of them; default all), ``shard``
         its index among the shards (carried by its FIN, so that a node can tell the shards apart)."""
+        heap.keep_freed_buffers()  # received batches reuse freed ones warm
         self.profile = profile
         self.own_sectors = sorted(range(profile.sectors) if sectors is None else set(sectors))
         if not self.own_sectors or self.own_sectors[-1] >= profile.sectors or self.own_sectors[0] < 0:
