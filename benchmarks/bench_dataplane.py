@@ -375,6 +375,24 @@ def copy_cpu_s_per_gb(frames: int = 400) -> float:
     return (_cpu_s() - cpu0) / (frames * profile.frame_nbytes / 1e9)
 
 
+def _child(q, fn, kwargs) -> None:
+    q.put(fn(**kwargs))
+
+
+def in_child(fn, **kwargs):
+    """``fn(**kwargs)`` in a process of its own: threads it starts (counting threads, ZeroMQ's)
+    leave malloc arenas in this process that every later forked stage would inherit, whose
+    libzmq thread could then land in one that unmaps its memory whenever it empties."""
+    ctx = _procs()
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q, fn, kwargs), daemon=True)
+    p.start()
+    try:
+        return q.get(timeout=600)
+    finally:
+        p.join(10)
+
+
 def counting_run(*, mode: str, workers: int, frames: int, dark: bool = True) -> dict:
     """Assemble ``frames`` frames into a pool's slots and have them counted (worker processes
     with batched tasks, or the distributor's own threads); CPU of this process and its workers."""
@@ -493,14 +511,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              "gb_ratio_to_hop": full["gb_per_core_s"] / hop_full["gb_per_core_s"]})
                 print(f"{transport} batch {batch}: {tiny['blocks_per_core_s']:,.0f} tiny blocks/s per core; "
                       f"{full['gb_per_core_s']:.2f} GB/s per core "
-                      f"({rows[-1]['gb_ratio_to_hop']:.2f} of the raw hop's {hop_full['gb_per_core_s']:.2f})",
+                      f"({rows[-1]['gb_ratio_to_hop']:.2f} of the raw hop's {hop_full['gb_per_core_s']:.2f}); "
+                      f"{full['faults_per_gb']:,.0f} page faults per GB (the hop's receiver "
+                      f"{hop_full['receiver_faults_per_gb']:,.0f})",
                       flush=True)
         out["aggregator"] = rows
     if "counting" in parts:
         rows = []
         for workers in (1, 2):
             for mode in ("processes", "threads"):
-                r = counting_run(mode=mode, workers=workers, frames=args.count_frames)
+                r = in_child(counting_run, mode=mode, workers=workers, frames=args.count_frames)
                 rows.append(r)
                 print(f"counting in {mode}, {workers} worker(s): {r['frames_per_core_s']:,.0f} frames/s per core, "
                       f"{r['frames_per_s']:,.0f} frames/s", flush=True)
