@@ -31,7 +31,10 @@ _done = False
 
 
 def keep_freed_buffers() -> bool:
-    """Set the thresholds once per process; False where the C library is not glibc (no-op)."""
+    """Set the thresholds once per process; False where the C library is not glibc (no-op).
+
+    Call it before the process starts threads: one that already took an arena of its own keeps
+    it, and a later thread (libzmq's) may be handed that arena instead of the main one."""
     global _done
     if _done:
         return True
