@@ -376,7 +376,11 @@ def copy_cpu_s_per_gb(frames: int = 400) -> float:
 
 
 def _child(q, fn, kwargs) -> None:
-    q.put(fn(**kwargs))
+    try:
+        q.put((True, fn(**kwargs)))
+    except BaseException as err:  # the parent raises it instead of waiting out its timeout
+        q.put((False, repr(err)))
+        raise
 
 
 def in_child(fn, **kwargs):
@@ -385,12 +389,17 @@ def in_child(fn, **kwargs):
     libzmq thread could then land in one that unmaps its memory whenever it empties."""
     ctx = _procs()
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, fn, kwargs), daemon=True)
+    p = ctx.Process(target=_child, args=(q, fn, kwargs))  # not a daemon: it may start workers
     p.start()
     try:
-        return q.get(timeout=600)
+        ok, result = q.get(timeout=600)
     finally:
-        p.join(10)
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+    if not ok:
+        raise RuntimeError(f"{fn.__name__} failed in its process: {result}")
+    return result
 
 
 def counting_run(*, mode: str, workers: int, frames: int, dark: bool = True) -> dict:
