@@ -27,6 +27,9 @@ from . import security
 
 log = logging.getLogger("detstream.producer")
 
+# A paced producer this far ahead of its next frame sends its open batches before it waits.
+FLUSH_AHEAD_S = 0.002
+
 
 @dataclass
 class ProducerStats:
@@ -100,14 +103,22 @@ class Pacer:
         self.rate_hz, self.slice_s = rate_hz, slice_s
         self._t0: Optional[float] = None
 
-    def wait(self, n: int, should_stop: Optional[Callable[[], bool]] = None) -> bool:
-        """Wait until item ``n`` is due; False if told to stop meanwhile."""
+    def ahead(self, n: int) -> float:
+        """Seconds until item ``n`` is due (0 when unpaced or late); the first item starts the clock."""
         if not self.rate_hz:
-            return True
+            return 0.0
         now = time.monotonic()
         if self._t0 is None:
             self._t0 = now
-        due = self._t0 + n / self.rate_hz
+        return max(0.0, self._t0 + n / self.rate_hz - now)
+
+    def wait(self, n: int, should_stop: Optional[Callable[[], bool]] = None) -> bool:
+        """Wait until item ``n`` is due; False if told to stop meanwhile."""
+        left = self.ahead(n)
+        if not left:
+            return True
+        now = time.monotonic()
+        due = now + left
         while now < due:
             time.sleep(min(due - now, self.slice_s))
             if should_stop is not None and should_stop():
@@ -194,6 +205,11 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                 if should_stop():
                     log.warning("stop requested after %d blocks of sector %d", seq, sector)
                     break
+            # Waiting for the frame anyway: what is batched goes now, not a whole batch later.
+            if pacer.ahead(seq) > FLUSH_AHEAD_S and not all(send_batch(n) for n in range(nodes)):
+                log.warning("stop requested after %d blocks of sector %d (held back)", seq, sector)
+                stopped = True
+                break
             if not pacer.wait(seq, should_stop):
                 log.warning("stop requested after %d blocks of sector %d (paced)", seq, sector)
                 break

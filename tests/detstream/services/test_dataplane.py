@@ -280,6 +280,31 @@ def test_a_paced_producer_sends_no_faster_than_the_frame_rate():
         ctx.destroy(linger=0)
 
 
+def test_a_paced_producer_does_not_hold_frames_back_for_a_whole_batch():
+    """Batching waits for nothing when pacing: a block of a slow camera leaves when the next is
+    due, not once 63 more have joined its batch (at 20 frames/s, 3.2 s later)."""
+    frames = 8
+    ctx = zmq.Context()
+    try:
+        sink = ctx.socket(zmq.PULL)
+        port = sink.bind_to_random_port("tcp://127.0.0.1")
+        sim = Simulator(SMALL_TEST_CAMERA, frames, 1, pool_size=2)
+        t = threading.Thread(target=run_producer, args=(sim, 0, f"tcp://127.0.0.1:{port}"),
+                             kwargs={"ctx": ctx, "frame_rate_hz": 20.0, "batch_blocks": 64}, daemon=True)
+        t.start()
+        sizes = []
+        deadline = time.monotonic() + 30
+        while sum(sizes) < frames and time.monotonic() < deadline:
+            if sink.poll(100):
+                sizes.append(len(wire.parse_headers(sink.recv_multipart()[0])))
+        assert sizes == [1] * frames  # unpaced: one message of all 8
+        sink.close(0)
+        t.join(10)
+        assert not t.is_alive()
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_a_paced_producer_still_stops_when_told():
     """A stop requested while the pacer waits ends the wait at once (not after the long gap)."""
     pacer = Pacer(rate_hz=0.01, slice_s=0.05)
