@@ -109,3 +109,11 @@ def test_a_node_assembles_batches_rejects_bad_blocks_alone_and_tells_repeats_fro
         push.close(0)
         dist.close()
         ctx.term()
+
+
+@pytest.mark.parametrize("values", [[], [3], [3, 1, 3, 2, 1], list(range(9, -1, -1))])
+def test_the_aggregators_distinct_values_are_np_uniques(values):
+    from detstream.services.aggregator import distinct
+
+    a = np.array(values, dtype=np.int64)
+    np.testing.assert_array_equal(distinct(a), np.unique(a))
