@@ -27,7 +27,8 @@ BLOCK_EVENTS = 1 << 18
 
 class PartWriter:
     """Incrementally writes one distributor's counted frames (any positions, any order) to a
-    part file, buffering a bounded number of frames in memory between appends.
+    part file, buffering at most ``flush_every`` frames and about ``max_buffered_events`` events
+    (1 MiB by default) in memory between appends.
 
     Layout: ``positions`` (uint32), ``offsets`` (uint64, len n+1; events of the i-th stored
     frame are ``events[offsets[i]:offsets[i+1]]``), ``events`` (uint32, flat) and
@@ -41,7 +42,7 @@ class PartWriter:
         frame_shape: Sequence[int],
         *,
         flush_every: int = 4096,
-        max_buffered_events: int = 4 << 20,
+        max_buffered_events: int = BLOCK_EVENTS,
         overwrite: bool = False,
     ):
         if flush_every <= 0 or max_buffered_events <= 0:
@@ -54,10 +55,15 @@ class PartWriter:
         self.positions_written = 0
         self.events_written = 0
         self._seen = np.zeros(0, dtype=bool)  # grows to the highest position added
-        self._buf_positions: list[int] = []
-        self._buf_events: list[np.ndarray] = []
+        # Frames wait in preallocated buffers (filled up to max_buffered_events, with room for one
+        # more whole frame past it), so that what a writer holds is bounded in bytes, the same
+        # whatever the frames and however long it runs: no per-frame arrays, no joining copy.
+        self._buf_positions = np.empty(self.flush_every, np.uint32)
+        self._buf_lengths = np.empty(self.flush_every, np.uint64)
+        self._buf_events = np.empty(self.max_buffered_events + self._n_pixels, np.uint32)
+        self._buf_frames = 0
         self._buf_nevents = 0
-        self._pattern = np.zeros(self._n_pixels, dtype=np.uint64)
+        self._pattern = np.zeros(self._n_pixels, dtype=np.int64)
         self._state = "open"
         self._target = AtomicFile(self.path, overwrite)
         try:
@@ -79,8 +85,9 @@ class PartWriter:
             raise io_error(e, self.path, "creating") from e
 
     def add(self, position: int, events: np.ndarray) -> None:
-        """Queue one frame's events for ``position``; appends to the file every ``flush_every``
-        frames. Adding the same position twice is an error."""
+        """Queue one frame's events for ``position`` (copied: the caller may reuse its array);
+        appends to the file every ``flush_every`` frames or ``max_buffered_events`` events.
+        Adding the same position twice is an error."""
         if self._state != "open":
             raise RuntimeError(f"part writer for {self.path} is {self._state}")
         position = int(position)
@@ -94,26 +101,32 @@ class PartWriter:
         if self._seen[position]:
             raise ValueError(f"{self.path}: scan position {position} added twice")
         self._seen[position] = True
-        self._buf_positions.append(position)
-        if isinstance(events, np.ndarray) and np.may_share_memory(arr, events):
-            arr = arr.copy()  # the caller may reuse its buffer before we flush
-        self._buf_events.append(arr)
+        if self._buf_nevents + arr.size > self._buf_events.size:  # a frame with repeated pixels
+            self.flush()
+        if arr.size > self._buf_events.size:  # larger than the buffer: straight to the file
+            self._append(np.array([position], np.uint32), np.array([arr.size], np.uint64), arr)
+            return
+        self._buf_positions[self._buf_frames] = position
+        self._buf_lengths[self._buf_frames] = arr.size
+        self._buf_events[self._buf_nevents : self._buf_nevents + arr.size] = arr
+        self._buf_frames += 1
         self._buf_nevents += arr.size
-        if (
-            len(self._buf_positions) >= self.flush_every
-            or self._buf_nevents >= self.max_buffered_events
-        ):
+        if self._buf_frames >= self.flush_every or self._buf_nevents >= self.max_buffered_events:
             self.flush()
 
     def flush(self) -> None:
         """Append buffered frames to the part's datasets."""
         if self._state != "open":
             raise RuntimeError(f"part writer for {self.path} is {self._state}")
-        if not self._buf_positions:
+        if not self._buf_frames:
             return
-        positions = np.asarray(self._buf_positions, dtype=np.uint32)
-        lengths = np.fromiter((a.size for a in self._buf_events), np.uint64, len(self._buf_events))
-        flat = np.concatenate(self._buf_events) if self._buf_nevents else np.zeros(0, np.uint32)
+        n = self._buf_frames
+        self._append(self._buf_positions[:n], self._buf_lengths[:n],
+                     self._buf_events[: self._buf_nevents])
+        self._buf_frames = 0
+        self._buf_nevents = 0
+
+    def _append(self, positions: np.ndarray, lengths: np.ndarray, flat: np.ndarray) -> None:
         offsets = np.uint64(self.events_written) + np.cumsum(lengths, dtype=np.uint64)
         p0, e0 = self.positions_written, self.events_written
         try:
@@ -128,12 +141,9 @@ class PartWriter:
             self._fail()
             raise io_error(e, self.path) from e
         if flat.size:
-            self._pattern += np.bincount(flat, minlength=self._n_pixels).astype(np.uint64)
+            self._pattern += np.bincount(flat, minlength=self._n_pixels)
         self.positions_written += len(positions)
         self.events_written += int(flat.size)
-        self._buf_positions.clear()
-        self._buf_events.clear()
-        self._buf_nevents = 0
 
     def close(self, extra: Mapping[str, Any] | None = None) -> Path:
         """Flush, record ``extra`` (JSON-able metadata, e.g. node and timing) and move the part
@@ -144,7 +154,7 @@ class PartWriter:
         try:
             f = self._file
             f.create_dataset(
-                "summed_pattern", data=self._pattern.reshape(self.frame_shape), dtype=np.uint64
+                "summed_pattern", data=self._pattern.astype(np.uint64).reshape(self.frame_shape)
             )
             f.attrs["n_positions"] = np.int64(self.positions_written)
             f.attrs["n_events"] = np.int64(self.events_written)
