@@ -148,6 +148,9 @@ class SessionSpec(BaseModel):
     batch_blocks: int = Field(default=64, gt=0, le=1024, description="Sector blocks per producer "
                               "message, all of positions owned by one node (benchmarks/bench_dataplane.py "
                               "chose the default: the smallest batch at a raw hop's GB/s per core).")
+    frame_rate_hz: Optional[float] = Field(default=None, gt=0, description="Producers send at this many "
+                                           "frames per second, as the camera acquires (the 4D Camera: "
+                                           "87,000); none: as fast as the data plane takes them.")
     aggregators: int = Field(default=1, gt=0, description="Aggregator shards, each routing a share of the "
                              "sectors to every node (needs acks: the windows keep the shards in step).")
     counting_mode: Literal["threads", "processes"] = Field(

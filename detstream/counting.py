@@ -315,3 +315,13 @@ def count_frame(
     """Count one frame without keeping a Counter: convenient, but re-validates dark and gain."""
     frame = np.asarray(frame)
     return Counter(frame.shape, dark_reference, gain, background_threshold, xray_threshold).count(frame)
+
+
+def compile_kernels() -> None:
+    """Compile every kernel into numba's on-disk cache (``make install`` runs this), so that no
+    service, session or test process pays the ~4 s first-call compilation."""
+    frame = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    dark = np.zeros(frame.shape, np.float32)
+    for gain in (None, np.ones(frame.shape, np.float32)):
+        count_frame(frame, dark, gain)
+    count_frame(frame)

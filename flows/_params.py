@@ -66,6 +66,9 @@ Seed = Annotated[int, Doc("Simulator seed.")]
 OutputDir = Annotated[str, Doc(
     "Each session writes into output_dir/<session id>. A relative path is relative to the flow "
     "run's working directory (a process worker's is temporary): give an absolute path.")]
+FrameRate = Annotated[Union[Annotated[float, Field(title="frames/s", gt=0)], _titled_none("as fast as taken")], Doc(
+    "Frames per second the producers send at, as the camera acquires (the 4D Camera: 87000); "
+    "'as fast as taken': as fast as the data plane takes them.")]
 Counting = Annotated[bool, Doc("Count electrons (off: move and assemble frames only).")]
 Background = Annotated[float, Doc("Background threshold, ADU after dark subtraction.")]
 Xray = Annotated[float, Doc("X-ray threshold, ADU.")]
@@ -120,6 +123,7 @@ def _shared(
     source: Source = "simulated",
     replay_dir: ReplayDir = None,
     seed: Seed = 0,
+    frame_rate: FrameRate = None,
     output_dir: OutputDir = "runs",
     counting: Counting = True,
     background_threshold: Background = 12.0,
@@ -212,7 +216,7 @@ def spec_from(p: dict, etcd: EtcdCoordinator, **fields):
                   "xray_threshold": p["xray_threshold"], "dark_reference": p["dark_reference"],
                   "gain": p["gain"]},
         virtual=virtual_of(p),
-        seed=p["seed"], nodes=p["nodes"], workers_per_node=p["workers_per_node"],
+        seed=p["seed"], frame_rate_hz=p.get("frame_rate"), nodes=p["nodes"], workers_per_node=p["workers_per_node"],
         etcd_prefix=etcd.prefix, register_timeout_s=p["register_timeout_s"],
         stall_timeout_s=p["stall_timeout_s"], security=p["security"], **fields)
 

@@ -38,6 +38,8 @@ def run(
     etcd: Optional[str] = typer.Option(None, help="Use this etcd instead of a private one."),
     detector: str = typer.Option("4dcamera", help="Detector profile."),
     seed: int = typer.Option(0, help="Simulator seed."),
+    frame_rate: Optional[float] = typer.Option(None, min=0.001, help="Send at this many frames/s, as the camera "
+                                               "acquires (the 4D Camera: 87000); default: as fast as taken."),
     background_threshold: float = typer.Option(12.0, help="Background threshold."),
     xray_threshold: float = typer.Option(2000.0, help="X-ray threshold."),
     dark_reference: Optional[Path] = typer.Option(None, help=".npy dark reference."),
@@ -94,7 +96,7 @@ def run(
                 **extra, backend=backend, session_id=session_id, overwrite=overwrite,
                 scan_width=w, scan_height=h, detector=detector, nodes=nodes,
                 workers_per_node=workers_per_node, source="replay" if replay else "simulated",
-                replay_dir=str(replay) if replay else None, seed=seed, output_dir=str(output),
+                replay_dir=str(replay) if replay else None, seed=seed, frame_rate=frame_rate, output_dir=str(output),
                 counting=not no_counting, background_threshold=background_threshold,
                 xray_threshold=xray_threshold,
                 dark_reference=str(dark_reference) if dark_reference else None,

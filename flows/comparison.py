@@ -20,8 +20,9 @@ from .file_transfer import file_transfer_session
 from .streaming import streaming_session
 
 # The session parameters a comparison passes on to both workflows.
-COMPARED = ("scan_width", "scan_height", "detector", "nodes", "workers_per_node", "seed", "output_dir",
-            "backend", "sfapi_credentials", "nersc_compute", "slurm_compute", "etcd", "etcd_url", "etcd_prefix")
+COMPARED = ("scan_width", "scan_height", "detector", "nodes", "workers_per_node", "seed", "frame_rate",
+            "output_dir", "backend", "sfapi_credentials", "nersc_compute", "slurm_compute", "etcd", "etcd_url",
+            "etcd_prefix")
 
 
 @flow(name="compare-workflows", log_prints=True)

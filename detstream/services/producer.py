@@ -27,6 +27,9 @@ from . import security
 
 log = logging.getLogger("detstream.producer")
 
+# A paced producer this far ahead of its next frame sends its open batches before it waits.
+FLUSH_AHEAD_S = 0.002
+
 
 @dataclass
 class ProducerStats:
@@ -91,6 +94,39 @@ def _send(sock: zmq.Socket, parts, should_stop: Optional[Callable[[], bool]],
                 raise TimeoutError(f"the aggregator took nothing for {send_timeout_s:g} s") from None
 
 
+class Pacer:
+    """Holds a sender to ``rate_hz`` items per second from its first item, as a camera acquires:
+    item ``n`` goes no earlier than ``n / rate_hz`` seconds after item 0. Waits in slices of at
+    most ``slice_s`` so that a stop is still seen."""
+
+    def __init__(self, rate_hz: Optional[float], slice_s: float = 0.5):
+        self.rate_hz, self.slice_s = rate_hz, slice_s
+        self._t0: Optional[float] = None
+
+    def ahead(self, n: int) -> float:
+        """Seconds until item ``n`` is due (0 when unpaced or late); the first item starts the clock."""
+        if not self.rate_hz:
+            return 0.0
+        now = time.monotonic()
+        if self._t0 is None:
+            self._t0 = now
+        return max(0.0, self._t0 + n / self.rate_hz - now)
+
+    def wait(self, n: int, should_stop: Optional[Callable[[], bool]] = None) -> bool:
+        """Wait until item ``n`` is due; False if told to stop meanwhile."""
+        left = self.ahead(n)
+        if not left:
+            return True
+        now = time.monotonic()
+        due = now + left
+        while now < due:
+            time.sleep(min(due - now, self.slice_s))
+            if should_stop is not None and should_stop():
+                return False
+            now = time.monotonic()
+        return True
+
+
 def _await_hangup(monitor: zmq.Socket, timeout_s: float, stop_check_s: float,
                   should_stop: Optional[Callable[[], bool]]) -> bool:
     """Wait (bounded) until the aggregator hangs up, which it does once it has read our END: only
@@ -113,13 +149,15 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                  should_stop: Optional[Callable[[], bool]] = None,
                  linger_s: float = 60.0, stop_check_s: float = 0.5,
                  send_timeout_s: Optional[float] = None, curve: Optional[security.Curve] = None,
-                 session_token: int = 0, batch_blocks: int = 1, nodes: int = 1) -> ProducerStats:
+                 session_token: int = 0, batch_blocks: int = 1, nodes: int = 1,
+                 frame_rate_hz: Optional[float] = None) -> ProducerStats:
     """Stream ``source``'s sector ``sector`` to the aggregator at ``endpoint``, ``batch_blocks``
     blocks per message, each message for one of ``nodes`` nodes.
 
     ``tee``, if given, receives ``write(meta, block)`` for every block (the file path's writer).
     ``should_stop`` is checked between blocks, at most every ``stop_check_s``, and while a send
     is held back; when it returns True between blocks the END marker still goes out.
+    ``frame_rate_hz`` paces the sector as the camera acquires it (none: as fast as it is taken).
     """
     own_ctx = ctx is None
     ctx = ctx or zmq.Context()
@@ -135,6 +173,7 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
     open_batches: list[tuple[list, list]] = [([], []) for _ in range(nodes)]  # per node: headers, blocks
     buffers = BatchBuffers()
     last_progress = 0
+    pacer = Pacer(frame_rate_hz, stop_check_s)
 
     def send_batch(node: int) -> bool:
         nonlocal last_progress
@@ -166,6 +205,14 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
                 if should_stop():
                     log.warning("stop requested after %d blocks of sector %d", seq, sector)
                     break
+            # Waiting for the frame anyway: what is batched goes now, not a whole batch later.
+            if pacer.ahead(seq) > FLUSH_AHEAD_S and not all(send_batch(n) for n in range(nodes)):
+                log.warning("stop requested after %d blocks of sector %d (held back)", seq, sector)
+                stopped = True
+                break
+            if not pacer.wait(seq, should_stop):
+                log.warning("stop requested after %d blocks of sector %d (paced)", seq, sector)
+                break
             node = (meta.y * meta.scan_width + meta.x) % nodes
             headers, blocks = open_batches[node]
             headers.append(wire.data_header(sector, meta.scan_number, meta.frame_number, meta.scan_width,

@@ -28,7 +28,7 @@ from .aggregator import Aggregator
 from .distributor import Distributor
 from . import security
 from .endpoints import advertise, bind_base
-from .producer import run_producer
+from .producer import Pacer, run_producer
 from .segments import SegmentedPart
 
 log = logging.getLogger("detstream.serve")
@@ -309,7 +309,7 @@ def serve_producer(coord: Coordinator, sid: str, sector: int) -> dict:
                                  should_stop=lambda: link.should_stop() is not None,
                                  send_timeout_s=spec.stall_timeout_s,
                                  curve=_curve(coord, spec, "producer", None, [("aggregator", agg)]),
-                                 session_token=spec.session_token)
+                                 session_token=spec.session_token, frame_rate_hz=spec.frame_rate_hz)
         finally:
             link.close()
         report = stats.as_dict()
@@ -337,8 +337,9 @@ def serve_acquire(coord: Coordinator, sid: str, sector: int, directory: Path) ->
             import time
 
             stats["first_send"] = time.time()
+            pacer = Pacer(spec.frame_rate_hz)
             for i, (meta, block) in enumerate(source.iter_sector(sector)):
-                if i % 256 == 0 and stop():
+                if (i % 256 == 0 and stop()) or not pacer.wait(i, stop):
                     raise RuntimeError(f"acquisition of sector {sector} stopped: session ended")
                 writer.write(meta, block)
                 stats["frames_sent"] += 1

@@ -121,7 +121,7 @@ def test_cancelling_the_flow_run_cancels_the_job(tmp_path, etcd_server, emulator
     from detstream.flows import streaming_session
 
     params = _params(tmp_path, etcd_server, emulator, scan_width=64, scan_height=64, counting=False,
-                     detector="4dcamera")  # 2.7 GB: the scan outlasts the cancel's way to the flow
+                     detector="4dcamera", frame_rate=400.0)  # >= 10 s: outlasts the cancel's way to the flow
     with cancel_on_first_progress(), pytest.raises(SessionCancelled):
         streaming_session(**params)
     (job,) = _jobs(emulator)

@@ -139,7 +139,7 @@ def test_cancelling_the_flow_run_cancels_the_slurm_job(slurm, tmp_path, etcd_ser
     from detstream.flows import streaming_session
 
     params = _slurm_params(slurm, tmp_path, etcd_server, scan_width=64, scan_height=64, counting=False,
-                     detector="4dcamera")  # 2.7 GB: the scan outlasts the cancel's way to the flow
+                     detector="4dcamera", frame_rate=400.0)  # >= 10 s: outlasts the cancel's way to the flow
     with cancel_on_first_progress(), pytest.raises(SessionCancelled):
         streaming_session(**params)
     coord = Coordinator(params["etcd_url"], prefix=params["etcd_prefix"])

@@ -17,7 +17,7 @@ from detstream.counting import count_frame
 from detstream.profile import NCEM_4D_CAMERA, SMALL_TEST_CAMERA
 from detstream.services.aggregator import Aggregator, route
 from detstream.services.distributor import Distributor
-from detstream.services.producer import run_producer
+from detstream.services.producer import Pacer, run_producer
 from detstream.sources import Simulator
 
 
@@ -249,6 +249,69 @@ def test_backpressure_blocks_the_producer_and_memory_stays_bounded():
         assert not t.is_alive()                                # ...and then closes
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_paced_producer_sends_no_faster_than_the_frame_rate():
+    """With frame_rate_hz, block n leaves no earlier than n / rate after the producer starts, as a
+    camera acquires (unpaced, the 48 blocks below arrive within milliseconds)."""
+    rate, frames = 200.0, 48
+    ctx = zmq.Context()
+    try:
+        sink = ctx.socket(zmq.PULL)
+        port = sink.bind_to_random_port("tcp://127.0.0.1")
+        sim = Simulator(SMALL_TEST_CAMERA, frames, 1, pool_size=2)
+        started = time.monotonic()
+        t = threading.Thread(target=run_producer, args=(sim, 0, f"tcp://127.0.0.1:{port}"),
+                             kwargs={"ctx": ctx, "frame_rate_hz": rate}, daemon=True)
+        t.start()
+        arrivals = []
+        deadline = time.monotonic() + 30
+        while len(arrivals) < frames + 1 and time.monotonic() < deadline:  # the blocks and END
+            if sink.poll(100):
+                sink.recv_multipart()
+                arrivals.append(time.monotonic() - started)
+        assert len(arrivals) == frames + 1
+        early = [n for n in range(frames) if arrivals[n] < n / rate]
+        assert early == [], f"blocks {early} arrived before their time at {rate:g} frames/s"
+        sink.close(0)  # the producer closes once its reader hangs up
+        t.join(10)
+        assert not t.is_alive()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_paced_producer_does_not_hold_frames_back_for_a_whole_batch():
+    """Batching waits for nothing when pacing: a block of a slow camera leaves when the next is
+    due, not once 63 more have joined its batch (at 20 frames/s, 3.2 s later)."""
+    frames = 8
+    ctx = zmq.Context()
+    try:
+        sink = ctx.socket(zmq.PULL)
+        port = sink.bind_to_random_port("tcp://127.0.0.1")
+        sim = Simulator(SMALL_TEST_CAMERA, frames, 1, pool_size=2)
+        t = threading.Thread(target=run_producer, args=(sim, 0, f"tcp://127.0.0.1:{port}"),
+                             kwargs={"ctx": ctx, "frame_rate_hz": 20.0, "batch_blocks": 64}, daemon=True)
+        t.start()
+        sizes = []
+        deadline = time.monotonic() + 30
+        while sum(sizes) < frames and time.monotonic() < deadline:
+            if sink.poll(100):
+                sizes.append(len(wire.parse_headers(sink.recv_multipart()[0])))
+        assert sizes == [1] * frames  # unpaced: one message of all 8
+        sink.close(0)
+        t.join(10)
+        assert not t.is_alive()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_paced_producer_still_stops_when_told():
+    """A stop requested while the pacer waits ends the wait at once (not after the long gap)."""
+    pacer = Pacer(rate_hz=0.01, slice_s=0.05)
+    assert pacer.wait(0)
+    started = time.monotonic()
+    assert pacer.wait(1, should_stop=lambda: True) is False
+    assert time.monotonic() - started < 5.0  # the frame was due in 100 s
 
 
 # --------------------------------------------------------------------------- batches (wire v2) and ipc
