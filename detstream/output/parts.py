@@ -313,7 +313,10 @@ class _EventReader:
     def _dataset(self, file: Path, name: str):
         if self._open[0] != file:
             self._close_source()
-            f = h5py.File(file, "r")
+            try:  # a segment gone is an error naming it (HDF5 would read its events as zeros)
+                f = h5py.File(file, "r")
+            except (OSError, RuntimeError) as e:
+                raise io_error(e, file, "reading") from e
             self._open = (file, f)
         return self._open[1][name]
 

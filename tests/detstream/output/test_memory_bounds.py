@@ -8,6 +8,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from detstream.output import PartWriter, read_part
 from detstream.output.merge import merge_parts
@@ -130,3 +131,16 @@ def test_merge_of_a_segmented_part_opens_one_segment_at_a_time(tmp_path):
         for p in (0, 31, 32, 575):
             np.testing.assert_array_equal(stored[p], frames[p])
     assert _open_segments(seg.directory) == 0
+
+
+def test_a_segment_gone_is_an_error_naming_it(tmp_path):
+    """Through HDF5's virtual dataset a missing segment read as zeros: now the reader says which."""
+    seg = SegmentedPart(tmp_path / "parts", "node-0", FRAME)
+    for p, ev in _frames(np.random.default_rng(1), 8):
+        seg.add(p, ev)
+        if p % 4 == 3:
+            seg.commit()
+    index = seg.write_index()
+    seg.segments[1].unlink()
+    with pytest.raises(OSError, match="seg-000001.h5"):
+        list(read_part(index).iter_blocks())
