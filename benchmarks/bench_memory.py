@@ -134,11 +134,17 @@ def orchestrate(job_path: Path) -> None:
 
 
 def _classify_with_orchestrator(cmdline: list[str], parent_role: Optional[str]) -> Optional[str]:
-    if ORCHESTRATOR_FLAG in cmdline:
+    if parent_role == "orchestrator" and _is_orchestrator(cmdline):
+        return None  # a service forked by the orchestrator, not yet exec'd: asked again later
+    if _is_orchestrator(cmdline):
         return "orchestrator"
-    if "run" in cmdline[1:3] and any(Path(a).name == "detstream" for a in cmdline[:2]):
-        return "orchestrator"  # `detstream run`: the flow's own process (--via cli)
     return _classify(cmdline, parent_role)
+
+
+def _is_orchestrator(cmdline: list[str]) -> bool:
+    """This script's session process, or `detstream run`: the flow's own process (--via cli)."""
+    return ORCHESTRATOR_FLAG in cmdline or (
+        "run" in cmdline[1:3] and any(Path(a).name == "detstream" for a in cmdline[:2]))
 
 
 def run_orchestrated(*, scan: tuple[int, int], nodes: int, workers: int, counting_mode: str,
