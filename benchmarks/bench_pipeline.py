@@ -101,11 +101,14 @@ class ProcessSampler:
     (it starts afresh at exec): a cross-check of the services' self-reported ru_maxrss.
     """
 
-    def __init__(self, interval_s: float = 0.2):
+    def __init__(self, interval_s: float = 0.2, classify=None):
+        """``classify(cmdline, parent_role)``: a role for a process, None to leave it out
+        (default: the pipeline's services, workers and etcd)."""
         import psutil
 
         self.psutil = psutil
         self.interval_s = interval_s
+        self.classify = classify or _classify
         self.procs: dict[int, dict] = {}
         self.machine: list[tuple[float, float]] = []
         self._stop = threading.Event()
@@ -138,7 +141,7 @@ class ProcessSampler:
             if rec is None or (rec["role"] is None and rec["tries"] < 20):
                 # Re-read while unknown: a child sampled between fork and exec shows our own cmdline.
                 parent = self.procs.get(proc.ppid())
-                role = _classify(proc.cmdline(), parent["role"] if parent else None)
+                role = self.classify(proc.cmdline(), parent["role"] if parent else None)
                 if rec is None:
                     rec = self.procs[pid] = {"pid": pid, "role": role, "tries": 0}
                 rec["role"] = role
@@ -183,9 +186,12 @@ class ProcessSampler:
 # --------------------------------------------------------------------------- one session
 def run_session(*, scan: tuple[int, int], nodes: int, counting: bool, workdir: Path,
                 endpoint: str, coord, workers_per_node: int = 1, seed: int = 0,
-                sample: bool = True, timeout_s: float = 300.0, spec_fields: Optional[dict] = None) -> dict:
+                sample: bool = True, timeout_s: float = 300.0, spec_fields: Optional[dict] = None,
+                on_phase=None) -> dict:
     """One streaming session driven step by step; returns its summary, service reports and samples.
 
+    ``on_phase(name)`` is called as each step of the orchestrator's ends ("stream": the scan is
+    done and every service has exited, "collect": the merge and summary are written).
     The session's close() stops every service it started, whatever happens.
     """
     from detstream import results
@@ -219,7 +225,11 @@ def run_session(*, scan: tuple[int, int], nodes: int, counting: bool, workdir: P
             time.sleep(0.05)
         if session.reservation is not None:
             session.backend.wait_finished(session.reservation, 30)
+        if on_phase is not None:
+            on_phase("stream")
         summary = results.collect(spec, "benchmark", session.timings)
+        if on_phase is not None:
+            on_phase("collect")
         session.close(SessionState.COMPLETED, result={k: summary[k] for k in ("frames_received", "throughput_gb_s")})
     except BaseException as err:
         session.close(SessionState.FAILED, f"{type(err).__name__}: {err}")

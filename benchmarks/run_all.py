@@ -42,8 +42,8 @@ BENCHMARKS: list[Benchmark] = [
               "counting kernel vs stempy, frames/s on one core"),
     Benchmark("pipeline", "bench_pipeline", (), ("--scan", "16x16", "--repeats", "1"),
               "end-to-end throughput, counting off, vs a raw single pyzmq hop"),
-    Benchmark("memory", "bench_memory", (), ("--scans", "8x8,16x16"),
-              "peak RSS per service, small vs large scan, counting on"),
+    Benchmark("memory", "bench_memory", (), ("--quick",),
+              "peak RSS of every process, the orchestrator's included, 32x32 vs 64x64 vs 256x256, counting on"),
     Benchmark("compare", "bench_compare", (), ("--scans", "8x8", "--repeat", "1"),
               "streaming vs file transfer, time to counted result (64x64 and 128x128, 3 runs each)"),
     Benchmark("faults", "bench_faults", (), ("--scan", "24x24", "--after", "64"),
@@ -158,24 +158,24 @@ def _fmt_pipeline(r: dict) -> tuple[str, str]:
 def _fmt_memory(r: dict) -> tuple[str, str]:
     labels = r["scans"]
     svc = r["services"]
-    grows = [k for k, v in svc.items() if v["verdict"] not in ("flat", "bounded")]
-    bounded = [k for k, v in svc.items() if v["verdict"] == "bounded"]
-    head = (f"{labels[0]} -> {labels[-1]}: " + (f"grows: {', '.join(grows)}" if grows else "nothing grows")
-            + (f"; bounded: {', '.join(bounded)}" if bounded else ""))
-    rows = ["| service | " + " | ".join(f"{lab} (MiB)" for lab in labels) + f" | ratio {labels[-1]}/{labels[0]} "
-            f"| private memory growth over the 2nd half of {labels[-1]} (MiB) | the service's own report, "
-            f"{labels[-1]} (MiB) | verdict |", "|---|" + "---|" * (len(labels) + 4)]
+    off = [k for k, v in svc.items() if v["verdict"] != "flat"]
+    head = (f"{labels[0]} -> {labels[-1]}: " + ("every process flat within 5 %" if not off
+                                                 else f"beyond 5 %: {', '.join(off)}"))
+    second = len(labels) > 2
+    rows = ["| process | " + " | ".join(f"{lab} (MiB)" for lab in labels) + f" | ratio {labels[-1]}/{labels[0]} "
+            + (f"| ratio {labels[-1]}/{labels[1]} " if second else "")
+            + f"| the process's own report, {labels[-1]} (MiB) | verdict |",
+            "|---|" + "---|" * (len(labels) + 3 + second)]
     for name, v in svc.items():
         cells = " | ".join(f"{v['by_scan'].get(lab, {}).get('vm_hwm_mib', float('nan')):.1f}" for lab in labels)
-        ratio = v.get("ratio_vm_hwm_mib")
-        half = v.get("second_half_growth_mib")
+        ratio, from2 = v.get("ratio_vm_hwm_mib"), v.get("ratio_from_second")
         ru = v["by_scan"].get(labels[-1], {}).get("report_peak_rss_mib")
-        rows.append(f"| {name} | {cells} | {f'{ratio:.2f}' if ratio else '-'} | "
-                    f"{f'{half:+.1f}' if half is not None else '-'} | {f'{ru:.1f}' if ru else '-'} "
-                    f"| {v['verdict']} |")
+        rows.append(f"| {name} | {cells} | {f'{ratio:.3f}' if ratio else '-'} | "
+                    + (f"{f'{from2:.3f}' if from2 else '-'} | " if second else "")
+                    + f"{f'{ru:.1f}' if ru else '-'} | {v['verdict']} |")
     scans = ", ".join(f"{lab} ({r['frames'][lab]} frames)" for lab in labels)
-    md = (f"Peak RSS (VmHWM) per service, counting on, {r['nodes']} node(s) x {r['workers_per_node']} "
-          f"worker(s); scans {scans}.\n\n" + "\n".join(rows))
+    md = (f"Peak RSS (VmHWM) per process, counting on ({r.get('counting_mode', 'threads')}), {r['nodes']} node(s) x "
+          f"{r['workers_per_node']} worker(s); scans {scans}.\n\n" + "\n".join(rows))
     return head, md
 
 

@@ -48,8 +48,13 @@ def _clip_hot_pixels(a: np.ndarray, max_passes: int = 5) -> np.ndarray:
     shifts = [(dr, dc) for dr in range(3) for dc in range(3) if (dr, dc) != (1, 1)]
     for _ in range(max_passes):
         p = np.pad(a, 1, mode="edge")
-        nb = np.stack([p[dr : dr + rows, dc : dc + cols] for dr, dc in shifts])
-        typical = (nb.sum(axis=0) - nb.max(axis=0)) / (len(shifts) - 1)
+        # The neighbours' sum and maximum one shift at a time: two frame-sized arrays, not eight.
+        total, top = np.zeros_like(a), np.full_like(a, -np.inf)
+        for dr, dc in shifts:
+            v = p[dr : dr + rows, dc : dc + cols]
+            total += v
+            np.maximum(top, v, out=top)
+        typical = (total - top) / (len(shifts) - 1)
         hot = a > 4.0 * typical + 10.0 * np.sqrt(typical) + 10.0
         if not hot.any():
             break

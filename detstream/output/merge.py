@@ -17,12 +17,13 @@ from .frames import check_frame_shape, scan_size
 from .hdf5 import h5_output
 from .layout import (WRITE_BLOCK, create_counts_layout, vlen_block, write_stem_images,
                      write_summed_pattern, write_vlen_points)
-from .parts import read_part
+from .parts import BLOCK_EVENTS, read_part
 from .virtual import IMAGE_NAMES, VirtualDetectors, VirtualImages
 
 
 class BlockAccumulator(Protocol):
-    """Anything that consumes counted frames in blocks while a merge streams them."""
+    """Anything that consumes counted frames in blocks while a merge streams them. The arrays
+    are valid during the call only (the merge reads the next block into the same buffer)."""
 
     def add_block(
         self, positions: np.ndarray, flat_events: np.ndarray, offsets: np.ndarray
@@ -96,14 +97,16 @@ def merge_parts(
     adf_outer: float | None = None,
     accumulators: Sequence[BlockAccumulator] = (),
     block_positions: int = 8192,
+    block_events: int = BLOCK_EVENTS,
     on_duplicate: str = "error",
     exclude: Sequence[int] = (),
 ) -> MergeReport:
     """Merge part files into one stempy file (temp + rename), reading each part once, a block
-    at a time. Positions in no part are written empty and listed in ``missing``; a position in
-    two parts is an error naming both, or with ``on_duplicate="first"`` (parts of a session
-    whose frames were re-routed after a node was lost) its first copy is kept and the others
-    counted in ``duplicates``. With ``bright_field`` the virtual bright-field and annular
+    (at most ``block_positions`` frames and ``block_events`` events) at a time into one reused
+    buffer: the merge's memory does not grow with the scan's events. Positions in no part are
+    written empty and listed in ``missing``; a position in two parts is an error naming both, or
+    with ``on_duplicate="first"`` (parts of a session whose frames were re-routed after a node
+    was lost) its first copy is kept and the others counted in ``duplicates``. With ``bright_field`` the virtual bright-field and annular
     dark-field images (ring ``adf_inner``..``adf_outer``, see ``VirtualDetectors.around``) and the
     summed pattern are computed in the same pass and written as ``stem/images`` (stempy's
     layout) and ``summed_pattern``; the disk, unless given, comes from the parts' summed patterns.
@@ -120,8 +123,9 @@ def merge_parts(
         raise refuse(out)
 
     parts = [read_part(p) for p in part_paths]
-    conflicted = _conflicting_copies(parts, n, block_positions) if on_duplicate == "first" else []
-    owner = np.full(n, -1, dtype=np.int64)
+    conflicted = (_conflicting_copies(parts, n, block_positions, block_events)
+                  if on_duplicate == "first" else [])
+    owner = np.full(n, -1, dtype=np.int32)  # per position, the part it is taken from
     owner[np.asarray([*exclude, *conflicted], dtype=np.int64)] = -2  # left out whatever the parts hold
     keep: list[np.ndarray | None] = []  # per part, which stored frames to write (None: all)
     duplicates = 0
@@ -177,14 +181,14 @@ def merge_parts(
         virtual = VirtualImages(scan_width, scan_height, frame_shape,
                                 VirtualDetectors.around(disk, frame_shape, adf_inner, adf_outer))
         acc_list.append(virtual)
-        pattern_sum = np.zeros(n_pixels, np.uint64)
+        pattern_sum = np.zeros(n_pixels, np.int64)
 
     total_events = 0
     with h5_output(out, overwrite=overwrite) as f:
         frames = create_counts_layout(f, scan_width, scan_height, frame_shape, attrs)
         for part, mask in zip(parts, keep):
             start = 0
-            for positions, flat, offs in part.iter_blocks(block_positions):
+            for positions, flat, offs in part.iter_blocks(block_positions, block_events, reuse=True):
                 stored = len(positions)
                 if mask is not None:
                     positions, flat, offs = _select_frames(positions, flat, offs,
@@ -205,7 +209,7 @@ def merge_parts(
                 for acc in acc_list:
                     acc.add_block(positions, flat, offs)
                 if pattern_sum is not None:
-                    pattern_sum += np.bincount(flat, minlength=n_pixels).astype(np.uint64)
+                    pattern_sum += np.bincount(flat, minlength=n_pixels)
                 total_events += int(flat.size)
         empty = np.zeros(0, np.uint32)
         for start in range(0, len(missing), WRITE_BLOCK):
@@ -217,7 +221,7 @@ def merge_parts(
         if virtual is not None:
             try:
                 write_stem_images(f, virtual.images, IMAGE_NAMES, virtual.detectors.as_dict())
-                write_summed_pattern(f, pattern_sum.reshape(frame_shape))
+                write_summed_pattern(f, pattern_sum.astype(np.uint64).reshape(frame_shape))
             except (OSError, RuntimeError) as e:
                 raise io_error(e, out) from e
 
@@ -234,11 +238,11 @@ def merge_parts(
         duplicates=duplicates,
         conflicted=conflicted,
         detectors=None if virtual is None else virtual.detectors,
-        summed_pattern=None if pattern_sum is None else pattern_sum.reshape(frame_shape),
+        summed_pattern=None if pattern_sum is None else pattern_sum.astype(np.uint64).reshape(frame_shape),
     )
 
 
-def _conflicting_copies(parts, n: int, block_positions: int) -> list[int]:
+def _conflicting_copies(parts, n: int, block_positions: int, block_events: int) -> list[int]:
     """Positions held more than once whose copies' events differ (a pass over those positions only)."""
     held = np.concatenate([p.positions.astype(np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
     held = held[(held >= 0) & (held < n)]
@@ -250,7 +254,7 @@ def _conflicting_copies(parts, n: int, block_positions: int) -> list[int]:
     for part in parts:
         if not np.isin(part.positions, repeated).any():
             continue
-        for positions, flat, offs in part.iter_blocks(block_positions):
+        for positions, flat, offs in part.iter_blocks(block_positions, block_events, reuse=True):
             for i in np.flatnonzero(np.isin(positions, repeated)):
                 p, events = int(positions[i]), np.sort(flat[offs[i] : offs[i + 1]])
                 if p not in first:

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import h5py
 import numpy as np
@@ -20,11 +20,15 @@ from .hdf5 import close_h5, force_close
 from .summary import jsonable
 
 PART_FORMAT_VERSION = 1
+#: Events a reader takes from a part at a time (1 MiB of uint32): what a merge holds, whatever
+#: the scan's size.
+BLOCK_EVENTS = 1 << 18
 
 
 class PartWriter:
     """Incrementally writes one distributor's counted frames (any positions, any order) to a
-    part file, buffering a bounded number of frames in memory between appends.
+    part file, buffering at most ``flush_every`` frames and about ``max_buffered_events`` events
+    (1 MiB by default) in memory between appends.
 
     Layout: ``positions`` (uint32), ``offsets`` (uint64, len n+1; events of the i-th stored
     frame are ``events[offsets[i]:offsets[i+1]]``), ``events`` (uint32, flat) and
@@ -38,7 +42,7 @@ class PartWriter:
         frame_shape: Sequence[int],
         *,
         flush_every: int = 4096,
-        max_buffered_events: int = 4 << 20,
+        max_buffered_events: int = BLOCK_EVENTS,
         overwrite: bool = False,
     ):
         if flush_every <= 0 or max_buffered_events <= 0:
@@ -51,10 +55,15 @@ class PartWriter:
         self.positions_written = 0
         self.events_written = 0
         self._seen = np.zeros(0, dtype=bool)  # grows to the highest position added
-        self._buf_positions: list[int] = []
-        self._buf_events: list[np.ndarray] = []
+        # Frames wait in preallocated buffers (filled up to max_buffered_events, with room for one
+        # more whole frame past it), so that what a writer holds is bounded in bytes, the same
+        # whatever the frames and however long it runs: no per-frame arrays, no joining copy.
+        self._buf_positions = np.empty(self.flush_every, np.uint32)
+        self._buf_lengths = np.empty(self.flush_every, np.uint64)
+        self._buf_events = np.empty(self.max_buffered_events + self._n_pixels, np.uint32)
+        self._buf_frames = 0
         self._buf_nevents = 0
-        self._pattern = np.zeros(self._n_pixels, dtype=np.uint64)
+        self._pattern = np.zeros(self._n_pixels, dtype=np.int64)
         self._state = "open"
         self._target = AtomicFile(self.path, overwrite)
         try:
@@ -76,8 +85,9 @@ class PartWriter:
             raise io_error(e, self.path, "creating") from e
 
     def add(self, position: int, events: np.ndarray) -> None:
-        """Queue one frame's events for ``position``; appends to the file every ``flush_every``
-        frames. Adding the same position twice is an error."""
+        """Queue one frame's events for ``position`` (copied: the caller may reuse its array);
+        appends to the file every ``flush_every`` frames or ``max_buffered_events`` events.
+        Adding the same position twice is an error."""
         if self._state != "open":
             raise RuntimeError(f"part writer for {self.path} is {self._state}")
         position = int(position)
@@ -91,26 +101,32 @@ class PartWriter:
         if self._seen[position]:
             raise ValueError(f"{self.path}: scan position {position} added twice")
         self._seen[position] = True
-        self._buf_positions.append(position)
-        if isinstance(events, np.ndarray) and np.may_share_memory(arr, events):
-            arr = arr.copy()  # the caller may reuse its buffer before we flush
-        self._buf_events.append(arr)
+        if self._buf_nevents + arr.size > self._buf_events.size:  # a frame with repeated pixels
+            self.flush()
+        if arr.size > self._buf_events.size:  # larger than the buffer: straight to the file
+            self._append(np.array([position], np.uint32), np.array([arr.size], np.uint64), arr)
+            return
+        self._buf_positions[self._buf_frames] = position
+        self._buf_lengths[self._buf_frames] = arr.size
+        self._buf_events[self._buf_nevents : self._buf_nevents + arr.size] = arr
+        self._buf_frames += 1
         self._buf_nevents += arr.size
-        if (
-            len(self._buf_positions) >= self.flush_every
-            or self._buf_nevents >= self.max_buffered_events
-        ):
+        if self._buf_frames >= self.flush_every or self._buf_nevents >= self.max_buffered_events:
             self.flush()
 
     def flush(self) -> None:
         """Append buffered frames to the part's datasets."""
         if self._state != "open":
             raise RuntimeError(f"part writer for {self.path} is {self._state}")
-        if not self._buf_positions:
+        if not self._buf_frames:
             return
-        positions = np.asarray(self._buf_positions, dtype=np.uint32)
-        lengths = np.fromiter((a.size for a in self._buf_events), np.uint64, len(self._buf_events))
-        flat = np.concatenate(self._buf_events) if self._buf_nevents else np.zeros(0, np.uint32)
+        n = self._buf_frames
+        self._append(self._buf_positions[:n], self._buf_lengths[:n],
+                     self._buf_events[: self._buf_nevents])
+        self._buf_frames = 0
+        self._buf_nevents = 0
+
+    def _append(self, positions: np.ndarray, lengths: np.ndarray, flat: np.ndarray) -> None:
         offsets = np.uint64(self.events_written) + np.cumsum(lengths, dtype=np.uint64)
         p0, e0 = self.positions_written, self.events_written
         try:
@@ -125,12 +141,9 @@ class PartWriter:
             self._fail()
             raise io_error(e, self.path) from e
         if flat.size:
-            self._pattern += np.bincount(flat, minlength=self._n_pixels).astype(np.uint64)
+            self._pattern += np.bincount(flat, minlength=self._n_pixels)
         self.positions_written += len(positions)
         self.events_written += int(flat.size)
-        self._buf_positions.clear()
-        self._buf_events.clear()
-        self._buf_nevents = 0
 
     def close(self, extra: Mapping[str, Any] | None = None) -> Path:
         """Flush, record ``extra`` (JSON-able metadata, e.g. node and timing) and move the part
@@ -141,7 +154,7 @@ class PartWriter:
         try:
             f = self._file
             f.create_dataset(
-                "summed_pattern", data=self._pattern.reshape(self.frame_shape), dtype=np.uint64
+                "summed_pattern", data=self._pattern.astype(np.uint64).reshape(self.frame_shape)
             )
             f.attrs["n_positions"] = np.int64(self.positions_written)
             f.attrs["n_events"] = np.int64(self.events_written)
@@ -213,17 +226,32 @@ class Part:
             return f["summed_pattern"][()]
 
     def iter_blocks(
-        self, block_positions: int = 8192
+        self, block_positions: int = 8192, block_events: int = BLOCK_EVENTS, *, reuse: bool = False
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield ``(positions, flat_events, offsets)`` for consecutive blocks of stored frames;
-        ``offsets`` start at 0 and index into ``flat_events``. Memory is one block at a time."""
-        with h5py.File(self.path, "r") as f:
-            events = f["events"]
-            for start in range(0, len(self.positions), block_positions):
-                stop = min(start + block_positions, len(self.positions))
+        ``offsets`` start at 0 and index into ``flat_events``. A block holds at most
+        ``block_positions`` frames and ``block_events`` events (or one frame, if it has more), so
+        memory is one block's worth whatever the part's size. With ``reuse`` every block's events
+        are read into one buffer, overwritten by the next block: a caller that keeps them copies."""
+        if block_positions <= 0 or block_events <= 0:
+            raise ValueError("block_positions and block_events must be positive")
+        buf = np.empty(0, np.uint32)
+        n = len(self.positions)
+        with _EventReader(self.path) as events:
+            start = 0
+            while start < n:
+                first = int(self.offsets[start])
+                # The last frame whose events end within the budget, at least one frame.
+                within = int(np.searchsorted(self.offsets, first + block_events, side="right")) - 1
+                stop = min(max(within, start + 1), start + block_positions, n)
                 offs = self.offsets[start : stop + 1]
-                flat = events[int(offs[0]) : int(offs[-1])]
+                count = int(offs[-1]) - first
+                if reuse and buf.size < count:
+                    buf = np.empty(max(count, block_events), np.uint32)
+                flat = buf[:count] if reuse else np.empty(count, np.uint32)
+                events.read(first, flat)
                 yield self.positions[start:stop], flat, (offs - offs[0]).astype(np.int64)
+                start = stop
 
     def iter_events(self) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(position, events)`` for every stored frame, in stored order."""
@@ -239,6 +267,80 @@ class Part:
     def __iter__(self) -> Iterator[Any]:
         """Unpack as ``positions, events = read_part(path)``; events is a one-shot iterator."""
         return iter((self.positions, self.iter_arrays()))
+
+
+class _EventReader:
+    """Reads ranges of a part's ``events``. A segmented node's index part holds them as a virtual
+    dataset over its segment files; HDF5 would keep every segment it has read from open, each
+    with its chunk and metadata caches (~1.7 MiB a segment, so O(scan)): its sources are read
+    here directly instead, one file open at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = h5py.File(path, "r")
+        events = self._file["events"]
+        #: (start, stop, file, dataset) per source; a plain dataset is its own single source.
+        self._sources: list[tuple[int, int, Path, str]] = []
+        self._direct = events
+        if events.is_virtual:
+            sources = [_source_range(path, m) for m in events.virtual_sources()]
+            if all(src is not None for src in sources):
+                self._sources = sorted(sources)
+                self._starts = np.array([src[0] for src in self._sources], np.int64)
+                self._direct = None
+        self._open: tuple[Optional[Path], Any] = (None, None)
+
+    def read(self, first: int, out: np.ndarray) -> None:
+        """``out[:] = events[first : first + out.size]``."""
+        if not out.size:
+            return
+        if self._direct is not None:
+            self._direct.read_direct(out, np.s_[first : first + out.size])
+            return
+        pos, end = first, first + out.size
+        k = max(0, int(np.searchsorted(self._starts, pos, side="right")) - 1)
+        while pos < end:
+            if k >= len(self._sources) or self._sources[k][0] > pos:
+                raise ValueError(f"{self.path}: events from {pos} are in none of its segments")
+            start, stop, file, name = self._sources[k]
+            take = min(end, stop) - pos
+            if take > 0:
+                self._dataset(file, name).read_direct(out[pos - first : pos - first + take],
+                                                      np.s_[pos - start : pos - start + take])
+                pos += take
+            k += 1
+
+    def _dataset(self, file: Path, name: str):
+        if self._open[0] != file:
+            self._close_source()
+            try:  # a segment gone is an error naming it (HDF5 would read its events as zeros)
+                f = h5py.File(file, "r")
+            except (OSError, RuntimeError) as e:
+                raise io_error(e, file, "reading") from e
+            self._open = (file, f)
+        return self._open[1][name]
+
+    def _close_source(self) -> None:
+        if self._open[1] is not None:
+            self._open[1].close()
+        self._open = (None, None)
+
+    def __enter__(self) -> "_EventReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close_source()
+        self._file.close()
+
+
+def _source_range(path: Path, source) -> Optional[tuple[int, int, Path, str]]:
+    """``(start, stop, file, dataset)`` of one virtual source taken whole into a 1-D range of
+    the virtual dataset; None for any other mapping (read through HDF5's own virtual dataset)."""
+    if source.src_space.get_select_type() != h5py.h5s.SEL_ALL:
+        return None
+    (a,), (b,) = source.vspace.get_select_bounds()
+    file = path if source.file_name == "." else path.parent / source.file_name
+    return int(a), int(b) + 1, file, source.dset_name
 
 
 def read_part(path: str | os.PathLike) -> Part:

@@ -50,19 +50,26 @@ class ProducerStats:
 
 
 class BatchBuffers:
-    """Buffers a batch's payloads are joined into, each reused once ZeroMQ has sent it (its
-    MessageTracker is done): a fresh buffer per batch would page-fault every byte in anew."""
+    """A fixed pool of ``count`` buffers a batch's payloads are joined into, each reused once
+    ZeroMQ has sent it (its MessageTracker is done): a fresh buffer per batch would page-fault
+    every byte anew, and a pool that grew whenever every buffer was still in flight would grow
+    with the scan. When none is free, joining waits for the oldest (ZeroMQ's own backpressure
+    bounds how long)."""
 
-    def __init__(self):
+    def __init__(self, count: int, wait_slice_s: float = 0.5):
+        self.count, self.wait_slice_s = max(1, count), wait_slice_s
         self._free: list[np.ndarray] = []
         self._busy: deque = deque()
+        self._made = 0
 
-    def join(self, blocks: list) -> memoryview:
-        """The blocks back to back in a free buffer (a view of exactly their bytes)."""
-        while self._busy and self._busy[0][1].done:
-            self._free.append(self._busy.popleft()[0])
+    def join(self, blocks: list, should_stop: Optional[Callable[[], bool]] = None,
+             timeout_s: Optional[float] = None) -> Optional[memoryview]:
+        """The blocks back to back in a free buffer (a view of exactly their bytes); None if told
+        to stop while waiting for one."""
         n = sum(b.nbytes if hasattr(b, "nbytes") else len(b) for b in blocks)
-        buf = self._free.pop() if self._free and self._free[-1].nbytes >= n else np.empty(n, np.uint8)
+        buf = self._take(n, should_stop, timeout_s)
+        if buf is None:
+            return None
         off = 0
         for b in blocks:
             raw = np.frombuffer(b, np.uint8) if not hasattr(b, "view") else b.reshape(-1).view(np.uint8)
@@ -74,6 +81,26 @@ class BatchBuffers:
     def sent(self, tracker) -> None:
         """The last joined buffer went out with ``tracker``; reusable once it is done."""
         self._busy.append((self._pending, tracker))
+
+    def _take(self, n: int, should_stop, timeout_s) -> Optional[np.ndarray]:
+        while self._busy and self._busy[0][1].done:
+            self._free.append(self._busy.popleft()[0])
+        if not self._free and self._made < self.count:
+            self._made += 1
+            return np.empty(n, np.uint8)
+        waited = 0.0
+        while not self._free:
+            try:
+                self._busy[0][1].wait(self.wait_slice_s)
+                self._free.append(self._busy.popleft()[0])
+            except zmq.NotDone:
+                waited += self.wait_slice_s
+                if should_stop is not None and should_stop():
+                    return None
+                if timeout_s is not None and waited > timeout_s:
+                    raise TimeoutError(f"ZeroMQ sent nothing for {timeout_s:g} s") from None
+        buf = self._free.pop()
+        return buf if buf.nbytes >= n else np.empty(n, np.uint8)  # a bigger batch: the small one goes
 
 
 def _send(sock: zmq.Socket, parts, should_stop: Optional[Callable[[], bool]],
@@ -171,7 +198,7 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
     next_check = 0.0
     stopped = False
     open_batches: list[tuple[list, list]] = [([], []) for _ in range(nodes)]  # per node: headers, blocks
-    buffers = BatchBuffers()
+    buffers = BatchBuffers(hwm + 2, stop_check_s)  # what the queue holds, the one being sent, the next
     last_progress = 0
     pacer = Pacer(frame_rate_hz, stop_check_s)
 
@@ -186,7 +213,9 @@ def run_producer(source, sector: int, endpoint: str, hwm: int = 64,
             if not _send(sock, wire.batch_message(headers, blocks), should_stop, send_timeout_s):
                 return False
         else:
-            tracker = _send(sock, [b"".join(headers), buffers.join(blocks)], should_stop, send_timeout_s, track=True)
+            joined = buffers.join(blocks, should_stop, send_timeout_s)
+            tracker = joined is not None and _send(sock, [b"".join(headers), joined], should_stop, send_timeout_s,
+                                                   track=True)
             if tracker is False:
                 return False
             buffers.sent(tracker)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -17,7 +18,7 @@ from detstream.counting import count_frame
 from detstream.profile import NCEM_4D_CAMERA, SMALL_TEST_CAMERA
 from detstream.services.aggregator import Aggregator, route
 from detstream.services.distributor import Distributor
-from detstream.services.producer import Pacer, run_producer
+from detstream.services.producer import BatchBuffers, Pacer, run_producer
 from detstream.sources import Simulator
 
 
@@ -301,6 +302,34 @@ def test_a_paced_producer_does_not_hold_frames_back_for_a_whole_batch():
         sink.close(0)
         t.join(10)
         assert not t.is_alive()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_batch_buffers_are_a_fixed_pool_however_long_the_scan():
+    """Joining waits for a buffer ZeroMQ has finished with instead of making another, so a
+    producer's memory does not grow with the scan when sends outrun ZeroMQ's releases."""
+    ctx = zmq.Context()
+    try:
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 100)
+        with socket.socket() as s:  # a port nobody listens on: the messages wait in the queue
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        push.connect(f"tcp://127.0.0.1:{port}")
+        pool = BatchBuffers(count=4, wait_slice_s=0.05)
+        blocks = [np.full(1 << 16, k, np.uint8) for k in range(4)]
+        used = set()
+        for _ in range(4):
+            joined = pool.join(blocks)
+            used.add(joined.obj.ctypes.data)
+            pool.sent(push.send(joined, copy=False, track=True))
+        assert len(used) == 4
+        asked = []
+        assert pool.join(blocks, should_stop=lambda: asked.append(1) or len(asked) >= 3) is None
+        assert len(asked) == 3  # it waited, asking whether to stop, rather than make a fifth buffer
+        with pytest.raises(TimeoutError, match="sent nothing for 0.1 s"):
+            pool.join(blocks, timeout_s=0.1)
     finally:
         ctx.destroy(linger=0)
 
