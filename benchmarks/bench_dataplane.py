@@ -43,6 +43,11 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _faults() -> int:
+    """This process's minor page faults so far (a fresh buffer faults in every page it touches)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _procs_cpu_s(procs) -> float:
     """CPU seconds so far of these (live) processes, from /proc/<pid>/stat."""
     total = 0
@@ -155,11 +160,12 @@ def _aggregator(q, go, tiny: bool, scan: tuple, nodes: list, acks: bool, bind: s
                      sectors=sectors, shard=shard)
     q.put(agg.sector_endpoints)
     go.wait()
-    cpu0 = _cpu_s()
+    cpu0, faults0 = _cpu_s(), _faults()
     stats = agg.run(fin_wait_s=2.0)
     cpu = _cpu_s() - cpu0
+    faults = _faults() - faults0
     agg.close()
-    q.put({"cpu_s": cpu, "seconds": stats.last_recv - stats.first_recv, "blocks": sum(stats.frames_routed),
+    q.put({"cpu_s": cpu, "faults": faults, "seconds": stats.last_recv - stats.first_recv, "blocks": sum(stats.frames_routed),
            "bytes": stats.bytes_routed, "lost": len(stats.lost), "rejected": stats.rejected})
 
 
@@ -177,10 +183,10 @@ def _hop_receiver(q, bind: str, expected: int) -> None:
     while n < expected:
         parts = sock.recv_multipart(copy=False)
         if cpu0 is None:
-            cpu0, t0 = _cpu_s(), time.time()
+            cpu0, t0, faults0 = _cpu_s(), time.time(), _faults()
         n += 1
         nbytes += len(parts[1].buffer)
-    q.put({"cpu_s": _cpu_s() - cpu0, "bytes": nbytes, "seconds": time.time() - t0})
+    q.put({"cpu_s": _cpu_s() - cpu0, "bytes": nbytes, "seconds": time.time() - t0, "faults": _faults() - faults0})
     sock.close(0)
     ctx.term()
 
@@ -281,7 +287,8 @@ def aggregator_run(*, tiny: bool, scan: tuple, batch: int, transport: str, acks:
             "producers_gb_per_core_s": nbytes / 1e9 / prod_cpu if prod_cpu else None,
             "cpu_s": cpu, "blocks_per_core_s": blocks / cpu, "gb_per_core_s": nbytes / 1e9 / cpu,
             "cpu_s_per_gb": cpu / (nbytes / 1e9) if nbytes else None,
-            "seconds": max(r["seconds"] for r in results), "per_shard_cpu_s": [r["cpu_s"] for r in results]}
+            "seconds": max(r["seconds"] for r in results), "per_shard_cpu_s": [r["cpu_s"] for r in results],
+            "faults_per_gb": sum(r["faults"] for r in results) / (nbytes / 1e9) if nbytes else None}
 
 
 def hop_run(*, tiny: bool, scan: tuple, transport: str, timeout_s: float = 300.0) -> dict:
@@ -303,7 +310,8 @@ def hop_run(*, tiny: bool, scan: tuple, transport: str, timeout_s: float = 300.0
     cpu = r["cpu_s"] + s["cpu_s"]
     return {"transport": transport, "tiny": tiny, "blocks": expected, "cpu_s": cpu,
             "blocks_per_core_s": expected / cpu, "gb_per_core_s": r["bytes"] / 1e9 / cpu,
-            "cpu_s_per_gb": cpu / (r["bytes"] / 1e9), "seconds": r["seconds"]}
+            "cpu_s_per_gb": cpu / (r["bytes"] / 1e9), "seconds": r["seconds"],
+            "receiver_faults_per_gb": r["faults"] / (r["bytes"] / 1e9)}
 
 
 def _distributor(q, go, scan: tuple, bind: str, hwm: int) -> None:
@@ -365,6 +373,33 @@ def copy_cpu_s_per_gb(frames: int = 400) -> float:
         for s, b in enumerate(blocks):
             frame[s * rows:(s + 1) * rows] = b
     return (_cpu_s() - cpu0) / (frames * profile.frame_nbytes / 1e9)
+
+
+def _child(q, fn, kwargs) -> None:
+    try:
+        q.put((True, fn(**kwargs)))
+    except BaseException as err:  # the parent raises it instead of waiting out its timeout
+        q.put((False, repr(err)))
+        raise
+
+
+def in_child(fn, **kwargs):
+    """``fn(**kwargs)`` in a process of its own: threads it starts (counting threads, ZeroMQ's)
+    leave malloc arenas in this process that every later forked stage would inherit, whose
+    libzmq thread could then land in one that unmaps its memory whenever it empties."""
+    ctx = _procs()
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q, fn, kwargs))  # not a daemon: it may start workers
+    p.start()
+    try:
+        ok, result = q.get(timeout=600)
+    finally:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+    if not ok:
+        raise RuntimeError(f"{fn.__name__} failed in its process: {result}")
+    return result
 
 
 def counting_run(*, mode: str, workers: int, frames: int, dark: bool = True) -> dict:
@@ -485,14 +520,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              "gb_ratio_to_hop": full["gb_per_core_s"] / hop_full["gb_per_core_s"]})
                 print(f"{transport} batch {batch}: {tiny['blocks_per_core_s']:,.0f} tiny blocks/s per core; "
                       f"{full['gb_per_core_s']:.2f} GB/s per core "
-                      f"({rows[-1]['gb_ratio_to_hop']:.2f} of the raw hop's {hop_full['gb_per_core_s']:.2f})",
+                      f"({rows[-1]['gb_ratio_to_hop']:.2f} of the raw hop's {hop_full['gb_per_core_s']:.2f}); "
+                      f"{full['faults_per_gb']:,.0f} page faults per GB (the hop's receiver "
+                      f"{hop_full['receiver_faults_per_gb']:,.0f})",
                       flush=True)
         out["aggregator"] = rows
     if "counting" in parts:
         rows = []
         for workers in (1, 2):
             for mode in ("processes", "threads"):
-                r = counting_run(mode=mode, workers=workers, frames=args.count_frames)
+                r = in_child(counting_run, mode=mode, workers=workers, frames=args.count_frames)
                 rows.append(r)
                 print(f"counting in {mode}, {workers} worker(s): {r['frames_per_core_s']:,.0f} frames/s per core, "
                       f"{r['frames_per_s']:,.0f} frames/s", flush=True)

@@ -76,8 +76,10 @@ def aggregator(session: str = _session_opt, etcd: str = _etcd_opt, prefix: str =
                shard: int = typer.Option(0, help="This aggregator's shard (0..aggregators-1): it routes "
                                          "that share of the sectors.")):
     """Route every sector (or the shard's share) to the node that owns its frame."""
+    from .services import heap
     from .services.serve import serve_aggregator
 
+    heap.keep_freed_buffers()  # first: before a thread of this process (etcd's) takes a malloc arena of its own
     _serve(f"aggregator-{shard}", lambda: serve_aggregator(_coordinator(etcd, prefix), session, bind_host,
                                                             advertise_host, shard))
 
@@ -89,8 +91,10 @@ def distributor(session: str = _session_opt, etcd: str = _etcd_opt, prefix: str 
                 bind_host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 on a node)."),
                 advertise_host: Optional[str] = typer.Option(None, help="Host name the aggregator uses.")):
     """Assemble, count and write this node's share of the scan (one per compute node)."""
+    from .services import heap
     from .services.serve import serve_distributor
 
+    heap.keep_freed_buffers()  # first: before a thread of this process (etcd's) takes a malloc arena of its own
     if node_index is None:
         node_index = int(os.environ.get("SLURM_PROCID", os.environ.get("SLURM_NODEID", "0")))
     _serve(f"distributor-{node_index}",

@@ -34,7 +34,7 @@ from ..profile import DetectorProfile
 from ..wire import Control, Kind, MalformedMessage
 from .aggregator import route
 from .counting_pool import CountingPool
-from . import security
+from . import heap, security
 from .counting_threads import ThreadCountingPool
 from .endpoints import bind_address
 from .validation import MessageValidator, RejectLog, SectorCopies
@@ -74,6 +74,18 @@ class DistributorResult:
         return d
 
 
+class _Held:
+    """A received payload frame some partial or waiting frame still needs: its blocks (uint8
+    rows, and the same as sector arrays) and how many of them are not assembled yet."""
+
+    __slots__ = ("blocks", "sectors", "live")
+
+    def __init__(self, blocks: np.ndarray, profile: DetectorProfile, live: int):
+        self.blocks = blocks
+        self.sectors = blocks.view(profile.np_dtype).reshape(len(blocks), *profile.sector_shape)
+        self.live = live
+
+
 class Distributor:
     """Receives this node's share of the scan and turns it into counted events."""
 
@@ -88,6 +100,7 @@ class Distributor:
         """``live``: a detstream.live.LiveImages fed every counted frame (the live images)."""
         if not 0 <= node_index < nodes:
             raise ValueError(f"node index {node_index} outside 0..{nodes - 1}")
+        heap.keep_freed_buffers()  # received batches reuse freed ones warm
         self.profile = profile
         self.node_index = node_index
         self.nodes = nodes
@@ -138,7 +151,15 @@ class Distributor:
         self.ack_endpoint: Optional[str] = self.ack_endpoints[0] if self.ack_endpoints else None
         mine = len(range(node_index, self.positions, nodes))
         self.result = DistributorResult(node_index=node_index, frames_expected=mine)
-        self._pending: dict[int, list] = {}      # position -> sector frames (None until arrived)
+        # Partial frames as arrays over (position, sector), filled per batch with numpy: which
+        # received payload frame holds each block (-1: none) and at which row.
+        nsec = profile.sectors
+        self._holder = np.full((self.positions, nsec), -1, dtype=np.int32)
+        self._row = np.zeros((self.positions, nsec), dtype=np.int32)
+        self._have = np.zeros(self.positions, dtype=np.uint8)   # sectors held of a partial frame
+        self._held: dict[int, _Held] = {}        # holder id -> the payload frame, while any block is unassembled
+        self._next_holder = 0
+        self._pending: dict[int, None] = {}      # partial positions, oldest first
         self._ready: deque = deque()             # positions complete, waiting for a slot
         self._done = np.zeros(self.positions, dtype=bool)
         self._ends: dict[int, int] = {}          # sector -> blocks the aggregator sent us
@@ -166,11 +187,16 @@ class Distributor:
         if self.result.first_recv is None:
             self.result.first_recv = now
         self.result.last_recv = now
-        for kind, s, count, pos, part in zip(heads["kind"].tolist(), heads["sector"].tolist(),
-                                             heads["count"].tolist(), batch.positions.tolist(), batch.payloads):
-            if kind == Kind.DATA:
-                self._block(s, pos, part)
-            elif kind == Kind.END:
+        kinds = heads["kind"]
+        data = kinds == Kind.DATA
+        if data.all():
+            self._blocks(batch, slice(None))
+            return
+        if data.any():
+            self._blocks(batch, np.flatnonzero(data))
+        for i in np.flatnonzero(~data).tolist():
+            s, count = int(heads["sector"][i]), int(heads["count"][i])
+            if kinds[i] == Kind.END:
                 if s in self._ends:
                     self.rejects.reject(MalformedMessage("duplicate_end", f"second END for sector {s}"))
                 else:
@@ -185,39 +211,91 @@ class Distributor:
         """An aggregator shard hung up before its FIN (it fenced this node, or died)."""
         return any(gone and k not in self._fins for k, gone in enumerate(self._shard_gone))
 
-    def _block(self, s: int, pos: int, part) -> None:
-        """One sector block: into its position's frame; a complete frame waits for a slot."""
+    def _blocks(self, batch, idx) -> None:
+        """A batch's data blocks (``idx`` of its good blocks) into their positions' frames,
+        numpy over the batch; complete frames wait for a slot."""
+        frames, frame_of, row_of = batch.block_rows()
+        pos, sec = batch.positions[idx], batch.headers["sector"][idx].astype(np.int64)
+        frame_of, row_of = frame_of[idx], row_of[idx]
         # With acks the aggregator is the routing authority: it re-routes a lost node's positions.
-        if not self.acks and pos % self.nodes != self.node_index:
-            self.rejects.reject(MalformedMessage(
-                "wrong_node", f"position {pos} belongs to node {route(pos, self.nodes)}"))
+        if not self.acks:
+            wrong = pos % self.nodes != self.node_index
+            if wrong.any():
+                for p in pos[wrong].tolist():
+                    self.rejects.reject(MalformedMessage(
+                        "wrong_node", f"position {p} belongs to node {route(p, self.nodes)}"))
+                keep = ~wrong
+                pos, sec, frame_of, row_of = pos[keep], sec[keep], frame_of[keep], row_of[keep]
+        self._take(frames, pos, sec, frame_of, row_of)
+
+    def _take(self, frames: list, pos, sec, frame_of, row_of) -> None:
+        """Hold blocks (frame ``frame_of``, row ``row_of`` of ``frames``) for (``pos``, ``sec``)."""
+        key = pos * self.profile.sectors + sec
+        firsts = np.unique(key, return_index=True)[1]
+        if len(firsts) < len(key):  # a sector of a position twice in one batch: the first copy first
+            later = np.ones(len(key), dtype=bool)
+            later[firsts] = False
+            firsts = np.sort(firsts)
+            self._take(frames, pos[firsts], sec[firsts], frame_of[firsts], row_of[firsts])
+            self._take(frames, pos[later], sec[later], frame_of[later], row_of[later])
             return
-        if self._done[pos]:
-            self.rejects.reject(self.copies.second(pos, s, part))
-            return
-        sectors = self._pending.get(pos)
-        if sectors is None:
-            if len(self._pending) >= self.max_partial:
-                self._evict_oldest()
-            sectors = self._pending[pos] = [None] * self.profile.sectors
-            if len(self._pending) > self.result.partial_peak:
-                self.result.partial_peak = len(self._pending)
-        if sectors[s] is not None:
-            self.rejects.reject(self.copies.second(pos, s, part, sectors[s]))
-            return
-        sectors[s] = part
-        self.copies.first(pos, s, part)
-        self._blocks_per_sector[s] += 1
-        self.result.bytes_received += self.profile.sector_nbytes
-        if all(p is not None for p in sectors):
-            del self._pending[pos]
-            self._done[pos] = True
-            self._ready.append((pos, sectors))
-            self.result.frames_received += 1
+        again = self._done[pos] | (self._holder[pos, sec] >= 0)
+        if again.any():
+            for i in np.flatnonzero(again).tolist():
+                p, s = int(pos[i]), int(sec[i])
+                payload = frames[frame_of[i]][row_of[i]]
+                if self._done[p]:
+                    self.rejects.reject(self.copies.second(p, s, payload))
+                else:
+                    first = self._held[int(self._holder[p, s])].blocks[self._row[p, s]]
+                    self.rejects.reject(self.copies.second(p, s, payload, first))
+            keep = ~again
+            pos, sec, frame_of, row_of = pos[keep], sec[keep], frame_of[keep], row_of[keep]
+            if not len(pos):
+                return
+        touched, per_pos = np.unique(pos, return_counts=True)
+        new = touched[self._have[touched] == 0]
+        base = self._next_holder
+        self._next_holder += len(frames)
+        self._holder[pos, sec] = base + frame_of
+        self._row[pos, sec] = row_of
+        self._have[touched] += per_pos.astype(np.uint8)
+        live = np.bincount(frame_of, minlength=len(frames))
+        for f in np.flatnonzero(live).tolist():
+            self._held[base + f] = _Held(frames[f], self.profile, int(live[f]))
+            rows = row_of if len(frames) == 1 else row_of[frame_of == f]
+            at = slice(None) if len(frames) == 1 else frame_of == f
+            self.copies.firsts(pos[at], sec[at], frames[f], rows)
+        for s, n in enumerate(np.bincount(sec, minlength=self.profile.sectors).tolist()):
+            self._blocks_per_sector[s] += n
+        self.result.bytes_received += len(pos) * self.profile.sector_nbytes
+        self._pending.update(dict.fromkeys(new.tolist()))
+        complete = touched[self._have[touched] == self.profile.sectors]
+        if len(complete):
+            self._done[complete] = True
+            for p in complete.tolist():
+                del self._pending[p]
+            self._ready.extend(complete.tolist())
+            self.result.frames_received += len(complete)
+        while len(self._pending) > self.max_partial:
+            self._evict_oldest()
+        if len(self._pending) > self.result.partial_peak:
+            self.result.partial_peak = len(self._pending)
+
+    def _release(self, pos: int) -> None:
+        """A position's blocks are no longer needed here: let go of frames that held only them."""
+        for h in self._holder[pos][self._holder[pos] >= 0].tolist():
+            held = self._held[h]
+            held.live -= 1
+            if not held.live:
+                del self._held[h]
+        self._holder[pos] = -1
 
     def _evict_oldest(self) -> None:
         pos = next(iter(self._pending))
         del self._pending[pos]
+        self._release(pos)
+        self._have[pos] = 0
         self.result.partial.append(pos)
         log.warning("position %d evicted incomplete: more than %d frames partly received",
                     pos, self.max_partial)
@@ -225,14 +303,15 @@ class Distributor:
     # -- counting --------------------------------------------------------------------------
     def _dispatch(self) -> None:
         rows = self.profile.sector_rows
+        held = self._held
         while self._ready and self.pool.has_free_slot():
-            pos, sectors = self._ready.popleft()
+            pos = self._ready.popleft()
             t0 = time.perf_counter()
             slot = self.pool.acquire()
             frame = self.pool.ring[slot]
-            for s, part in enumerate(sectors):
-                frame[s * rows:(s + 1) * rows] = np.frombuffer(
-                    part, dtype=self.profile.np_dtype).reshape(self.profile.sector_shape)
+            for s, (h, r) in enumerate(zip(self._holder[pos].tolist(), self._row[pos].tolist())):
+                frame[s * rows:(s + 1) * rows] = held[h].sectors[r]
+            self._release(pos)
             self.result.assemble_seconds += time.perf_counter() - t0
             self.pool.submit(slot, pos)
             if self.acks and not self.pool.workers:  # counting off: assembled is as far as it goes

@@ -67,6 +67,22 @@ class Batch:
                 views.append(bufs[f][off:off + size])
         return views if self._good is None else [views[i] for i in self._good.tolist()]
 
+    def block_rows(self) -> tuple[list, np.ndarray, np.ndarray]:
+        """The payload frames as arrays of whole blocks (uint8, one row per block, no copy), and
+        for each good block its frame and row there: a receiver's numpy work per batch."""
+        nb = self._nbytes
+        if self._payloads is not None or not nb:
+            raise ValueError("block rows need a batch as received (check_batch), not a subset")
+        bufs = [_buf(f) for f in self._frames]
+        arrays = [np.frombuffer(b, np.uint8).reshape(-1, nb) for b in bufs]
+        heads = self.headers if self._good is None else self._all_headers
+        ordinal = np.cumsum(heads["kind"] == Kind.DATA) - 1     # each block's index among the data blocks
+        if self._good is not None:
+            ordinal = ordinal[self._good]
+        firsts = np.cumsum([0, *(len(a) for a in arrays)])     # first block of each frame
+        frame = np.searchsorted(firsts, ordinal, side="right") - 1
+        return arrays, frame, ordinal - firsts[frame]
+
     def subset(self, idx) -> "Batch":
         """The blocks at ``idx`` (indices into this batch's good blocks), as a batch of their own."""
         idx = np.asarray(idx, dtype=np.int64)
@@ -182,8 +198,24 @@ class SectorCopies:
         sample = words[:: cls._STRIDE].astype(np.uint64)
         return int((sample * cls._WEIGHTS[: sample.size]).sum(dtype=np.uint64)) & 0xFFFFFFFF
 
+    @classmethod
+    def fingerprints(cls, blocks: np.ndarray, rows=slice(None)) -> np.ndarray:
+        """``fingerprint`` of the ``rows`` of ``blocks`` (uint8, one block per row) in a few
+        numpy operations: one strided view (only the sampled words are read), one weighted sum."""
+        nbytes = blocks.shape[1]
+        if nbytes < 8:
+            sample = blocks[rows, :: cls._STRIDE].astype(np.uint64)
+        else:
+            sample = blocks[:, : nbytes // 8 * 8].view(np.uint64)[rows, :: cls._STRIDE]
+        return ((sample * cls._WEIGHTS[: sample.shape[1]]).sum(axis=1, dtype=np.uint64)
+                & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
     def first(self, pos: int, sector: int, payload) -> None:
         self.prints[pos, sector] = self.fingerprint(payload)
+
+    def firsts(self, pos: np.ndarray, sectors: np.ndarray, blocks: np.ndarray, rows=slice(None)) -> None:
+        """``first`` for a batch at once: the blocks at ``rows`` of ``blocks``."""
+        self.prints[pos, sectors] = self.fingerprints(blocks, rows)
 
     def second(self, pos: int, sector: int, payload, first=None) -> MalformedMessage:
         """The rejection for a second copy: ``duplicate_sector``, or ``conflicting_sector`` (the
