@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import zlib
 
 import numpy as np
 import pytest
@@ -105,7 +106,9 @@ SEEDS = range(6)
 @pytest.mark.parametrize("shape", [FULL, SMALL])
 @pytest.mark.parametrize("dark_kind", ["none", "float32", "float64-exact", "uint16"])
 def test_realistic_frames_no_gain(seed, shape, dark_kind):
-    rng = np.random.default_rng([seed, shape[0], hash(dark_kind) % 1000])
+    # zlib.crc32, not hash(): str hashes differ per process, which made the frames (and, on a
+    # small frame now and then, an eventless draw) change from run to run.
+    rng = np.random.default_rng([seed, shape[0], zlib.crc32(dark_kind.encode()) % 1000])
     frame = realistic_frame(rng, shape)
     dark = {
         "none": None,
