@@ -108,6 +108,7 @@ def test_lock_frees_when_its_lease_is_revoked(coordinator):
         coordinator.lock_detector("4dcamera", "def456", other)
 
 
+@pytest.mark.chaos  # a holder killed with SIGKILL, its lease left to expire: not in make test-fast
 def test_lock_frees_when_the_holding_process_is_killed(etcd_server, etcd_prefix, coordinator, wait_until):
     script = textwrap.dedent(
         f"""

@@ -26,6 +26,10 @@ from detstream.services.file_counter import (  # noqa: E402
 from detstream.sources import ReplayError, Simulator, write_scan  # noqa: E402
 from detstream.transfer import LocalCopyTransfer, cached_pages  # noqa: E402
 
+# The file workflow's count stage whole (acquired, evicted, transferred, counted by real pools,
+# merged): e2e, not in make test-fast.
+pytestmark = pytest.mark.e2e
+
 WIDTH, HEIGHT, NODES = 6, 4, 2
 
 
@@ -176,7 +180,6 @@ def test_refusals_name_what_was_wrong(session, tmp_path):
     assert not mp.active_children()
 
 
-@pytest.mark.e2e  # a whole multi-process pipeline: not in make test-fast
 def test_serve_file_counter_registers_reports_and_feeds_collect(session, etcd_server, etcd_prefix,
                                                                 tmp_path):
     """Through etcd, as a node runs it: spec read, leased registration as 'file-counter',
