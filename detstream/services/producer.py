@@ -140,18 +140,20 @@ class Pacer:
         return max(0.0, self._t0 + n / self.rate_hz - now)
 
     def wait(self, n: int, should_stop: Optional[Callable[[], bool]] = None) -> bool:
-        """Wait until item ``n`` is due; False if told to stop meanwhile."""
+        """Wait until item ``n`` is due; False if told to stop meanwhile (asked between slices
+        only: a wait shorter than a slice asks nothing, so fast pacing makes no etcd reads)."""
         left = self.ahead(n)
         if not left:
             return True
         now = time.monotonic()
         due = now + left
-        while now < due:
+        while True:
             time.sleep(min(due - now, self.slice_s))
+            now = time.monotonic()
+            if now >= due:
+                return True
             if should_stop is not None and should_stop():
                 return False
-            now = time.monotonic()
-        return True
 
 
 def _await_hangup(monitor: zmq.Socket, timeout_s: float, stop_check_s: float,

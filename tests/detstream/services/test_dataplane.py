@@ -341,6 +341,9 @@ def test_a_paced_producer_still_stops_when_told():
     started = time.monotonic()
     assert pacer.wait(1, should_stop=lambda: True) is False
     assert time.monotonic() - started < 5.0  # the frame was due in 100 s
+    fast, asked = Pacer(rate_hz=100.0, slice_s=0.5), []
+    assert fast.wait(0) and fast.wait(1, should_stop=lambda: asked.append(1) or False)
+    assert asked == []  # a wait shorter than a slice asks nothing (the stop check is an etcd read)
 
 
 # --------------------------------------------------------------------------- batches (wire v2) and ipc
