@@ -15,6 +15,7 @@ from . import results
 from .config import SessionSpec
 from .coordination import Coordinator
 from .etcd import CoordinationError
+from .services.endpoints import remove_session_sockets
 from .states import TERMINAL_STATES, SessionState
 
 log = logging.getLogger("detstream.salvage")
@@ -80,6 +81,7 @@ def salvage_session(session_dir: Path, coord: Optional[Coordinator] = None,
             etcd_note = f"etcd state was {before.value if before else 'absent'}"
         except CoordinationError as err:
             etcd_note = f"etcd not updated: {err}"
+    remove_session_sockets(spec.session_id)  # its local services' ipc socket folder, if any was left
     state = SessionState.ABANDONED
     workflow = "file-transfer" if spec.paths.acquired.exists() or spec.paths.transferred.exists() else "streaming"
     summary = results.collect(spec, workflow, {}, overwrite=True, state=state, reason=reason,

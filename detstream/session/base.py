@@ -17,13 +17,14 @@ from typing import Callable, ClassVar, Optional
 
 from ..atomic import write_atomically
 from ..backends.base import ComputeBackend, NodeLaunch, Reservation, ReservationError
+from .. import reaper
 from ..config import SessionSpec
 from ..coordination import Coordinator, DetectorBusy, KeepAliveLease
 from ..etcd import CoordinationError
 from ..processes import ManagedProcess, detstream_argv
 from ..secretfiles import write_env_file
 from ..services import security
-from ..services.endpoints import remove_session_sockets
+from ..services.endpoints import remove_session_sockets, session_socket_dir
 from ..services.serve import SERVICE_LEASE_TTL_S
 from ..progress import report as report_progress
 from ..states import TERMINAL_STATES, SessionState
@@ -130,6 +131,7 @@ class Session:
         self.spec = with_simulator_dark(self.spec)
         if self.spec.transport == "auto":  # the backend knows whether the nodes share this host
             self.spec = self.spec.model_copy(update={"transport": self.backend.transport})
+        reaper.track_dir(session_socket_dir(self.sid, create=False))  # its services' ipc sockets, if killed
         self.paths.root.mkdir(parents=True, exist_ok=True)
         write_atomically(self.paths.spec, self.spec.model_dump_json(indent=2))
         self.coord.put_spec(self.sid, json.loads(self.spec.model_dump_json()))

@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from detstream.coordination import Coordinator
+from detstream.services.endpoints import remove_session_sockets, session_socket_dir
 from detstream.states import EXIT_CODES, SessionState
 
 cli = CliRunner()
@@ -98,6 +99,7 @@ def run(tmp_path, etcd_server):
         r.close()
         for p in _session_processes(r.sid):
             p.kill()
+        remove_session_sockets(r.sid)
 
 
 def _session_processes(sid: str) -> list[psutil.Process]:
@@ -182,6 +184,7 @@ def test_nothing_outlives_a_killed_orchestrator_and_salvage_accounts_for_every_f
     assert not set(summary["missing_positions"]) & set(summary["partial_positions"])
     assert r.prefix_coord.get_state(r.sid) == "abandoned"
     assert not list((r.out / r.sid / "parts").rglob("*.partial"))
+    assert not session_socket_dir(r.sid, create=False).exists()  # the services' ipc sockets, too
 
 
 def test_run_with_two_aggregator_shards_completes_with_every_frame(run, tmp_path):
