@@ -183,8 +183,9 @@ def test_a_full_disk_while_a_part_is_written_names_the_part(tmp_path, etcd_serve
 def test_a_node_killed_mid_scan_is_survived_with_every_frame(tmp_path, etcd_server, nodes, victim, counting):
     from detstream.flows import streaming_session
 
+    # Sent at 600 frames/s (>= 3.8 s): the node is killed mid-scan however fast the machine is.
     params = _params(tmp_path, etcd_server, detector="4dcamera", scan_width=48, scan_height=48, nodes=nodes,
-                     counting=counting)
+                     counting=counting, frame_rate=600.0)
     coord = Coordinator(etcd_server.endpoint, prefix=params["etcd_prefix"])
     sid = params["session_id"]
 
