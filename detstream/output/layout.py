@@ -14,7 +14,7 @@ import numpy as np
 
 from ..atomic import io_error
 from .frames import as_events, check_frame_shape, scan_size
-from .hdf5 import h5_output
+from .hdf5 import counts_bound, h5_output
 from .summary import jsonable
 
 STEMPY_FORMAT_VERSION = 3
@@ -145,7 +145,9 @@ def write_counts(
         )
     n_pixels = frame_shape[0] * frame_shape[1]
     out = Path(path)
-    with h5_output(out, overwrite=overwrite) as f:
+    bound = counts_bound(n, frame_shape, np.array([len(e) for e in events_by_position], np.int64),
+                         len(json.dumps(jsonable(dict(attrs or {})))))
+    with h5_output(out, overwrite=overwrite, reserve=bound, what="the counted data") as f:
         frames = create_counts_layout(f, scan_width, scan_height, frame_shape, attrs)
         for start in range(0, n, WRITE_BLOCK):
             stop = min(start + WRITE_BLOCK, n)

@@ -3,6 +3,7 @@ also draws the virtual bright field, and reporting what was written and what was
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,10 +15,11 @@ import numpy as np
 from ..atomic import io_error, refuse
 from .disk import DiskEstimate, estimate_disk
 from .frames import check_frame_shape, scan_size
-from .hdf5 import h5_output
+from .hdf5 import counts_bound, h5_output
 from .layout import (WRITE_BLOCK, create_counts_layout, vlen_block, write_stem_images,
                      write_summed_pattern, write_vlen_points)
 from .parts import BLOCK_EVENTS, read_part
+from .summary import jsonable
 from .virtual import IMAGE_NAMES, VirtualDetectors, VirtualImages
 
 
@@ -183,8 +185,14 @@ def merge_parts(
         acc_list.append(virtual)
         pattern_sum = np.zeros(n_pixels, np.int64)
 
+    written = [np.diff(part.offsets.astype(np.int64)) if mask is None
+               else np.diff(part.offsets.astype(np.int64))[mask] for part, mask in zip(parts, keep)]
+    bound = counts_bound(n, frame_shape, np.concatenate(written) if written else np.zeros(0, np.int64),
+                         len(json.dumps(jsonable(dict(attrs or {})))))
     total_events = 0
-    with h5_output(out, overwrite=overwrite) as f:
+    # The room counted.h5 can take is held before HDF5 writes: a full disk is a DiskFull here,
+    # never a failure inside HDF5 (see output/hdf5.py).
+    with h5_output(out, overwrite=overwrite, reserve=bound, what="the merge") as f:
         frames = create_counts_layout(f, scan_width, scan_height, frame_shape, attrs)
         for part, mask in zip(parts, keep):
             start = 0

@@ -16,13 +16,28 @@ import numpy as np
 
 from ..atomic import AtomicFile, io_error
 from .frames import as_events, check_frame_shape
-from .hdf5 import close_h5, force_close
+from .hdf5 import close_h5, force_close, open_reserved
 from .summary import jsonable
 
 PART_FORMAT_VERSION = 1
 #: Events a reader takes from a part at a time (1 MiB of uint32): what a merge holds, whatever
 #: the scan's size.
 BLOCK_EVENTS = 1 << 18
+_CHUNKS = {"positions": (1 << 14, 4), "offsets": (1 << 14, 8), "events": (1 << 18, 4)}
+#: HDF5's own bytes in a part beyond its chunks: superblock, object headers, attributes, and the
+#: chunk indexes (a v1 B-tree node of ~2 KiB per 32 chunks; 2 KiB per chunk is the bound).
+_PART_METADATA = 256 << 10
+_PER_CHUNK_METADATA = 2 << 10
+
+
+def part_bound(positions: int, events: int, frame_shape: Sequence[int], extra_bytes: int = 0) -> int:
+    """An upper bound on the bytes of a part holding ``positions`` frames and ``events`` events
+    once closed (whole chunks, the summed pattern, metadata): what a writer reserves."""
+    chunks = (-(-max(positions, 1) // _CHUNKS["positions"][0]), -(-(positions + 1) // _CHUNKS["offsets"][0]),
+              -(-max(events, 1) // _CHUNKS["events"][0]))
+    data = sum(n * c * size for n, (c, size) in zip(chunks, _CHUNKS.values()))
+    pattern = int(frame_shape[0]) * int(frame_shape[1]) * 8
+    return data + pattern + _PART_METADATA + _PER_CHUNK_METADATA * sum(chunks) + 2 * int(extra_bytes)
 
 
 class PartWriter:
@@ -67,7 +82,14 @@ class PartWriter:
         self._state = "open"
         self._target = AtomicFile(self.path, overwrite)
         try:
-            self._file = h5py.File(self._target.tmp, "w")
+            # The room the part can grow to is held before HDF5 writes (see output/hdf5.py).
+            self._file, self._reservation = open_reserved(
+                self._target.tmp, self.path, part_bound(0, 0, self.frame_shape), "this part")
+        except BaseException:
+            self._target.discard()
+            self._state = "failed"
+            raise
+        try:
             self._file.attrs["detstream_part"] = np.int64(PART_FORMAT_VERSION)
             self._file.attrs["frame_rows"] = np.int64(self.frame_shape[0])
             self._file.attrs["frame_cols"] = np.int64(self.frame_shape[1])
@@ -130,6 +152,11 @@ class PartWriter:
         offsets = np.uint64(self.events_written) + np.cumsum(lengths, dtype=np.uint64)
         p0, e0 = self.positions_written, self.events_written
         try:
+            self._reservation.ensure(part_bound(p0 + len(positions), e0 + flat.size, self.frame_shape))
+        except BaseException:
+            self._fail()
+            raise
+        try:
             self._positions.resize((p0 + len(positions),))
             self._positions[p0:] = positions
             self._offsets.resize((p0 + len(positions) + 1,))
@@ -151,6 +178,13 @@ class PartWriter:
         if self._state == "closed":
             return self.path
         self.flush()
+        extra_json = json.dumps(jsonable(dict(extra or {})))
+        try:
+            self._reservation.ensure(part_bound(self.positions_written, self.events_written,
+                                                self.frame_shape, len(extra_json)))
+        except BaseException:
+            self._fail()
+            raise
         try:
             f = self._file
             f.create_dataset(
@@ -158,7 +192,7 @@ class PartWriter:
             )
             f.attrs["n_positions"] = np.int64(self.positions_written)
             f.attrs["n_events"] = np.int64(self.events_written)
-            f.attrs["extra"] = json.dumps(jsonable(dict(extra or {})))
+            f.attrs["extra"] = extra_json
         except (OSError, RuntimeError) as e:
             self._fail()
             raise io_error(e, self.path) from e
@@ -168,8 +202,9 @@ class PartWriter:
         try:
             close_h5(self._file, self.path)
         except BaseException:
-            self._fail()
+            self._fail(closed=True)
             raise
+        self._reservation.release()  # what the part did not use goes back before it is renamed
         try:
             self._target.commit()  # discards the temp file itself if the rename fails
         except BaseException:
@@ -184,9 +219,11 @@ class PartWriter:
             self._fail()
             self._state = "aborted"
 
-    def _fail(self) -> None:
-        if hasattr(self, "_file"):
-            force_close(self._file)
+    def _fail(self, closed: bool = False) -> None:
+        if hasattr(self, "_file") and not closed:  # a file whose close failed is never touched again
+            force_close(self._file, self.path)
+        if hasattr(self, "_reservation"):
+            self._reservation.release()
         self._target.discard()
         self._state = "failed"
 

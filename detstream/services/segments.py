@@ -19,7 +19,13 @@ from typing import Any, Mapping, Optional, Sequence
 import h5py
 import numpy as np
 
+from ..output.hdf5 import h5_output
 from ..output.parts import PartWriter, read_part
+
+#: An index's own bytes beyond its arrays: HDF5 metadata, and per segment its virtual mapping
+#: (file name, dataset name and two selections, in the global heap).
+_INDEX_METADATA = 256 << 10
+_PER_SEGMENT = 1 << 10
 
 SEGMENT_GLOB = "seg-*.h5"
 
@@ -87,8 +93,13 @@ def write_index(path: Path, segments: Sequence[Path], frame_shape: Sequence[int]
         offsets.append(p.offsets[1:] + np.uint64(layout_n))
         layout_n += p.n_events
         pattern += p.summed_pattern()
-    tmp = path.with_name(f".{path.name}.partial")
-    with h5py.File(tmp, "w") as f:
+    extra_json = json.dumps({**(extra or {}), "segments": len(parts)}, default=str)
+    pixels = int(frame_shape[0]) * int(frame_shape[1])
+    rels = [os.path.relpath(p.path, path.parent) for p in parts]
+    bound = (len(positions) * 4 + (len(positions) + 1) * 8 + pixels * 8 + _INDEX_METADATA
+             + sum(_PER_SEGMENT + 2 * len(r) for r in rels) + 2 * len(extra_json))
+    # Reserved before HDF5 writes, renamed into place whole (see output/hdf5.py).
+    with h5_output(path, overwrite=True, reserve=bound, what="this node's index part") as f:
         f.attrs["detstream_part"] = version
         f.attrs["frame_rows"] = np.int64(frame_shape[0])
         f.attrs["frame_cols"] = np.int64(frame_shape[1])
@@ -97,9 +108,8 @@ def write_index(path: Path, segments: Sequence[Path], frame_shape: Sequence[int]
         if layout_n:
             layout = h5py.VirtualLayout(shape=(layout_n,), dtype=np.uint32)
             start = 0
-            for p in parts:
+            for p, rel in zip(parts, rels):
                 if p.n_events:
-                    rel = os.path.relpath(p.path, path.parent)
                     layout[start:start + p.n_events] = h5py.VirtualSource(rel, "events", shape=(p.n_events,))
                     start += p.n_events
             f.create_virtual_dataset("events", layout)
@@ -108,8 +118,7 @@ def write_index(path: Path, segments: Sequence[Path], frame_shape: Sequence[int]
         f.create_dataset("summed_pattern", data=pattern)
         f.attrs["n_positions"] = np.int64(len(positions))
         f.attrs["n_events"] = np.int64(layout_n)
-        f.attrs["extra"] = json.dumps({**(extra or {}), "segments": len(parts)}, default=str)
-    os.replace(tmp, path)
+        f.attrs["extra"] = extra_json
     return path
 
 
