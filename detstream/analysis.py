@@ -7,6 +7,7 @@ allocated. py4DSTEM (the ``analysis`` extra) is imported only here, only when ca
     import detstream.analysis as dsa
     dc = dsa.open_datacube("runs/<session id>", bin=4)
     bf = dc.get_virtual_image(mode="circle", geometry=dsa.py4dstem_geometry(dc)["bright_field"])
+    dpc = dsa.dpc("runs/<session id>").reconstruct()  # DPC from the nodes' centre of mass
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Optional
 import h5py
 import numpy as np
 
-from .output.virtual import IMAGE_NAMES, VirtualDetectors
+from .output.virtual import COM_NAMES, IMAGE_NAMES, VirtualDetectors
 
 # py4DSTEM's masks leave out pixels exactly on their edge (r < R, r > R_inner); ours keep them
 # (r <= R). Radii widened by this relative amount select the same pixels in py4DSTEM.
@@ -86,7 +87,9 @@ def stored_detectors(path: str | os.PathLike) -> Optional[VirtualDetectors]:
 
 
 def stem_images(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The session's ``stem/images`` by name: {"bright_field": ..., "annular_dark_field": ...}."""
+    """The session's ``stem/images`` by name: {"bright_field": ..., "annular_dark_field": ...,
+    "com_x": ..., "com_y": ...} (the centre of mass in detector pixels from the disk centre, x
+    along frame columns, y along frame rows)."""
     with h5py.File(counted_file(path), "r") as f:
         images = f["stem/images"]
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in images.attrs["names"]]
@@ -107,6 +110,32 @@ def py4dstem_geometry(detectors: Any, bin: int = 1) -> dict[str, tuple]:
         IMAGE_NAMES[0]: ((qx, qy), detectors.bf_radius / b * (1 + _EDGE)),
         IMAGE_NAMES[1]: ((qx, qy), (detectors.adf_inner / b * (1 - _EDGE), detectors.adf_outer / b * (1 + _EDGE))),
     }
+
+
+def py4dstem_com(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """The session's centre of mass in py4DSTEM's terms, ``(com_qx, com_qy)``: py4DSTEM's Qx is the
+    detector's first axis (frame rows, our ``com_y``), Qy its second (frame columns, ``com_x``)."""
+    images = stem_images(path)
+    missing = [n for n in COM_NAMES if n not in images]
+    if missing:
+        raise ValueError(f"{counted_file(path)} has no centre of mass in stem/images (missing {missing})")
+    return images["com_y"], images["com_x"]
+
+
+def dpc(session: str | os.PathLike, energy: float = 300e3, **preprocess: Any):
+    """A py4DSTEM DPC reconstruction of the session fed with the centre of mass the nodes took from
+    the counted events (``force_com_measured``; no dense cube is built), preprocessed and ready for
+    ``.reconstruct()``. ``preprocess`` goes to ``DPC.preprocess`` (defaults here: no plots, the scan
+    and detector axes taken as aligned; pass ``force_com_rotation=None`` to let py4DSTEM fit them)."""
+    try:
+        from py4DSTEM.process.phase import DPC
+    except ImportError as err:
+        raise ImportError("dpc needs py4DSTEM: pip install 'detstream[analysis]'") from err
+
+    options = {"plot_center_of_mass": False, "plot_rotation": False, "force_com_rotation": 0.0,
+               "force_com_transpose": False, **preprocess}
+    reconstruction = DPC(energy=energy, verbose=False)
+    return reconstruction.preprocess(force_com_measured=py4dstem_com(session), **options)
 
 
 def open_datacube(session: str | os.PathLike, bin: int = 1, dtype: Any = np.uint16):

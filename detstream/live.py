@@ -1,11 +1,13 @@
 """Live virtual images while a scan streams.
 
 Each node keeps a :class:`LiveImages`: per scan position, the events its counting found in the
-bright-field disk and in the dark-field ring (never a second look at the raw frame). Its etcd
+bright-field disk and in the dark-field ring, and the sums of their rows and columns with their
+count, which give the centre of mass (never a second look at the raw frame). Its etcd
 side thread publishes the chunks that changed every ``publish_s``, compressed (a few bytes per
 frame). The disk comes from the session's parameters, or each node proposes the one it finds in
 the summed pattern of its first frames and the first proposal in etcd is the session's.
-The orchestrator's :class:`LiveView` reads the chunks and redraws ``live.png``.
+The orchestrator's :class:`LiveView` reads the chunks and redraws ``live.png``: bright field, dark
+field, and the centre of mass (x and y) relative to the session's disk centre.
 """
 
 from __future__ import annotations
@@ -16,69 +18,105 @@ import threading
 import time
 import zlib
 from collections.abc import Iterable, Sequence
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from .output.disk import DiskEstimate, estimate_disk
-from .output.virtual import VirtualDetectors, frame_sums, session_detectors
+from .output.virtual import (VirtualDetectors, centre_of_mass, frame_moments, frame_sums, row_lookup,
+                             session_detectors)
 
 log = logging.getLogger("detstream.live")
 
 CHUNK_POSITIONS = 4096  # scan positions per published chunk (one etcd key per node and chunk)
-_FORMAT = 1
+_FORMATS = {2: "<u4", 3: "<u8"}  # chunk format -> width of the event count and row/column sums
 _HEADER = struct.Struct("<BII")  # format, first position, positions in the chunk
 _FLUSH_FRAMES = 64  # frames gathered before their sums are taken (one numpy pass per batch)
 _MAX_HELD = 8  # times find_frames a node waits for the session's disk before using its own
 _FIND_SIDE = 144  # the disk is found on the summed pattern binned to about this many pixels a side
 
 
-def encode_chunk(start: int, counted: np.ndarray, bf: np.ndarray, adf: np.ndarray) -> bytes:
-    """One chunk of a node's live images: which positions it counted, and their BF and ADF sums."""
-    body = np.packbits(counted).tobytes() + bf.astype("<u4").tobytes() + adf.astype("<u4").tobytes()
-    return _HEADER.pack(_FORMAT, int(start), len(counted)) + zlib.compress(body, 1)
+class LiveSums(NamedTuple):
+    """Live images over scan positions: which were counted, events in the disk and in the ring,
+    and every event's count with the sums of their columns and rows (the centre of mass)."""
+
+    counted: np.ndarray
+    bf: np.ndarray
+    adf: np.ndarray
+    events: np.ndarray
+    col_sum: np.ndarray
+    row_sum: np.ndarray
+
+    def com(self, center) -> tuple[np.ndarray, np.ndarray]:
+        """``(com_x, com_y)`` relative to ``center`` (row, col), as in ``stem/images``."""
+        return centre_of_mass(self.events, self.col_sum, self.row_sum, center)
 
 
-def decode_chunk(raw: bytes) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    """``(start, counted, bf, adf)`` of a chunk; ValueError names what is wrong with it."""
+def chunk_format(frame_shape) -> int:
+    """The chunk format whose sums cannot overflow for frames of this shape: at most one event in
+    each 2x2 block of pixels (an event is a strict local maximum), each at most the larger side."""
+    rows, cols = (int(s) for s in frame_shape)
+    most = ((rows + 1) // 2) * ((cols + 1) // 2) * max(rows, cols)
+    return 2 if most < 2 ** 32 else 3
+
+
+def encode_chunk(start: int, counted: np.ndarray, bf: np.ndarray, adf: np.ndarray,
+                 events: Optional[np.ndarray] = None, col_sum: Optional[np.ndarray] = None,
+                 row_sum: Optional[np.ndarray] = None, fmt: int = 2) -> bytes:
+    """One chunk of a node's live images: which positions it counted, their BF and ADF sums, and
+    their event counts and column and row sums (zeros when not given)."""
+    n = len(counted)
+    wide = _FORMATS[fmt]
+    zeros = np.zeros(n, np.int64)
+    body = b"".join([np.packbits(counted).tobytes(), np.asarray(bf).astype("<u4").tobytes(),
+                     np.asarray(adf).astype("<u4").tobytes()]
+                    + [np.asarray(zeros if a is None else a).astype(wide).tobytes()
+                       for a in (events, col_sum, row_sum)])
+    return _HEADER.pack(fmt, int(start), n) + zlib.compress(body, 1)
+
+
+def decode_chunk(raw: bytes) -> tuple[int, LiveSums]:
+    """``(start, sums)`` of a chunk; ValueError names what is wrong with it."""
     if len(raw) < _HEADER.size:
         raise ValueError(f"live chunk of {len(raw)} bytes is shorter than its header")
     fmt, start, n = _HEADER.unpack_from(raw)
-    if fmt != _FORMAT:
-        raise ValueError(f"live chunk format {fmt}, expected {_FORMAT}")
+    if fmt not in _FORMATS:
+        raise ValueError(f"live chunk format {fmt}, expected one of {sorted(_FORMATS)}")
     try:
         body = zlib.decompress(raw[_HEADER.size:])
     except zlib.error as err:
         raise ValueError(f"live chunk body does not decompress: {err}") from None
     bits = (n + 7) // 8
-    if len(body) != bits + 8 * n:
+    wide = np.dtype(_FORMATS[fmt])
+    if len(body) != bits + 8 * n + 3 * wide.itemsize * n:
         raise ValueError(f"live chunk body of {len(body)} bytes for {n} positions")
     counted = np.unpackbits(np.frombuffer(body, np.uint8, bits), count=n).astype(bool)
     bf = np.frombuffer(body, "<u4", n, bits)
     adf = np.frombuffer(body, "<u4", n, bits + 4 * n)
-    return start, counted, bf, adf
+    at = bits + 8 * n
+    events, col_sum, row_sum = (np.frombuffer(body, wide, n, at + k * wide.itemsize * n) for k in range(3))
+    return start, LiveSums(counted, bf, adf, events, col_sum, row_sum)
 
 
-def assemble(chunks: Iterable[bytes], n_positions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every node's chunks as ``(counted, bf, adf)`` over the scan; a malformed chunk is skipped
+def assemble(chunks: Iterable[bytes], n_positions: int) -> LiveSums:
+    """Every node's chunks as one ``LiveSums`` over the scan; a malformed chunk is skipped
     (ValueError messages are logged once per reason)."""
-    counted = np.zeros(n_positions, bool)
-    bf = np.zeros(n_positions, np.uint32)
-    adf = np.zeros(n_positions, np.uint32)
+    out = LiveSums(np.zeros(n_positions, bool), *(np.zeros(n_positions, np.uint32) for _ in range(2)),
+                   *(np.zeros(n_positions, np.int64) for _ in range(3)))
     for raw in chunks:
         try:
-            start, c, b, a = decode_chunk(raw)
-            if start + len(c) > n_positions:
-                raise ValueError(f"live chunk of positions {start}..{start + len(c)} outside the scan")
+            start, c = decode_chunk(raw)
+            if start + len(c.counted) > n_positions:
+                raise ValueError(f"live chunk of positions {start}..{start + len(c.counted)} outside the scan")
         except ValueError as err:
             _warn_once(str(err))
             continue
-        sl = slice(start, start + len(c))
+        sl = slice(start, start + len(c.counted))
         # A position two nodes counted (re-routed) has the same sums from both.
-        bf[sl] = np.where(c, b, bf[sl])
-        adf[sl] = np.where(c, a, adf[sl])
-        counted[sl] |= c
-    return counted, bf, adf
+        for mine, theirs in zip(out[1:], c[1:]):
+            mine[sl] = np.where(c.counted, theirs, mine[sl])
+        out.counted[sl] |= c.counted
+    return out
 
 
 _warned: set[str] = set()
@@ -97,7 +135,9 @@ class LiveImages:
     ``changes``, ``agree`` and ``finish`` on its etcd side thread.
     """
 
-    def __init__(self, n_positions: int, frame_shape: Sequence[int], imaging, chunk_positions: int = CHUNK_POSITIONS):
+    def __init__(self, n_positions: int, frame_shape: Sequence[int], imaging, chunk_positions: int = CHUNK_POSITIONS,
+                 com: bool = True):
+        """``com=False`` leaves out the centre of mass (its sums stay 0): only to measure what it costs."""
         self.n = int(n_positions)
         self.frame_shape = tuple(int(s) for s in frame_shape)
         self.imaging = imaging
@@ -116,6 +156,12 @@ class LiveImages:
         self.counted = np.zeros(self.n, bool)
         self.bf = np.zeros(self.n, np.uint32)
         self.adf = np.zeros(self.n, np.uint32)
+        self.com = bool(com)
+        self._rows_of = row_lookup(self.frame_shape)
+        self._format = chunk_format(self.frame_shape)
+        self.events = np.zeros(self.n, np.int64)
+        self.col_sum = np.zeros(self.n, np.int64)
+        self.row_sum = np.zeros(self.n, np.int64)
         self._dirty: set[int] = set()
         given = session_detectors(imaging, self.frame_shape)
         if given is not None:
@@ -166,7 +212,8 @@ class LiveImages:
             out = {}
             for c in dirty:
                 sl = slice(c * self.chunk, min(self.n, (c + 1) * self.chunk))
-                out[c] = encode_chunk(sl.start, self.counted[sl], self.bf[sl], self.adf[sl])
+                out[c] = encode_chunk(sl.start, self.counted[sl], self.bf[sl], self.adf[sl], self.events[sl],
+                                      self.col_sum[sl], self.row_sum[sl], self._format)
             return out
 
     def unpublished(self, chunks: Iterable[int]) -> None:
@@ -229,6 +276,11 @@ class LiveImages:
         bf, adf = frame_sums(self._labels, flat, offsets)
         self.bf[positions] = bf
         self.adf[positions] = adf
+        if self.com:
+            col_sum, row_sum = frame_moments(self._rows_of, self.frame_shape[1], flat, offsets)
+            self.events[positions] = np.diff(offsets)
+            self.col_sum[positions] = col_sum
+            self.row_sum[positions] = row_sum
         self.counted[positions] = True
         self._dirty.update(np.unique(positions // self.chunk).tolist())
 
@@ -260,7 +312,9 @@ def publish(coord, sid: str, node: str, live: LiveImages, final: bool = False) -
 
 class LiveView:
     """The orchestrator's side: reads every node's chunks from etcd at most every ``interval_s``
-    and redraws ``live.png`` (atomically) when more frames were counted.
+    and redraws ``live.png`` (atomically) when more frames were counted: bright field, annular
+    dark field, and the centre of mass x and y relative to the session's disk centre (the one the
+    nodes agreed in etcd, or the session's own).
 
     With ``background`` the drawing runs in a thread of lowest CPU priority (nice 19, Linux): the
     live image is a view, and where the orchestrator shares cores with the data plane (a laptop,
@@ -276,6 +330,8 @@ class LiveView:
         self.drawn_frames = 0  # counted frames in live.png
         self._last = -float("inf")
         self._figure = None  # an output.images.FigureDrawing, once drawn
+        self.sums: Optional[LiveSums] = None  # what was last read from etcd
+        self.detectors: Optional[VirtualDetectors] = session_detectors(spec.virtual, spec.profile.frame_shape)
         self._todo: Optional[tuple] = None  # the latest sums waiting for the drawing thread
         self._wake = threading.Condition()
         self._busy = False
@@ -299,18 +355,35 @@ class LiveView:
         except CoordinationError as err:
             _warn_once(f"cannot read the live images from etcd: {err}")
             return False
-        counted, bf, adf = assemble(chunks, self.spec.frames_expected)
-        n = int(counted.sum())
+        sums = assemble(chunks, self.spec.frames_expected)
+        n = int(sums.counted.sum())
         if n == 0 or n == self.frames_shown:
             return False
+        if self.detectors is None:  # the disk the nodes agreed on: the centre of mass is relative to it
+            try:
+                record = self.coord.live_detectors(self.spec.session_id)
+                self.detectors = None if record is None else VirtualDetectors.from_dict(record)
+            except (CoordinationError, ValueError) as err:
+                _warn_once(f"cannot read the live images' disk from etcd: {err}")
         self.frames_shown = n
+        self.sums = sums
+        center = self.detectors.center if self.detectors is not None else None
         if self._thread is None:
-            self._draw(n, counted, bf, adf)
+            self._draw(n, sums, center)
             return True
         with self._wake:
-            self._todo = (n, counted, bf, adf)
+            self._todo = (n, sums, center)
             self._wake.notify()
         return True
+
+    def com(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The centre of mass last read, ``(com_x, com_y)`` over the scan as ``(height, width)``
+        (0 where not counted), or None before the disk is known."""
+        if self.sums is None or self.detectors is None:
+            return None
+        shape = (self.spec.scan_height, self.spec.scan_width)
+        cx, cy = self.sums.com(self.detectors.center)
+        return cx.reshape(shape), cy.reshape(shape)
 
     def wait_drawn(self, timeout_s: float = 30.0) -> bool:
         """Wait until what was asked for is drawn; False on timeout."""
@@ -356,17 +429,23 @@ class LiveView:
                     self._busy = False
                     self._wake.notify_all()
 
-    def _draw(self, n: int, counted: np.ndarray, bf: np.ndarray, adf: np.ndarray) -> None:
+    def _draw(self, n: int, sums: LiveSums, center) -> None:
         """live.png (written atomically) and its bytes; the figure is built once, then redrawn."""
-        from .output.images import FigureDrawing, scan_panel, write_png_bytes
+        from .output.images import FigureDrawing, com_panel, scan_panel, write_png_bytes
 
         shape = (self.spec.scan_height, self.spec.scan_width)
-        images = [np.where(counted, v, np.nan).reshape(shape) for v in (bf, adf)]
+        counted = sums.counted
+        if center is None:  # no disk yet: the centre of mass about the frame's centre
+            center = [(s - 1) / 2 for s in self.spec.profile.frame_shape]
+        com_x, com_y = sums.com(center)
+        images = [np.where(counted, v, np.nan).reshape(shape) for v in (sums.bf, sums.adf, com_x, com_y)]
         title = (f"session {self.spec.session_id}: {n}/{self.spec.frames_expected} "
                  "frames counted (not yet counted: blue-grey)")
         if self._figure is None:
             self._figure = FigureDrawing([scan_panel(images[0], "Bright field (live)"),
-                                          scan_panel(images[1], "Annular dark field (live)")])
+                                          scan_panel(images[1], "Annular dark field (live)"),
+                                          com_panel(images[2], "Centre of mass x (live)"),
+                                          com_panel(images[3], "Centre of mass y (live)")])
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.png = write_png_bytes(self.path, self._figure.redraw(images, title))
         self.drawn_frames = n

@@ -129,7 +129,8 @@ Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in PNG pixels from the top-lef
 @dataclass(frozen=True)
 class Panel:
     """One image of a figure: its values (NaN: not measured yet), title, axis labels, colour-bar
-    label, colormap, and whether the colour scale is logarithmic."""
+    label, colormap, whether the colour scale is logarithmic, and whether it is symmetric about 0
+    (a signed quantity on a diverging colormap)."""
 
     image: np.ndarray
     title: str
@@ -138,6 +139,7 @@ class Panel:
     unit: str = "electrons"
     cmap: str = "gray"
     log: bool = False
+    symmetric: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,9 @@ def _norm(panel: Panel, values: np.ndarray):
         if positive.size:
             return LogNorm(vmin=float(positive.min()), vmax=max(float(positive.max()), float(positive.min()) * 10))
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if panel.symmetric:
+        m = max(abs(lo), abs(hi)) or 1.0
+        return Normalize(vmin=-m, vmax=m)
     return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0)
 
 
@@ -270,6 +275,12 @@ def write_figure(path: str | os.PathLike, panels: Sequence[Panel], suptitle: str
 def scan_panel(image: np.ndarray, title: str) -> Panel:
     """A virtual image: events per scan position, grey, axes in scan positions."""
     return Panel(image, title)
+
+
+def com_panel(image: np.ndarray, title: str) -> Panel:
+    """A centre-of-mass image: detector pixels from the disk centre per scan position, on a
+    diverging colormap symmetric about 0 (white: no shift)."""
+    return Panel(image, title, unit="detector pixels", cmap="RdBu_r", symmetric=True)
 
 
 def pattern_panel(pattern: np.ndarray, title: str = "Summed diffraction pattern") -> Panel:

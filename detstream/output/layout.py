@@ -104,10 +104,12 @@ def create_counts_layout(
 def write_stem_images(f: h5py.File, images: np.ndarray, names: Sequence[str],
                       attrs: Mapping[str, Any] | None = None) -> h5py.Dataset:
     """stempy's ``stem/images``: a stack ``(n_images, scan_height, scan_width)`` of unsigned
-    integer images with attribute ``names`` (as ``stempy.io.save_stem_images`` writes it)."""
+    integer or floating-point images (one dtype for the stack: counts beside a centre of mass make
+    it float64, which holds whole counts exactly) with attribute ``names`` (as
+    ``stempy.io.save_stem_images`` writes it)."""
     images = np.asarray(images)
-    if images.ndim != 3 or len(images) != len(names) or images.dtype.kind != "u":
-        raise ValueError(f"stem images must be (n, height, width) unsigned ints with n names, got "
+    if images.ndim != 3 or len(images) != len(names) or images.dtype.kind not in "uf":
+        raise ValueError(f"stem images must be (n, height, width) unsigned ints or floats with n names, got "
                          f"{images.dtype} {images.shape} and {len(names)} names")
     dset = f.require_group("stem").create_dataset("images", data=images)
     dset.attrs["names"] = [str(n) for n in names]

@@ -104,3 +104,29 @@ def test_the_core_does_not_load_py4dstem():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.e2e  # py4DSTEM's DPC on the dense cube
+def test_py4dstems_dpc_takes_our_centre_of_mass_and_measures_the_same_on_the_dense_cube(session):
+    """The hand-off's DPC is fed the nodes' centre of mass (no dense cube); py4DSTEM's own DPC on
+    the dense cube measures the same centre of mass, up to the disk centre we measure from."""
+    import warnings
+
+    from py4DSTEM.process.phase import DPC
+
+    ours = dsa.stem_images(session)
+    center = dsa.stored_detectors(session).center
+    fed = dsa.dpc(session)
+    # py4DSTEM keeps them as float32; its Qx is the detector's rows.
+    np.testing.assert_allclose(np.asarray(fed._com_measured_x), ours["com_y"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(fed._com_measured_y), ours["com_x"], rtol=1e-6, atol=1e-6)
+    phase = fed.reconstruct(max_iter=8, progress_bar=False).object_phase
+    assert phase.shape == (HEIGHT, WIDTH) and np.all(np.isfinite(phase)) and np.ptp(phase) > 0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = DPC(datacube=dsa.open_datacube(session), energy=300e3, verbose=False).preprocess(
+            plot_center_of_mass=False, plot_rotation=False, force_com_rotation=0.0, force_com_transpose=False)
+    np.testing.assert_allclose(np.asarray(dense._com_measured_x), ours["com_y"] + center[0], atol=1e-3)
+    np.testing.assert_allclose(np.asarray(dense._com_measured_y), ours["com_x"] + center[1], atol=1e-3)
+    assert np.ptp(ours["com_x"]) > 0.5 and np.ptp(ours["com_y"]) > 0.5

@@ -81,10 +81,11 @@ def test_counted_h5_carries_stem_images_in_stempys_layout(tmp_path):
                              adf_outer=18)
     with h5py.File(tmp_path / "counted.h5", "r") as f:
         images = f["stem/images"]
-        assert images.shape == (2, height, width) and images.dtype.kind == "u"
+        # Counts beside a centre of mass: one float64 stack, whole counts exact in it.
+        assert images.shape == (4, height, width) and images.dtype == np.float64
         names = [n.decode() if isinstance(n, bytes) else n for n in images.attrs["names"]]
-        assert names == list(IMAGE_NAMES) == ["bright_field", "annular_dark_field"]
-        bf, adf = images[0], images[1]
+        assert names == list(IMAGE_NAMES) == ["bright_field", "annular_dark_field", "com_x", "com_y"]
+        bf, adf, com = images[0], images[1], images[2:]
         pattern = f["summed_pattern"][()]
     # Computed afresh from the counted events stempy loads back from the same file.
     sa = stempy_io.load_electron_counts(tmp_path / "counted.h5")
@@ -92,6 +93,16 @@ def test_counted_h5_carries_stem_images_in_stempys_layout(tmp_path):
     np.testing.assert_array_equal(bf, _ring_counts(loaded, width, height, shape, (20, 22), 0, 6))
     np.testing.assert_array_equal(adf, _ring_counts(loaded, width, height, shape, (20, 22), 9, 18))
     np.testing.assert_array_equal(bf, report.bright_field)
+    # The centre of mass relative to the disk centre: stempy's own com_sparse (mean column, then
+    # mean row, float32) less the centre, wherever a frame has events.
+    import stempy.image as stempy_image
+
+    theirs = stempy_image.com_sparse(sa, replace_nans=False)
+    some = np.array([len(e) > 0 for e in loaded]).reshape(height, width)
+    assert some.sum() > 20
+    np.testing.assert_allclose(com[0][some], theirs[0][some] - 22, atol=1e-4)
+    np.testing.assert_allclose(com[1][some], theirs[1][some] - 20, atol=1e-4)
+    assert np.all(com[:, ~some] == 0)  # none here; an empty frame's is 0 (tests/detstream/test_live.py)
     expected = np.bincount(np.concatenate(events), minlength=shape[0] * shape[1]).reshape(shape)
     np.testing.assert_array_equal(pattern, expected)
 
