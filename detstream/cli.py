@@ -127,6 +127,35 @@ def count_files(session: str = _session_opt, etcd: str = _etcd_opt, prefix: str 
 
 
 @app.command()
+def merge(session_dir: Path = typer.Argument(..., help="The session's folder (holds spec.json and parts/)."),
+          spec: Optional[Path] = typer.Option(None, help="The session's spec; default SESSION_DIR/spec.json."),
+          result: Optional[Path] = typer.Option(None, help="Where to write the result as JSON; default "
+                                                "SESSION_DIR/merge.json."),
+          overwrite: bool = typer.Option(False, help="Replace an existing counted.h5.")):
+    """Merge a session's durable parts into counted.h5 and its figures, in this process only; the
+    result (or the error: a full disk names the file, the bytes needed and free) goes to --result."""
+    import json
+
+    from .atomic import write_atomically
+    from .results import merge_error, merge_session
+
+    _service_logging("merge")
+    faulthandler.enable()  # a crash inside HDF5 leaves its stack in the log
+    out = result or session_dir / "merge.json"
+    try:
+        outcome = merge_session(session_dir, spec, overwrite=overwrite)
+    except Exception as err:
+        logging.getLogger("detstream").error("merge of %s failed: %s", session_dir, err)
+        outcome = merge_error(err)
+    try:
+        write_atomically(out, json.dumps(outcome))
+    except OSError as err:
+        typer.echo(f"cannot write the merge's result {out}: {err}", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(0 if outcome["ok"] else 1)
+
+
+@app.command()
 def salvage(session_dir: Path = typer.Argument(..., help="The session's folder (holds spec.json)."),
             etcd: Optional[str] = typer.Option(None, help="etcd to mark the session abandoned in, if reachable."),
             prefix: str = _prefix_opt):

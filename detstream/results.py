@@ -3,25 +3,37 @@ summary.json, whatever way the session ended."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import shutil
+import signal
+import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from .config import SessionSpec
+from .output.hdf5 import DiskFull, disk_full
 from .states import SessionState
 
-# Room the merge needs beyond the parts' own bytes: the variable-length heap's per-position
-# overhead and the file's metadata.
-_BYTES_PER_POSITION = 32
-_MERGE_SLACK_BYTES = 1 << 20
+__all__ = ["DiskFull", "MergeFailed", "collect", "merge_session", "run_merge"]
+
+log = logging.getLogger("detstream.results")
+
+#: Held in the session folder while the merge runs and given back just before summary.json is
+#: written, so that a disk the merge (or anyone) filled still takes the account.
+_SUMMARY_RESERVE = ".summary.json.reserve"
+_SUMMARY_RESERVE_BYTES = 1 << 20
 
 
-class DiskFull(OSError):
-    """The output's disk has less room than the merge needs; nothing was written, the parts are kept."""
+class MergeFailed(RuntimeError):
+    """The merge's own process (``detstream merge``) ended without a result: killed or crashed.
+    counted.h5 was not written (or not whole); the parts are kept for ``detstream salvage``."""
 
 
 def _load_reports(spec: SessionSpec, role: str) -> list[dict]:
@@ -52,18 +64,6 @@ def discard_unfinished_parts(spec: SessionSpec) -> list[str]:
     for p in gone:
         p.unlink(missing_ok=True)
     return [p.name for p in gone]
-
-
-def check_room(out: Path, parts: list[Path], positions: int) -> None:
-    """Refuse a merge the disk cannot hold, naming the path, what it needs and what is free."""
-    needed = sum(p.stat().st_size for p in parts) + positions * _BYTES_PER_POSITION + _MERGE_SLACK_BYTES
-    free = shutil.disk_usage(out.parent).free
-    if free < needed:
-        import errno
-
-        raise DiskFull(errno.ENOSPC, f"not enough space to write {out}: the merge needs about "
-                                     f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free "
-                                     f"(the parts are kept in {parts[0].parent if parts else out.parent})")
 
 
 def _node_positions(spec: SessionSpec, node_index: int) -> np.ndarray:
@@ -103,6 +103,7 @@ def account_without_outputs(spec: SessionSpec, workflow: str, state: SessionStat
                "salvaged": {"parts": [str(p) for p in durable_parts(spec)]},
                "outputs": {"hdf5": None, "image": None}, **(extra or {})}
     try:
+        _release_summary_reserve(spec)
         write_summary(spec.paths.summary, summary)
         summary["outputs"]["summary"] = str(spec.paths.summary)
     except OSError as err:
@@ -114,13 +115,19 @@ def account_without_outputs(spec: SessionSpec, workflow: str, state: SessionStat
 def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = False,
             extra: Optional[dict] = None, *, state: Optional[SessionState] = None,
             reason: Optional[str] = None) -> dict:
-    """Merge every durable part into the HDF5, draw the virtual bright field, write and return
-    the summary. ``state`` is the session's end state when already known (failed, cancelled);
-    otherwise it is completed or incomplete by what was counted."""
-    from .output.merge import merge_parts
-
+    """Merge every durable part into the HDF5 (``detstream merge``, a child process), draw the
+    virtual bright field, write and return the summary. ``state`` is the session's end state
+    when already known (failed, cancelled); otherwise it is completed or incomplete by what was
+    counted."""
     paths = spec.paths
     paths.root.mkdir(parents=True, exist_ok=True)
+    with _summary_reserve(spec):
+        return _collect(spec, workflow, timings, overwrite, extra, state, reason)
+
+
+def _collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool, extra: Optional[dict],
+             state: Optional[SessionState], reason: Optional[str]) -> dict:
+    paths = spec.paths
     nodes = _load_reports(spec, "distributor")
     producers = _load_reports(spec, "producer")
     aggregators = _load_reports(spec, "aggregator")
@@ -132,20 +139,16 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
     # Two differing copies of a sector arrived: neither can be trusted, the position is left out.
     conflicted = sorted({p for n in nodes for p in n.get("conflicted", [])})
     if spec.counting.enabled:
-        check_room(paths.counts, parts, spec.frames_expected)
-        # After a re-route two nodes may both have counted a position: the first copy is kept.
-        v = spec.virtual
-        report = merge_parts(parts, paths.counts, spec.scan_width, spec.scan_height,
-                             spec.profile.frame_shape, overwrite=overwrite, on_duplicate="first",
-                             center=v.center, radius=v.bf_radius, adf_inner=v.adf_inner,
-                             adf_outer=v.adf_outer, exclude=conflicted)
-        outputs["hdf5"] = str(paths.counts)
-        events_total = report.total_events
-        hdf5_closed = time.time()
-        outputs.update(write_figures(spec, report))
-        not_counted = report.missing
-        duplicates = report.duplicates
-        conflicted = sorted(set(conflicted) | set(report.conflicted))  # two nodes' copies differ
+        # In its own process: whatever the merge meets (a full disk, a crash inside HDF5) ends
+        # that process, never this one.
+        merged = run_merge(spec, overwrite=overwrite)
+        outputs["hdf5"] = merged["hdf5"]
+        events_total = merged["total_events"]
+        hdf5_closed = merged["hdf5_closed"]
+        outputs.update(merged["figures"])
+        not_counted = merged["missing"]
+        duplicates = merged["duplicates"]
+        conflicted = sorted(set(conflicted) | set(merged["conflicted"]))  # two nodes' copies differ
     else:
         hdf5_closed = time.time()
         not_counted = sorted(set(_uncounted(spec, nodes, aggregators)) | set(conflicted))
@@ -204,11 +207,22 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
 
 
 def write_figures(spec: SessionSpec, report) -> dict[str, str]:
-    """The merge's images as figures a person can read: bright field, dark field, summed pattern."""
-    from .output.images import pattern_panel, scan_panel, write_figure
+    """The merge's images as figures a person can read: bright field, dark field, summed pattern.
+    A full disk is a DiskFull naming the figure, its bytes and the bytes free."""
+    from .output.images import draw_figure, pattern_panel, scan_panel, write_png_bytes
 
     paths, sid = spec.paths, spec.session_id
     d = report.detectors
+
+    def write_figure(path, panels, title):
+        png = draw_figure(panels, title)
+        try:
+            write_png_bytes(path, png)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(path, len(png), what="the figure") from err
+            raise
+
     write_figure(paths.image, [scan_panel(report.bright_field, "Virtual bright field")],
                  f"session {sid}: disk at ({d.center[0]:.1f}, {d.center[1]:.1f}), radius {d.bf_radius:.1f} px")
     write_figure(paths.dark_field_image, [scan_panel(report.dark_field, "Virtual annular dark field")],
@@ -223,7 +237,150 @@ def write_account(spec: SessionSpec, summary: dict) -> dict:
     """(Re)write summary.json atomically; the summary gains its own path among the outputs."""
     from .output.summary import write_summary
 
+    _release_summary_reserve(spec)
     write_summary(spec.paths.summary, {**summary, "outputs": {
         k: v for k, v in summary["outputs"].items() if k != "summary"}})
     summary["outputs"]["summary"] = str(spec.paths.summary)
     return summary
+
+
+# --- the summary's reserve -----------------------------------------------------------------
+
+class _summary_reserve:
+    """Hold room for summary.json while the merge runs (best effort: a disk already too full
+    to hold it is left as it is); given back just before the summary is written, or at the end."""
+
+    def __init__(self, spec: SessionSpec):
+        self.path = spec.paths.root / _SUMMARY_RESERVE
+        # The summary lists positions: room for every one of them, besides the rest.
+        self.nbytes = _SUMMARY_RESERVE_BYTES + 12 * spec.frames_expected
+
+    def __enter__(self):
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.nbytes)
+            finally:
+                os.close(fd)
+        except OSError:
+            with suppress(OSError):
+                self.path.unlink()
+        return self
+
+    def __exit__(self, *exc):
+        with suppress(OSError):
+            self.path.unlink()
+
+
+def _release_summary_reserve(spec: SessionSpec) -> None:
+    with suppress(OSError):
+        (spec.paths.root / _SUMMARY_RESERVE).unlink()
+
+
+# --- the merge, in its own process ----------------------------------------------------------
+
+#: Errors the merge's process reports that are raised here as themselves (others: MergeFailed).
+_ERRORS = {"DiskFull": DiskFull, "FileExistsError": FileExistsError,
+           "FileNotFoundError": FileNotFoundError, "OSError": OSError, "ValueError": ValueError}
+
+
+def run_merge(spec: SessionSpec, overwrite: bool = False) -> dict:
+    """Run ``detstream merge`` on the session's folder as a child process and return what it
+    wrote (see :func:`merge_session`). Its errors are raised here as they were there (a full
+    disk is a :class:`DiskFull` naming the file, the bytes needed and the bytes free); a merge
+    killed or crashed (a signal) is a :class:`MergeFailed` naming the signal. Nothing it meets
+    can take this process down."""
+    from .processes import ManagedProcess, detstream_argv
+
+    # Its spec, result and log live off the session's disk, which may be the full one.
+    work = Path(tempfile.mkdtemp(prefix="detstream-merge-"))
+    try:
+        spec_file = work / "spec.json"
+        spec_file.write_text(spec.model_dump_json())
+        result_file = work / "result.json"
+        argv = ["merge", str(spec.paths.root), "--spec", str(spec_file), "--result", str(result_file)]
+        if overwrite:
+            argv.append("--overwrite")
+        proc = ManagedProcess(detstream_argv(*argv), work / "merge.log", name=f"merge-{spec.session_id}")
+        proc.start()
+        try:
+            code = proc.wait()
+        finally:
+            proc.stop()  # only if this process is interrupted while it runs: then it goes too
+            code = proc.proc.returncode
+        tail = proc.log_tail(15)
+        try:
+            result = json.loads(result_file.read_text())
+        except (OSError, ValueError):
+            result = None
+        if not (result is not None and result.get("ok") and code == 0):
+            _keep_log(spec, work / "merge.log")
+        if result is not None and result.get("ok"):
+            if code != 0:
+                raise MergeFailed(f"the merge of {spec.paths.root} wrote its result but exited {code}")
+            return result
+        if result is not None:
+            err = result["error"]
+            cls = _ERRORS.get(err["type"])
+            if cls is None:
+                raise MergeFailed(f"the merge of {spec.paths.root} failed: {err['type']}: {err['message']}")
+            if issubclass(cls, OSError):
+                exc = cls(err["errno"], err["message"]) if err.get("errno") else cls(err["message"])
+                exc.path, exc.needed, exc.free = err.get("path"), err.get("needed"), err.get("free")
+                raise exc
+            raise cls(err["message"])
+        how = (f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
+               else f"exited {code} without a result")
+        raise MergeFailed(f"the merge of {spec.paths.root} (detstream merge, pid {proc.pid}) {how}; "
+                          f"{spec.paths.counts} was not written, the parts are kept in {spec.paths.parts} "
+                          f"(`detstream salvage {spec.paths.root}` merges them again). Its log ends:\n{tail}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _keep_log(spec: SessionSpec, log_file: Path) -> None:
+    """A failed merge's log into the session folder, if there is room (not worth failing for)."""
+    with suppress(OSError):
+        if log_file.stat().st_size:
+            shutil.copyfile(log_file, spec.paths.root / "merge.log")
+
+
+def merge_session(session_dir: Path, spec_file: Optional[Path] = None, *, overwrite: bool = False) -> dict:
+    """What ``detstream merge`` does: merge the folder's durable parts into counted.h5 and draw
+    the figures; return what the summary needs (JSON-able)."""
+    from .output.merge import merge_parts
+    from .salvage import load_spec
+
+    session_dir = Path(session_dir)
+    if spec_file is not None:
+        spec = SessionSpec.model_validate_json(Path(spec_file).read_text())
+    else:
+        spec = load_spec(session_dir)
+    spec = spec.model_copy(update={"output_dir": session_dir.resolve().parent})
+    nodes = _load_reports(spec, "distributor")
+    conflicted = sorted({p for n in nodes for p in n.get("conflicted", [])})
+    parts = durable_parts(spec)
+    v = spec.virtual
+    # After a re-route two nodes may both have counted a position: the first copy is kept.
+    report = merge_parts(parts, spec.paths.counts, spec.scan_width, spec.scan_height,
+                         spec.profile.frame_shape, overwrite=overwrite, on_duplicate="first",
+                         center=v.center, radius=v.bf_radius, adf_inner=v.adf_inner,
+                         adf_outer=v.adf_outer, exclude=conflicted)
+    hdf5_closed = time.time()
+    figures = write_figures(spec, report)
+    return {"ok": True, "hdf5": str(spec.paths.counts), "hdf5_closed": hdf5_closed,
+            "total_events": int(report.total_events), "missing": [int(p) for p in report.missing],
+            "duplicates": int(report.duplicates), "conflicted": [int(p) for p in report.conflicted],
+            "parts": [str(p) for p in parts], "figures": figures}
+
+
+def merge_error(err: BaseException) -> dict:
+    """An exception as the merge's result records it."""
+    out = {"type": type(err).__name__, "message": str(err)}
+    if isinstance(err, OSError):
+        out.update(message=err.strerror if err.errno and err.strerror else str(err), errno=err.errno,
+                   path=getattr(err, "path", None) or err.filename, needed=getattr(err, "needed", None),
+                   free=getattr(err, "free", None))
+        if err.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(err, DiskFull):
+            out["type"] = "DiskFull"  # a full disk met outside the reservations: still a full disk
+    return {"ok": False, "error": out}
