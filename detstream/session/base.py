@@ -258,7 +258,7 @@ class Session:
             if failed:
                 names = ", ".join(f"{p.name} (exit {p.poll()}): {p.log_tail(3)}" for p in failed)
                 silent = any(not p.log_tail(3).strip() for p in failed)
-                raise SessionError(f"service failed: {names}{self._disk_note(always=silent)}",
+                raise SessionError(f"service failed: {names}{self._node_errors()}{self._disk_note(always=silent)}",
                                    fallback_reason=f"service failed: {names}")
             if not local_done and self.local and all(p.poll() == 0 for p in self.local):
                 local_done = True
@@ -350,7 +350,7 @@ class Session:
                 lines = log_path.read_text(errors="replace").splitlines()[-20:]
             except OSError:
                 continue
-            errors = [ln.strip() for ln in lines if "Error" in ln or "error" in ln]
+            errors = [ln.strip() for ln in lines if "Error" in ln or "error" in ln or "not enough space" in ln]
             if errors:
                 found.append(f"{log_path.stem}: {errors[-1]}")
         return "; " + "; ".join(found) if found else ""
