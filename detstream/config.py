@@ -142,7 +142,9 @@ class SessionSpec(BaseModel):
     virtual: VirtualImaging = VirtualImaging()
     etcd_prefix: str = DEFAULT_PREFIX
     register_timeout_s: float = Field(default=60.0, gt=0, description="Wait for services to register.")
-    stall_timeout_s: float = Field(default=60.0, gt=0, description="No progress for this long ends the scan.")
+    stall_timeout_s: float = Field(default=60.0, gt=0, description="No progress for this long ends the scan; "
+                                   "a node that heartbeats but acknowledges none of the work it holds for "
+                                   "this long is fenced as stalled (never the last live node).")
     send_hwm: int = Field(default=64, gt=0, description="ZeroMQ high-water mark, in sector blocks "
                           "(queues hold send_hwm // batch_blocks batches, at least 2).")
     batch_blocks: int = Field(default=64, gt=0, le=1024, description="Sector blocks per producer "
@@ -171,7 +173,8 @@ class SessionSpec(BaseModel):
     segment_seconds: float = Field(default=0.5, gt=0, description="...or this long after the segment's "
                                    "first frame, whichever comes first.")
     node_timeout_s: float = Field(default=10.0, gt=0, description="A node that holds unacknowledged frames "
-                                  "and shows no progress for this long is lost.")
+                                  "and sends nothing at all (no heartbeat, no ACK) for this long is lost "
+                                  "as unreachable (never the last live node).")
     session_token: int = Field(default_factory=lambda: secrets.randbits(32), ge=0, lt=2**32,
                                description="Carried by every message of the session (with the scan number), "
                                "so that another session's messages are told apart and rejected.")

@@ -14,10 +14,15 @@ With acknowledgements on (``ack_endpoints``), delivery is at-least-once:
   is in the window; a full window stops the reads from producers
   (backpressure), except from a sector that lags behind, whose blocks complete what the window
   already holds;
-* a node is lost when its connection drops, when ``node_check`` no longer lists it (its leased
-  etcd key), or when it holds complete unacknowledged frames and shows no progress for
-  ``node_timeout_s``; its window entries and its future positions go to the next alive node,
-  each position to exactly one node;
+* a node is lost only on evidence that holds under load (the failure detector, ``_check_nodes``):
+  its connection drops; it holds complete unacknowledged frames and has sent nothing at all
+  (no heartbeat, no ACK) for ``node_timeout_s`` ("unreachable"); or ``node_check`` no longer
+  lists it (its leased etcd key) *and* it has been silent for a moment, since a lease can lapse
+  under load or a cut to etcd alone while the node still acknowledges. A node that heartbeats
+  but acknowledges nothing with work pending for the longer stall timeout is fenced as
+  "stalled". The last live node is never fenced for being slow (unreachable or stalled): with
+  nowhere to re-route, fencing it would only lose its frames. A fenced node's window entries
+  and its future positions go to the next alive node, each position to exactly one node;
 * after every sector's END, the aggregator waits until the window is empty, then sends FIN to
   each surviving node; positions no node acknowledged are reported as lost.
 
@@ -148,16 +153,18 @@ class _Held:
 class _Node:
     """What the aggregator knows of one node's liveness."""
 
-    __slots__ = ("alive", "finished", "complete_unacked", "busy_since", "last_progress",
-                 "received", "counted")
+    __slots__ = ("alive", "finished", "complete_unacked", "busy_since", "last_heard", "last_ack",
+                 "received", "counted", "stall_noted")
 
     def __init__(self, now: float):
         self.alive = True
         self.finished = False          # FIN sent and the node has hung up
         self.complete_unacked = 0      # positions with every sector sent to it, not yet acknowledged
         self.busy_since = now          # when complete_unacked last went from 0 to 1
-        self.last_progress = now       # last ACK, or heartbeat with new counts
+        self.last_heard = now          # last message of any kind (heartbeat or ACK)
+        self.last_ack = now            # last ACK
         self.received = self.counted = -1
+        self.stall_noted = False       # the last live node's stall has been logged
 
 
 class Aggregator:
@@ -169,9 +176,11 @@ class Aggregator:
                  ctx: Optional[zmq.Context] = None, ack_endpoints: Optional[Sequence[str]] = None,
                  window_frames: int = 1024, node_timeout_s: float = 10.0, linger_s: float = 10.0,
                  sectors: Optional[Sequence[int]] = None, shard: int = 0,
-                 curve: Optional[security.Curve] = None):
+                 curve: Optional[security.Curve] = None, lease_grace_s: float = 2.0):
         """``sectors``: the sectors this aggregator routes (a shard of them; default all), ``shard``
-        its index among the shards (carried by its FIN, so that a node can tell the shards apart)."""
+        its index among the shards (carried by its FIN, so that a node can tell the shards apart).
+        ``lease_grace_s``: how long a node whose etcd key has gone must also have been silent
+        before it is fenced for it."""
         heap.keep_freed_buffers()  # received batches reuse freed ones warm
         self.profile = profile
         self.own_sectors = sorted(range(profile.sectors) if sectors is None else set(sectors))
@@ -194,6 +203,8 @@ class Aggregator:
             raise ValueError(f"{len(ack_endpoints)} ack endpoints for {len(node_endpoints)} nodes")
         self.window_frames = window_frames
         self.node_timeout_s = node_timeout_s
+        self.lease_grace_s = lease_grace_s
+        self.stall_s = float("inf")  # set by run(): a node that heartbeats but never acknowledges
         self.inbound = self._pull(bind_address(bind, f"aggregator-{shard}-in"))
         self.endpoint = self.inbound.getsockopt_string(zmq.LAST_ENDPOINT)
         # One socket per sector as well: with the window full, the aggregator can go on reading a
@@ -273,14 +284,18 @@ class Aggregator:
             on_progress: Optional[Callable[[AggregatorStats], None]] = None,
             stall_timeout_s: Optional[float] = None,
             node_check: Optional[Callable[[], Optional[set]]] = None, node_check_s: float = 1.0,
-            fin_wait_s: float = 5.0) -> AggregatorStats:
+            fin_wait_s: float = 5.0, node_stall_s: Optional[float] = None) -> AggregatorStats:
         """Route until every sector has ended (and, with acks, every frame is acknowledged and
         FIN sent), the stream stalls, or ``should_stop``.
 
         ``node_check`` returns the node indices still registered (None if unknown); it is called
         every ``node_check_s``, never per message. The stall clock starts with the first
-        message and runs only while the aggregator is willing to read.
+        message and runs only while the aggregator is willing to read. ``node_stall_s`` (default
+        ``stall_timeout_s``): how long a node may heartbeat without acknowledging work it holds.
         """
+        node_stall_s = stall_timeout_s if node_stall_s is None else node_stall_s
+        if node_stall_s is not None:
+            self.stall_s = max(node_stall_s, self.node_timeout_s)
         with fewer_collections():
             return self._run(should_stop, poll_ms, on_progress, stall_timeout_s, node_check,
                              node_check_s, fin_wait_s)
@@ -332,7 +347,7 @@ class Aggregator:
                     log.warning("stop requested; %d of %d sectors ended", len(self.ended), self.sectors)
                     break
                 if self.acks:
-                    self._check_progress(now)
+                    self._check_nodes(now, inputs_done)
             if self.acks and node_check is not None and now - last_check >= node_check_s:
                 last_check = now
                 self._check_registered(node_check)
@@ -626,7 +641,7 @@ class Aggregator:
         state.complete_unacked += n
 
     def _read_acks(self, node: int) -> None:
-        """Take a node's ACKs and heartbeats; new counts or an ACK are progress."""
+        """Take a node's ACKs and heartbeats: any message says it is reachable, an ACK that it moves."""
         state = self._node[node]
         for _ in range(256):
             try:
@@ -638,11 +653,12 @@ class Aggregator:
             except MalformedMessage as err:
                 self.rejects.reject(err)
                 continue
-            if (msg.received, msg.counted) != (state.received, state.counted):
-                state.received, state.counted = msg.received, msg.counted
-                state.last_progress = time.monotonic()
+            now = time.monotonic()
+            state.last_heard = now
+            state.received, state.counted = msg.received, msg.counted
             if msg.kind is Control.ACK:
-                state.last_progress = time.monotonic()
+                state.last_ack = now
+                state.stall_noted = False
                 self._acknowledge(node, msg.positions)
 
     def _acknowledge(self, node: int, positions: np.ndarray) -> None:
@@ -699,16 +715,41 @@ class Aggregator:
                 self._lose(node, "disconnected")
                 return
 
-    def _check_progress(self, now: float) -> None:
-        """Lose a node that holds whole unacknowledged positions and has shown no progress."""
+    def _check_nodes(self, now: float, inputs_done: bool) -> None:
+        """The failure detector's clocks: fence a node unreachable past ``node_timeout_s``, or
+        stalled (heard from, acknowledging nothing) past ``stall_s``; never the last live node
+        for either. That one, once nothing more will come, has its unacknowledged positions
+        dropped as ``stalled`` after ``stall_s``, so a stuck node never hangs the session."""
+        live = sum(n.alive for n in self._node)
         for n, state in enumerate(self._node):
-            if (state.alive and state.complete_unacked
-                    and now - max(state.last_progress, state.busy_since) > self.node_timeout_s):
-                self._lose(n, f"no progress for {self.node_timeout_s:g} s with "
+            if not (state.alive and state.complete_unacked):
+                continue
+            silent = now - max(state.last_heard, state.busy_since)
+            idle = now - max(state.last_ack, state.busy_since)
+            if live > 1 and silent > self.node_timeout_s:
+                self._lose(n, f"unreachable: no message for {self.node_timeout_s:g} s with "
                               f"{state.complete_unacked} frames unacknowledged")
+                live -= 1
+            elif live > 1 and idle > self.stall_s:
+                self._lose(n, f"stalled: heartbeats but no acknowledgement for {self.stall_s:g} s with "
+                              f"{state.complete_unacked} frames unacknowledged")
+                live -= 1
+            elif live == 1 and max(silent, idle) > self.stall_s:
+                if not state.stall_noted:
+                    state.stall_noted = True
+                    log.warning("node %d, the last one alive, has acknowledged nothing for %g s "
+                                "(%d frames pending); it is not fenced for being slow", n,
+                                self.stall_s, state.complete_unacked)
+                if inputs_done:
+                    mine = np.flatnonzero((self._state == _WINDOW) & (self._node_of == n))
+                    log.error("node %d stalled with nothing more to come: %d positions given up as lost",
+                              n, len(mine))
+                    self._drop(mine, "stalled")
+                    state.complete_unacked = 0
 
     def _check_registered(self, node_check: Callable[[], Optional[set]]) -> None:
-        """Lose a node whose leased service key has gone."""
+        """Lose a node whose leased service key has gone and that has been silent meanwhile:
+        a node still heard from is alive whatever etcd says (a lapsed lease, a cut to etcd)."""
         try:
             registered = node_check()
         except Exception as err:  # etcd unreachable for a moment: decide nothing on it
@@ -716,8 +757,9 @@ class Aggregator:
             return
         if registered is None:
             return
+        now = time.monotonic()
         for n, state in enumerate(self._node):
-            if state.alive and n not in registered:
+            if state.alive and n not in registered and now - state.last_heard > self.lease_grace_s:
                 self._lose(n, "service key gone")
 
     def _lose(self, node: int, why: str) -> None:

@@ -149,6 +149,22 @@ def service_info(endpoint: Optional[str], **extra) -> dict:
     return info
 
 
+def partial_frames_bound(spec: SessionSpec) -> int:
+    """How many partly received frames a node may hold before it evicts one.
+
+    A partial frame the aggregators may still complete must never be evicted: with acks the
+    node would never acknowledge it, and the aggregator would at last fence a live node. Each
+    aggregator shard keeps its own window, and after a re-route one shard may have re-sent its
+    sectors of a lost node's window while another is still ahead on its own positions, so a node
+    holds partial frames from every shard's window at once: room for all of them. Without acks,
+    sectors may run apart by their queues (in blocks) and a batch per node.
+    """
+    bound = max(256, 4 * spec.send_hwm + 2 * spec.batch_blocks * spec.nodes)
+    if spec.acks:
+        bound = max(bound, spec.aggregators * spec.delivery_window)
+    return bound
+
+
 def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: str = "127.0.0.1",
                       advertise_host: Optional[str] = None) -> dict:
     """Run this node's distributor for session ``sid`` until its share of the scan is done.
@@ -169,11 +185,7 @@ def serve_distributor(coord: Coordinator, sid: str, node_index: int, bind_host: 
     if spec.counting.enabled:
         writer = (SegmentedPart(parts_dir, name, spec.profile.frame_shape) if spec.acks
                   else PartWriter(part_path, spec.profile.frame_shape))
-    # A partial frame the aggregator may still complete must not be evicted: room for its window.
-    # Sectors may run apart by their queues (in blocks) and a batch per node.
-    max_partial = max(256, 4 * spec.send_hwm + 2 * spec.batch_blocks * spec.nodes)
-    if spec.acks:
-        max_partial = max(max_partial, spec.delivery_window)
+    max_partial = partial_frames_bound(spec)
     live = (LiveImages(spec.frames_expected, spec.profile.frame_shape, spec.virtual)
             if spec.virtual.live and spec.counting.enabled else None)
     dist = Distributor(spec.profile, spec.scan_width, spec.scan_height, node_index, spec.nodes,
