@@ -74,8 +74,7 @@ def disk_full(path: str | os.PathLike, needed: int, free: Optional[int] = None, 
     free = free_bytes(path) if free is None else free
     err = DiskFull(errno.ENOSPC, f"not enough space to write {path}: {what} needs about {_mib(needed)} "
                                  f"and {_mib(free)} are free{note}")
-    err.filename = str(path)
-    err.needed, err.free = int(needed), int(free)
+    err.path, err.needed, err.free = str(path), int(needed), int(free)
     return err
 
 
