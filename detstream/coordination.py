@@ -197,6 +197,20 @@ class Coordinator:
         raw = self.etcd.get(self.lock_key(detector))
         return None if raw is None else raw.decode("utf-8", "replace")
 
+    def lock_lease_left(self, detector: str) -> Optional[tuple[str, int]]:
+        """(holder, seconds its lock lease has left as etcd sees it), or None if the detector is free.
+
+        A live holder refreshes its lease every third of its TTL, so the seconds left climb back
+        up; a dead one's only fall, to the lock's release."""
+        kvs, _ = self.etcd.range(self.lock_key(detector))
+        if not kvs:
+            return None
+        holder = kvs[0].value.decode("utf-8", "replace")
+        if not kvs[0].lease:
+            return holder, -1
+        result = self.etcd.call("kv/lease/timetolive", {"ID": kvs[0].lease}, what="read the lock's lease")
+        return holder, int(result.get("TTL", -1))
+
     # ----------------------------------------------------------------- session documents
     def put_spec(self, sid: str, spec: Any) -> None:
         """Store the session's parameters (a dict or a pydantic model such as SessionSpec) as JSON."""

@@ -61,6 +61,11 @@ class SessionDir:
         return self.root / "node.env"
 
     @property
+    def orchestrator_lock(self) -> Path:
+        """Flocked by the orchestrator while the session runs: free once it has died (session/lock.py)."""
+        return self.root / "orchestrator.lock"
+
+    @property
     def parts(self) -> Path:
         return self.root / "parts"
 

@@ -134,20 +134,22 @@ def _start_reaper() -> None:
 
 
 def _refuse_if_busy(console, etcd: str, detector: str) -> None:
-    """A busy detector is refused at once, before Prefect's temporary server starts."""
+    """A busy detector is refused before Prefect's temporary server starts: as soon as its holder
+    shows it is alive. A holder killed moments ago is waited out (its lease runs down), saying so."""
     from detstream.config import DEFAULT_PREFIX, etcd_login_from_env
-    from detstream.coordination import Coordinator
+    from detstream.coordination import Coordinator, DetectorBusy
     from detstream.etcd import CoordinationError
+    from detstream.session.lock import wait_out_dead_holder
     from detstream.states import EXIT_CODES, SessionState
 
     try:
         with Coordinator(etcd, prefix=DEFAULT_PREFIX, outage_budget_s=2.0, **etcd_login_from_env()) as coord:
-            holder = coord.lock_holder(detector)
+            wait_out_dead_holder(coord, detector, say=lambda text: console.print(text, soft_wrap=True))
     except CoordinationError as err:
         console.print(f"[bold red]session failed:[/] {err}")
         raise typer.Exit(EXIT_CODES[SessionState.FAILED])
-    if holder is not None:
-        console.print(f"[bold red]detector {detector} is busy:[/] session {holder} holds it")
+    except DetectorBusy as busy:
+        console.print(f"[bold red]detector {detector} is busy:[/] session {busy.holder} holds it")
         raise typer.Exit(EXIT_CODES[SessionState.FAILED])
 
 

@@ -28,11 +28,11 @@ from ..services.endpoints import remove_session_sockets, session_socket_dir
 from ..services.serve import SERVICE_LEASE_TTL_S
 from ..progress import report as report_progress
 from ..states import TERMINAL_STATES, SessionState
+from .lock import LOCK_LEASE_TTL_S, OrchestratorMark, orphaned_sessions, wait_out_dead_holder
 from .spec import validate_spec, with_simulator_dark
 
 log = logging.getLogger("detstream.session")
 
-LOCK_LEASE_TTL_S = 10
 
 
 class SessionError(RuntimeError):
@@ -106,6 +106,7 @@ class Session:
         self.etcd_lost: Optional[str] = None  # why etcd is unreachable now (past its outage budget)
         self._last_progress: Optional[ScanProgress] = None
         self.closed = False
+        self.mark = OrchestratorMark(self.paths)  # tells a later run in this folder whether we died
         self._t0 = time.time()
 
     # -- shared steps ------------------------------------------------------------------------
@@ -120,12 +121,22 @@ class Session:
         self._retire_dead_predecessor()
         self.lock_lease = self.coord.lease(LOCK_LEASE_TTL_S, on_regrant=self._on_lock_regrant)
         try:
-            self.coord.lock_detector(self.spec.detector, self.sid, self.lock_lease)
-        except DetectorBusy:
+            try:
+                self.coord.lock_detector(self.spec.detector, self.sid, self.lock_lease)
+            except DetectorBusy:
+                # A retry right after a crash: a dead holder's lease is waited out, a live one refused.
+                if wait_out_dead_holder(self.coord, self.spec.detector) is None:
+                    raise
+                self._retire_dead_predecessor()
+                self.coord.lock_detector(self.spec.detector, self.sid, self.lock_lease)
+        except BaseException:
             self.lock_lease.revoke()
             self.lock_lease = None
             self.closed = True
             raise
+        for dead in orphaned_sessions(self.paths.root.parent):
+            log.warning("session %s's orchestrator died before it ended; its counted frames can be "
+                        "accounted for with: detstream salvage %s", dead.name, dead)
         if self.overwrite:
             shutil.rmtree(out, ignore_errors=True)
         self.spec = with_simulator_dark(self.spec)
@@ -133,6 +144,7 @@ class Session:
             self.spec = self.spec.model_copy(update={"transport": self.backend.transport})
         reaper.track_dir(session_socket_dir(self.sid, create=False))  # its services' ipc sockets, if killed
         self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.mark.hold()
         write_atomically(self.paths.spec, self.spec.model_dump_json(indent=2))
         self.coord.put_spec(self.sid, json.loads(self.spec.model_dump_json()))
         self.coord.set_state(self.sid, SessionState.REQUESTED)
@@ -433,6 +445,7 @@ class Session:
         self._in_etcd(self.coord.unlock_detector, self.spec.detector, self.sid)
         if self.lock_lease is not None:
             self._in_etcd(self.lock_lease.revoke)
+        self.mark.release()
 
     def _in_etcd(self, call, *args) -> bool:
         """Run one etcd step of the release; if etcd is gone, note it and go on releasing."""
