@@ -389,7 +389,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         by = r["by_scan"]
         cells = "".join(f"{by.get(lab, {}).get('vm_hwm_mib', float('nan')):10.1f}" for lab in labels)
 
-        def q(k, fmt):
+        def q(k, fmt, r=r):
             return format(r[k], fmt) if r.get(k) is not None else "-"
         print(f"  {svc:16s}{cells} {q('ratio_vm_hwm_mib', '7.3f'):>7s} {q('growth_vm_hwm_mib', '+7.1f'):>7s} "
               f"{q('ratio_from_second', '15.3f') if second else '':>15s}   "

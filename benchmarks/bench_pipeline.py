@@ -41,7 +41,7 @@ def _classify(cmdline: list[str], parent_role: Optional[str]) -> Optional[str]:
     """A role name for one of our descendants, from its command line (None: not ours to show)."""
     line = " ".join(cmdline)
     if "-m detstream" in line or "detstream " in line:
-        for i, arg in enumerate(cmdline):
+        for arg in cmdline:
             if arg == "producer":
                 sector = cmdline[cmdline.index("--sector") + 1] if "--sector" in cmdline else "?"
                 return f"producer-{sector}"
@@ -478,7 +478,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     try:
         with coordination(args.etcd, "/detstream-bench") as (endpoint, coord):
             # Interleave baseline and pipeline runs so that machine noise hits both alike.
-            for rep in range(args.repeats):
+            for _ in range(args.repeats):
                 result["baseline_runs"].append(raw_hop(frames, args.scan))
                 for n in node_counts:
                     run = run_session(scan=args.scan, nodes=n, counting=False, workdir=workdir,

@@ -54,6 +54,8 @@ BENCHMARKS: list[Benchmark] = [
               "job start latency on a private 4-node Slurm cluster (submit -> every distributor registered) vs local"),
     Benchmark("live", "bench_live", (), ("--scan", "16x16", "--repeats", "1"),
               "live virtual images on vs off, counting on: CPU s per GB and GB/s"),
+    Benchmark("specimen", "bench_specimen", (), ("--scan", "16x16", "--repeats", "1", "--passes", "1"),
+              "simulator frames/s per core vs the counting pipeline's; the nodes' centre of mass vs their CPU"),
     Benchmark("security", "bench_security", (), ("--scan", "16x16", "--repeats", "1"),
               "CURVE on every ZeroMQ hop vs --security none, CPU s per GB and GB/s"),
     Benchmark("dataplane", "bench_dataplane", (),
@@ -185,7 +187,8 @@ def _fmt_compare(r: dict) -> tuple[str, str]:
     heads = []
     for scan, e in r["scans"].items():
         s, f = e["streaming"]["time_to_result_s"], e["file-transfer"]["time_to_result_s"]
-        cell = lambda t: f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}, {t['stdev']:.1f})"
+        def cell(t):
+            return f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}, {t['stdev']:.1f})"
         rows.append(f"| {scan} | {e['raw_gb']:.1f} | {cell(s)} | {cell(f)} | {e['speedup_median']:.1f}x | "
                     f"{e['identical_events']} |")
         heads.append(f"{scan} {e['speedup_median']:.1f}x")

@@ -103,7 +103,7 @@ def bar_chart(report: dict, path: str | Path, title: str) -> Path:
         hi = [st.get("max", 0.0) - st.get("median", 0.0) for st in stats]
         xs = [x + (i - 0.5) * width for x in range(len(labels))]
         ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=wf)
-    ax.set_xticks(range(len(labels)), [l.removesuffix("_s") for l in labels], rotation=30, ha="right")
+    ax.set_xticks(range(len(labels)), [label.removesuffix("_s") for label in labels], rotation=30, ha="right")
     ax.set_ylabel("seconds (median, min–max)")
     ax.set_title(title)
     ax.legend()

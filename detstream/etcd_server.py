@@ -242,11 +242,15 @@ class EmbeddedEtcd:
 
     def session_login(self, prefix: str, session_id: str, detector: str) -> dict[str, str]:
         """Make (or renew) the session's own user, limited to its keys; its EtcdClient keywords."""
+        from .coordination import Coordinator
         from .etcd.access import add_session_user
 
         if self.__root_password is None:
             return self.tls_login()
-        user, password = add_session_user(self.endpoint, self.root_login(), prefix, session_id, detector)
+        layout = Coordinator.schema(prefix)
+        user, password = add_session_user(
+            self.endpoint, self.root_login(), session_id, prefixes=[layout.session_key(session_id) + "/"],
+            keys=[layout.lock_key(detector), layout.last_session_key(detector)])
         return {"username": user, "password": password, **self.tls_login()}
 
     @property

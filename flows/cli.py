@@ -106,14 +106,14 @@ def run(
         if json_out:
             json_out.write_text(json.dumps(err.summary, indent=2))
         console.print(f"[bold yellow]session incomplete:[/] {err}")
-        raise typer.Exit(EXIT_CODES[SessionState.INCOMPLETE])
+        raise typer.Exit(EXIT_CODES[SessionState.INCOMPLETE]) from None
     except (KeyboardInterrupt, SessionCancelled) as err:
         console.print(f"[bold yellow]session cancelled[/] ({type(err).__name__}); what was counted is "
                       f"in {output}/<session id>/summary.json")
-        raise typer.Exit(EXIT_CODES[SessionState.CANCELLED])
+        raise typer.Exit(EXIT_CODES[SessionState.CANCELLED]) from None
     except Exception as err:
         console.print(f"[bold red]session failed:[/] {err}")
-        raise typer.Exit(EXIT_CODES[SessionState.FAILED])
+        raise typer.Exit(EXIT_CODES[SessionState.FAILED]) from None
     _print_summary(console, summary)
     if json_out:
         json_out.write_text(json.dumps(summary, indent=2))
@@ -147,10 +147,10 @@ def _refuse_if_busy(console, etcd: str, detector: str) -> None:
             wait_out_dead_holder(coord, detector, say=lambda text: console.print(text, soft_wrap=True))
     except CoordinationError as err:
         console.print(f"[bold red]session failed:[/] {err}")
-        raise typer.Exit(EXIT_CODES[SessionState.FAILED])
+        raise typer.Exit(EXIT_CODES[SessionState.FAILED]) from None
     except DetectorBusy as busy:
         console.print(f"[bold red]detector {detector} is busy:[/] session {busy.holder} holds it")
-        raise typer.Exit(EXIT_CODES[SessionState.FAILED])
+        raise typer.Exit(EXIT_CODES[SessionState.FAILED]) from None
 
 
 def _print_summary(console, summary: dict) -> None:
@@ -249,7 +249,7 @@ def render_job(
                                   conda_env=conda_env, image=image), nl=False)
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -275,7 +275,7 @@ def compare(
                                    json_path=str(json_out) if json_out else None)
     except Exception as err:
         console.print(f"[bold red]comparison failed:[/] {err}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     from rich.table import Table
 
     table = Table(title=f"streaming vs file transfer, {scan}, {repeat} runs each")

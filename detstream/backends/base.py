@@ -79,7 +79,7 @@ class ComputeBackend(abc.ABC):
     #: on the orchestrator's host; across hosts "tcp".
     transport: str = "tcp"
 
-    def check_request(self, nodes: int, workers_per_node: int) -> None:
+    def check_request(self, nodes: int, workers_per_node: int) -> None:  # noqa: B027 (optional hook)
         """Refuse, with a plain message, a request this backend can never satisfy (ValueError)."""
 
     @abc.abstractmethod

@@ -8,9 +8,8 @@ made here, and handed back only to the caller (never logged).
 from __future__ import annotations
 
 import secrets
-from typing import Mapping
+from typing import Mapping, Sequence
 
-from ..coordination import Coordinator
 from .client import EtcdClient, add_user, enable_auth
 
 __all__ = ["enable_root", "add_session_user", "session_user"]
@@ -28,13 +27,12 @@ def enable_root(endpoint: str, tls: Mapping[str, str]) -> str:
     return password
 
 
-def add_session_user(endpoint: str, root: Mapping[str, str], prefix: str, session_id: str,
-                     detector: str) -> tuple[str, str]:
-    """Make the session's user (a new password each call) with read-write on its keys only."""
-    layout = Coordinator.schema(prefix)
+def add_session_user(endpoint: str, root: Mapping[str, str], session_id: str, prefixes: Sequence[str],
+                     keys: Sequence[str]) -> tuple[str, str]:
+    """Make the session's user (a new password each call) with read-write on ``prefixes`` and
+    ``keys`` only (the caller takes them from the key schema: the transport does not know it)."""
     user, password = session_user(session_id), secrets.token_urlsafe(24)
     with EtcdClient(endpoint, **root) as admin:
-        add_user(admin, user, password, role=user, prefixes=[layout.session_key(session_id) + "/"],
-                 keys=[layout.lock_key(detector), layout.last_session_key(detector)])
+        add_user(admin, user, password, role=user, prefixes=list(prefixes), keys=list(keys))
         admin.call("auth/user/changepw", {"name": user, "password": password}, what=f"set the password of {user}")
     return user, password

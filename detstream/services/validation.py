@@ -59,7 +59,7 @@ class Batch:
         starts = np.cumsum(sizes) - sizes
         which = np.searchsorted(ends, starts, side="right")
         views = []
-        for i, (f, start, size) in enumerate(zip(which.tolist(), starts.tolist(), sizes.tolist())):
+        for f, start, size in zip(which.tolist(), starts.tolist(), sizes.tolist()):
             if size == 0:
                 views.append(b"")
             else:

@@ -249,7 +249,7 @@ def create_app(state: EmulatorState) -> FastAPI:
                 state.inject_http_errors(int(e.get("status", 503)), int(e.get("count", 1)),
                                          e.get("scope", "api"), e.get("retry_after"))
             except ValueError as exc:
-                raise HTTPException(400, detail=str(exc))
+                raise HTTPException(400, detail=str(exc)) from exc
         return state.snapshot()
 
     @app.post(ADMIN_PREFIX + "/machines/{name}")
@@ -259,7 +259,7 @@ def create_app(state: EmulatorState) -> FastAPI:
             state.set_machine_status(name, body.get("status", "active"), body.get("notes", []),
                                      body.get("description"))
         except ValueError as exc:
-            raise HTTPException(400, detail=str(exc))
+            raise HTTPException(400, detail=str(exc)) from exc
         return state.machine_status(name)
 
     @app.post(ADMIN_PREFIX + "/tokens/revoke")
@@ -272,7 +272,7 @@ def create_app(state: EmulatorState) -> FastAPI:
         try:
             state.register_client(body["client_id"], body["public_key_pem"])
         except (KeyError, ValueError) as exc:
-            raise HTTPException(400, detail=f"bad client registration: {exc}")
+            raise HTTPException(400, detail=f"bad client registration: {exc}") from exc
         return {"client_id": body["client_id"]}
 
     @app.get(ADMIN_PREFIX + "/jobs")

@@ -330,7 +330,7 @@ class LocalCopyTransfer(Transfer):
                 with attempt_manager:
                     attempt = attempt_manager.retry_state.attempt_number
                     nbytes, src_digest = self._copy_verified(
-                        src, dest, overwrite, attempt, lambda n: progress(n, attempt))
+                        src, dest, overwrite, attempt, lambda n, attempt=attempt: progress(n, attempt))
         except _VerifyFailed as e:
             raise TransferError(
                 f"{src}: copy to {dest} failed verification on all {attempts} attempts "

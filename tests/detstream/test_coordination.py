@@ -387,7 +387,7 @@ def test_embedded_etcd_stops_and_removes_its_data_dir():
     assert not data_dir.exists()
     etcd.stop()  # idempotent
     with pytest.raises(RuntimeError, match="not running"):
-        etcd.endpoint
+        _ = etcd.endpoint
 
 
 def test_embedded_etcd_early_exit_reports_the_log():

@@ -4,7 +4,6 @@ spec (ValueError naming it)."""
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prefect.exceptions import ParameterTypeError
