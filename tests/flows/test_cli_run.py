@@ -15,6 +15,7 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
+from account_check import check_account
 from detstream.coordination import Coordinator
 from detstream.services.endpoints import remove_session_sockets, session_socket_dir
 from detstream.states import EXIT_CODES, SessionState
@@ -146,6 +147,7 @@ def test_a_producer_lost_mid_scan_exits_with_the_incomplete_code(run):
     assert r.proc.wait(timeout=180) == EXIT_CODES[SessionState.INCOMPLETE], r.output()
     summary = json.loads((r.out / r.sid / "summary.json").read_text())
     assert summary["state"] == "incomplete" and 0 < summary["frames_counted"] < 48 * 48
+    check_account(r.out / r.sid, 48 * 48)
     assert "session incomplete" in r.output()
 
 
@@ -157,6 +159,7 @@ def test_ctrl_c_says_the_session_was_cancelled(run):
     assert r.proc.wait(timeout=120) == EXIT_CODES[SessionState.CANCELLED], r.output()
     assert "session cancelled" in r.output()
     assert r.prefix_coord.get_state(r.sid) == "cancelled"
+    check_account(r.out / r.sid, 48 * 48)
 
 
 @pytest.mark.chaos
@@ -180,8 +183,7 @@ def test_nothing_outlives_a_killed_orchestrator_and_salvage_accounts_for_every_f
     assert result.exit_code == EXIT_CODES[SessionState.ABANDONED], result.output
     summary = json.loads((r.out / r.sid / "summary.json").read_text())
     assert summary["state"] == "abandoned"
-    assert summary["frames_counted"] + summary["frames_missing"] == 48 * 48
-    assert not set(summary["missing_positions"]) & set(summary["partial_positions"])
+    check_account(r.out / r.sid, 48 * 48)
     assert r.prefix_coord.get_state(r.sid) == "abandoned"
     assert not list((r.out / r.sid / "parts").rglob("*.partial"))
     assert not session_socket_dir(r.sid, create=False).exists()  # the services' ipc sockets, too
