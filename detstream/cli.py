@@ -151,7 +151,7 @@ def merge(session_dir: Path = typer.Argument(..., help="The session's folder (ho
         write_atomically(out, json.dumps(outcome))
     except OSError as err:
         typer.echo(f"cannot write the merge's result {out}: {err}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     raise typer.Exit(0 if outcome["ok"] else 1)
 
 

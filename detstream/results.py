@@ -127,7 +127,6 @@ def collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool = F
 
 def _collect(spec: SessionSpec, workflow: str, timings: dict, overwrite: bool, extra: Optional[dict],
              state: Optional[SessionState], reason: Optional[str]) -> dict:
-    paths = spec.paths
     nodes = _load_reports(spec, "distributor")
     producers = _load_reports(spec, "producer")
     aggregators = _load_reports(spec, "aggregator")
