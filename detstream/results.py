@@ -289,10 +289,13 @@ def run_merge(spec: SessionSpec, overwrite: bool = False) -> dict:
     disk is a :class:`DiskFull` naming the file, the bytes needed and the bytes free); a merge
     killed or crashed (a signal) is a :class:`MergeFailed` naming the signal. Nothing it meets
     can take this process down."""
+    from . import reaper
     from .processes import ManagedProcess, detstream_argv
 
-    # Its spec, result and log live off the session's disk, which may be the full one.
+    # Its spec, result and log live off the session's disk, which may be the full one; the
+    # reaper (if this is `detstream run`) removes them, and stops the merge, if we are killed.
     work = Path(tempfile.mkdtemp(prefix="detstream-merge-"))
+    reaper.track_dir(work)
     try:
         spec_file = work / "spec.json"
         spec_file.write_text(spec.model_dump_json())
