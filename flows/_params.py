@@ -75,7 +75,8 @@ Xray = Annotated[float, Doc("X-ray threshold, ADU.")]
 NpyPath = Annotated[Union[Annotated[str, Field(title=".npy path")], _titled_none("none")], Doc(
     "Path to a .npy map of the frame's shape.")]
 LiveImages = Annotated[bool, Doc(
-    "Live virtual images: the nodes publish bright and dark field as they count; live.png in the session "
+    "Live virtual images: the nodes publish bright field, dark field and centre of mass as they count; "
+    "live.png in the session "
     "folder and a live artifact follow the scan.")]
 LiveInterval = Annotated[float, Doc(
     "Seconds between redraws of the live images (the nodes publish twice as often).", gt=0)]

@@ -50,9 +50,10 @@ def publish_live(session: StreamingSession, shown: dict) -> None:
         markdown=f"# Live virtual images, session `{session.sid}`\n\n"
                  f"{live.drawn_frames}/{session.spec.frames_expected} frames counted "
                  f"(redrawn every {session.spec.virtual.redraw_s:g} s while the scan streams).\n\n"
-                 f"{png_markdown('live bright and dark field', live.png)}\n\n"
+                 f"{png_markdown('live bright field, dark field and centre of mass', live.png)}\n\n"
                  f"Also on disk, rewritten in place: `{live.path}`",
-        key=live_artifact_key(session.sid), description="Bright and dark field as the nodes count them")
+        key=live_artifact_key(session.sid),
+        description="Bright field, dark field and centre of mass as the nodes count them")
 
 
 @task(name="stream-scan", cache_policy=NO_CACHE)

@@ -1,8 +1,10 @@
 """The microscopist's side of a whole session: live images seen through the Prefect API while the
-scan streams, the final images in counted.h5 and as figures, and the result opened in py4DSTEM."""
+scan streams, the final images in counted.h5 (the simulated specimen in them, and equal to the
+live images at the end, centre of mass included) and as figures, and the result opened in py4DSTEM."""
 
 from __future__ import annotations
 
+import base64
 import re
 import threading
 import time
@@ -16,8 +18,13 @@ import pytest
 import stempy.io
 
 import detstream.analysis as dsa
+from detstream.coordination import Coordinator
+from detstream.etcd.encoding import _b64, _prefix_end
+from detstream.live import assemble
 from detstream.output.images import figure_layout
-from detstream.output.virtual import VirtualDetectors
+from detstream.output.virtual import IMAGE_NAMES, VirtualDetectors
+from detstream.profile import get_profile
+from detstream.sources import Simulator
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "no_stray_services")
 
@@ -38,15 +45,39 @@ def _flow_run_final(flow_run_id) -> bool:
     return state is not None and state.is_final()
 
 
+def _live_chunks_at_the_end(coord: Coordinator, sid: str, nodes: int, seen_at: int) -> list[bytes]:
+    """Every node's live chunks as they were just before the session deleted them: etcd keeps its
+    history (no compaction here), so read the live keys at the last revision where all of them
+    still existed (``seen_at`` is a revision at which they did)."""
+    key = coord.session_key(sid, "live", "images") + "/"
+
+    def at(revision: int) -> list[bytes]:
+        payload = {"key": _b64(key.encode()), "range_end": _b64(_prefix_end(key.encode())), "revision": revision}
+        result = coord.etcd.call("kv/range", payload, what=f"read {key} at revision {revision}")
+        return [base64.b64decode(kv["value"]) for kv in result.get("kvs", [])]
+
+    _, now = coord.etcd.range(key, prefix=True)
+    lo, hi = seen_at, now  # every chunk is there at lo; none is at hi (the session ended)
+    assert len(at(lo)) == nodes and not at(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if len(at(mid)) == nodes else (lo, mid)
+    return at(lo)
+
+
 def test_live_images_fill_in_during_a_64x64_session_and_the_result_opens_in_py4dstem(tmp_path, etcd_server):
     from detstream.flows import streaming_session
 
     sid = f"live-{uuid.uuid4().hex[:8]}"
+    prefix = f"/t{uuid.uuid4().hex[:10]}"
+    sim = Simulator(get_profile("4dcamera"), 64, 64, seed=0)  # what the session streams
+    disk = [*sim.centre, sim.disk_radius]
     # The 4D Camera's 576x576 frames, sent at 400 frames/s (0.27 GB/s, well within this machine's
     # data plane): the scan streams for at least 10 s however fast the machine is, as a real one
-    # does, and leaves the live view's low-priority drawing thread spare CPU.
+    # does, and leaves the live view's low-priority drawing thread spare CPU. The disk is given, so
+    # the live images and the final ones are taken with the same one and can be compared whole.
     params = dict(scan_width=64, scan_height=64, nodes=2, session_id=sid, frame_rate=400.0,
-                  etcd_url=etcd_server.endpoint, etcd_prefix=f"/t{uuid.uuid4().hex[:10]}",
+                  etcd_url=etcd_server.endpoint, etcd_prefix=prefix, bright_field_disk=disk,
                   output_dir=str(tmp_path / "runs"), stall_timeout_s=20.0, live_interval_s=0.25)
     outcome: dict = {}
 
@@ -60,16 +91,23 @@ def test_live_images_fill_in_during_a_64x64_session_and_the_result_opens_in_py4d
     flow.start()
     key = f"live-images-{sid}"
     seen: set = set()
+    live_at = None  # a revision at which every node's live chunks were in etcd
     deadline = time.monotonic() + 240
-    try:
-        while flow.is_alive() and time.monotonic() < deadline:
-            arts = _read_artifacts(key)
-            # Counted only if the flow run was still going after they were read.
-            if arts and not _flow_run_final(arts[0].flow_run_id):
-                seen |= {a.id for a in arts}
-            flow.join(timeout=0.2)
-    finally:
-        flow.join(timeout=240)
+    with Coordinator(etcd_server.endpoint, prefix=prefix) as coord:
+        try:
+            while flow.is_alive() and time.monotonic() < deadline:
+                arts = _read_artifacts(key)
+                # Counted only if the flow run was still going after they were read.
+                if arts and not _flow_run_final(arts[0].flow_run_id):
+                    seen |= {a.id for a in arts}
+                if live_at is None:
+                    chunks, revision = coord.etcd.range(coord.session_key(sid, "live", "images") + "/", prefix=True)
+                    live_at = revision if len(chunks) == 2 else None
+                flow.join(timeout=0.2)
+        finally:
+            flow.join(timeout=240)
+        assert live_at is not None, "the nodes' live chunks were never all seen in etcd"
+        live_chunks = _live_chunks_at_the_end(coord, sid, 2, live_at)
     assert "error" not in outcome, outcome.get("error")
     summary = outcome["summary"]
     assert summary["frames_counted"] == 64 * 64
@@ -91,9 +129,25 @@ def test_live_images_fill_in_during_a_64x64_session_and_the_result_opens_in_py4d
     np.testing.assert_array_equal(images[0], bf)
     assert images[0].sum() > 0 and images[1].sum() > 0
 
-    # The figures: a 64x64 scan enlarged 7x, the 576x576 pattern as it is; live.png both images.
+    # The specimen: every position its own frame, so thousands of distinct bright-field values
+    # that follow the simulator's thickness, and a centre of mass that follows its deflection.
+    truth = sim.ground_truth()
+    assert len(np.unique(images[0])) >= 2048
+    assert np.corrcoef(images[0].ravel(), truth.thickness.ravel())[0, 1] >= 0.9
+    for com, deflection in ((images[2], truth.deflection_x), (images[3], truth.deflection_y)):
+        assert np.corrcoef(com.ravel(), deflection.ravel())[0, 1] >= 0.9
+
+    # The live images at the end of the scan are the final ones, centre of mass included.
+    assert detectors.center == tuple(disk[:2]) and detectors.bf_radius == disk[2]
+    live = assemble(live_chunks, 64 * 64)
+    assert live.counted.all()
+    np.testing.assert_array_equal(np.stack([live.bf, live.adf, *live.com(detectors.center)]).reshape(4, 64, 64),
+                                  images)
+    assert len(IMAGE_NAMES) == len(images) == 4
+
+    # The figures: a 64x64 scan enlarged 7x, the 576x576 pattern as it is; live.png all four images.
     for name, shapes in (("virtual_bright_field.png", [(64, 64)]), ("virtual_dark_field.png", [(64, 64)]),
-                         ("summed_pattern.png", [(576, 576)]), ("live.png", [(64, 64), (64, 64)])):
+                         ("summed_pattern.png", [(576, 576)]), ("live.png", [(64, 64)] * 4)):
         png = matplotlib.image.imread(folder / name)
         assert (png.shape[1], png.shape[0]) == figure_layout(shapes).size, name
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 
 from prefect_server import STREAMING
@@ -176,6 +177,71 @@ def test_finished_run_shows_its_artifacts(prefect_deployments, deployment_runs, 
     page.get_by_text("frames_received", exact=True).wait_for()
     _shot(page, "summary-table-artifact.png")
     _no_error_shown(page, "the summary table artifact")
+
+
+def _ranks(a):
+    return np.argsort(np.argsort(np.asarray(a).ravel())).astype(float)
+
+
+def test_live_images_artifact_shows_the_specimen(prefect_deployments, deployment_runs, browser):
+    """The last live-images drawing of the finished 8x8 run, as the browser shows it: four panels,
+    and the screenshot's colours follow the simulated specimen (bright field its thickness, the
+    centre of mass its deflection; 4D Camera, seed 0, as the deployment runs it)."""
+    import io
+
+    import matplotlib.image
+
+    from detstream.output.images import figure_layout
+    from detstream.profile import get_profile
+    from detstream.sources import Simulator
+
+    server, page = prefect_deployments, browser
+    run = deployment_runs["streaming"]
+    assert run.state.is_completed()
+    with server.settings():
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    live = max((a for a in found if a.key.startswith("live-images-")), key=lambda a: a.created)
+    assert "64/64 frames counted" in live.data  # the last drawing: the whole scan
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.goto(f"{server.url}/artifacts/artifact/{live.id}")
+    img = page.locator("img[src^='data:image/png;base64,']").first
+    img.wait_for()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=img.element_handle())
+    _shot(page, "live-images-artifact.png")
+    _no_error_shown(page, "the live-images artifact")
+    natural = img.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    layout = figure_layout([(8, 8)] * 4)  # bright field, dark field, centre of mass x and y
+    assert tuple(natural) == layout.size
+    png = img.screenshot(path=str(SHOTS / "live-images-drawn.png"))  # the image as the browser drew it
+    shot = matplotlib.image.imread(io.BytesIO(png), format="png")[..., :3]
+    sy, sx = shot.shape[0] / natural[1], shot.shape[1] / natural[0]
+
+    def blocks(panel: int) -> np.ndarray:
+        """The colour at the centre of each scan position's block of a panel: (8, 8, 3)."""
+        x0, y0, _, _ = layout.images[panel]
+        k = layout.scale
+        out = np.zeros((8, 8, 3))
+        for r in range(8):
+            for c in range(8):
+                out[r, c] = shot[int((y0 + (r + 0.5) * k) * sy), int((x0 + (c + 0.5) * k) * sx)]
+        return out
+
+    truth = Simulator(get_profile("4dcamera"), 8, 8, seed=0).ground_truth()
+    bf = blocks(0)
+    assert np.ptp(bf[..., 0]) > 0.5 and np.allclose(bf[..., 0], bf[..., 2], atol=0.02)  # grey, full range
+    assert np.corrcoef(bf[..., 0].ravel(), truth.thickness.ravel())[0, 1] >= 0.9
+    # Centre of mass on a diverging map (blue below 0, red above): red minus blue orders the
+    # positions as the deflection does.
+    for panel, deflection in ((2, truth.deflection_x), (3, truth.deflection_y)):
+        rgb = blocks(panel)
+        signed = rgb[..., 0] - rgb[..., 2]
+        assert signed.max() > 0.3 and signed.min() < -0.3  # both signs drawn
+        assert np.corrcoef(_ranks(signed), _ranks(deflection))[0, 1] >= 0.8
 
 
 def test_run_form_offers_saved_blocks(prefect_deployments, browser):
