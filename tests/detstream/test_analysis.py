@@ -28,7 +28,7 @@ def session(tmp_path_factory):
     rr, cc = np.divmod(np.arange(FRAME[0] * FRAME[1]), FRAME[1])
     inside = np.flatnonzero((rr - 33.3) ** 2 + (cc - 41.6) ** 2 <= 9.5 ** 2)
     events = []
-    for p in range(WIDTH * HEIGHT):
+    for _ in range(WIDTH * HEIGHT):
         bf = rng.choice(inside, int(rng.integers(20, 80)), replace=False)
         out = rng.integers(0, FRAME[0] * FRAME[1], int(rng.integers(0, 30)))
         events.append(np.unique(np.concatenate([bf, out])).astype(np.uint32))

@@ -133,7 +133,7 @@ def test_frames_are_the_same_however_they_are_rendered_and_held():
         np.testing.assert_array_equal(assembled(sim, [[b for _, b in h] for h in held], p), sim.frame(p))
         np.testing.assert_array_equal(sim.frame(p), Simulator(SMALL_TEST_CAMERA, 9, 7, seed=3, pool_size=4).frame(p))
     # Blocks dropped as soon as they are read free their buffer for the next chunk: still right.
-    for (m, b), h in zip(sim.iter_sector(2, chunk=4), held[2]):
+    for (_, b), h in zip(sim.iter_sector(2, chunk=4), held[2]):
         np.testing.assert_array_equal(b, h[1])
 
 
