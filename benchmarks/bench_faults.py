@@ -41,7 +41,7 @@ class _Fault:
             self.action()
 
 
-def _run_session(work: Path, etcd, scan: tuple[int, int], nodes: int, after: int, make_action) -> dict:
+def _run_session(work: Path, etcd, scan: tuple[int, int], nodes: int, after: int, make_action, **extra) -> dict:
     from detstream import progress
     from detstream.coordination import Coordinator
     from detstream.flows import streaming_session
@@ -55,12 +55,14 @@ def _run_session(work: Path, etcd, scan: tuple[int, int], nodes: int, after: int
     try:
         streaming_session(detector="4dcamera", scan_width=scan[0], scan_height=scan[1], nodes=nodes,
                           etcd_url=etcd.endpoint, etcd_prefix=prefix, output_dir=str(work), session_id=sid,
-                          stall_timeout_s=20.0)
+                          stall_timeout_s=20.0, **extra)
     except Exception as err:  # the faults that end a session raise; the account is still written
         error = f"{type(err).__name__}: {err}"[:200]
     finally:
         progress.LISTENERS.remove(fault)
     ended = time.time()
+    if not (work / sid / "summary.json").exists():
+        return {"error": f"no summary.json: {error}"}
     summary = json.loads((work / sid / "summary.json").read_text())
     agg_path = work / sid / "services" / "aggregator-0.json"
     agg = json.loads(agg_path.read_text()) if agg_path.exists() else {}
@@ -166,11 +168,51 @@ def _orchestrator_kill(work: Path, etcd, scan: tuple[int, int], after: int) -> d
             "note": "detection = every process of the run gone; end = salvage written"}
 
 
+def _orchestrator_retry(work: Path, etcd, scan: tuple[int, int], after: int) -> dict:
+    """kill -9 of `detstream run`, and the same command again at once: how long the retry waits
+    out the dead session's lock lease, and how the two sessions end."""
+    from detstream.coordination import Coordinator
+
+    dead, retry = "orch" + uuid.uuid4().hex[:8], "retry" + uuid.uuid4().hex[:8]
+    coord = Coordinator(etcd.endpoint)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+
+    def start(sid: str, log):
+        return subprocess.Popen([sys.executable, "-m", "detstream.flows.cli", "run", "--etcd", etcd.endpoint,
+                                 "--session-id", sid, "--output", str(work), "--scan", f"{scan[0]}x{scan[1]}"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
+    proc = start(dead, subprocess.DEVNULL)
+    while sum(coord.received(dead, 1).values()) < after:
+        if proc.poll() is not None:
+            return {"error": "run ended before the fault"}
+        time.sleep(0.05)
+    fault_at = time.time()
+    proc.kill()
+    proc.wait()
+    again = start(retry, subprocess.PIPE)
+    waited_s = None
+    for line in again.stdout:
+        if "ran out" in line and waited_s is None:
+            waited_s = time.time() - fault_at
+    code = again.wait()
+    ended = time.time()
+    summary = json.loads((work / retry / "summary.json").read_text()) if (work / retry / "summary.json").exists() else {}
+    dead_summary = json.loads((work / dead / "summary.json").read_text()) if (work / dead / "summary.json").exists() else {}
+    shutil.rmtree(work / dead, ignore_errors=True)
+    shutil.rmtree(work / retry, ignore_errors=True)
+    return {"state": f"retry {summary.get('state')} (exit {code}); dead session {coord.get_state(dead)}, "
+                     f"salvaged: {dead_summary.get('state')}",
+            "frames_lost": summary.get("frames_missing"), "frames_counted": summary.get("frames_counted"),
+            "detection_s": waited_s, "to_end_s": ended - fault_at, "error": None,
+            "note": "detection = the retry saw the dead lock lease run out; end = the retry's session completed"}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scan", default="48x48")
     ap.add_argument("--after", type=int, default=256, help="Frames received before the fault.")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", default=None, help="Run only the faults whose name contains this.")
     args = ap.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -189,14 +231,26 @@ def main(argv=None) -> dict:
                 "kill -9 producer": (2, _kill("producer", "sector-1")),
                 "kill -9 aggregator": (2, _kill("aggregator", "0")),
                 "etcd restart, 5 s": (2, _etcd_restart(etcd, 5.0)),
+                "kill -9 distributor (1 of 2, 2 aggregator shards)": (2, _kill("distributor", "node-1"),
+                                                                       {"aggregators": 2}),
             }
-            for name, (nodes, make) in faults.items():
-                rows[name] = _run_session(work / "runs", etcd, scan, nodes, args.after, make)
+            others = {
+                "etcd gone for good": lambda: _etcd_gone(work / "runs", scan, args.after),
+                "kill -9 orchestrator (detstream run)": lambda: _orchestrator_kill(work / "runs", etcd, scan,
+                                                                                   args.after),
+                "kill -9 orchestrator, the same run again at once": lambda: _orchestrator_retry(
+                    work / "runs", etcd, scan, args.after),
+            }
+            for name, (nodes, make, *extra) in faults.items():
+                if args.only and args.only not in name:
+                    continue
+                rows[name] = _run_session(work / "runs", etcd, scan, nodes, args.after, make, **(extra or [{}])[0])
                 print(f"{name}: {rows[name]}", flush=True)
-            rows["etcd gone for good"] = _etcd_gone(work / "runs", scan, args.after)
-            print(f"etcd gone for good: {rows['etcd gone for good']}", flush=True)
-            rows["kill -9 orchestrator (detstream run)"] = _orchestrator_kill(work / "runs", etcd, scan, args.after)
-            print(f"kill -9 orchestrator: {rows['kill -9 orchestrator (detstream run)']}", flush=True)
+            for name, fn in others.items():
+                if args.only and args.only not in name:
+                    continue
+                rows[name] = fn()
+                print(f"{name}: {rows[name]}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"benchmark": "faults", "scan": args.scan, "after_frames": args.after, "faults": rows}

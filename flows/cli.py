@@ -7,10 +7,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+# sfapi_client's authlib warns, when imported, about authlib's own httpx integration
+# (AuthlibDeprecationWarning): nothing a user of detstream can act on, so `detstream run` and the
+# services it starts do not print it.
+warnings.filterwarnings("ignore", message=r"The httpx module is deprecated")
+os.environ.setdefault("PYTHONWARNINGS", "ignore:The httpx module is deprecated")
 
 from detstream.cli import _parse_scan, _prefix_opt
 from detstream.cli import app as core_app
