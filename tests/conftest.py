@@ -120,14 +120,164 @@ def cancel_on_first_progress():
         progress.LISTENERS.remove(listener)
 
 
+# --- leaks: every process a test starts is gone at its end ------------------------------------
+
+_PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
+_subreaper_users = 0
+
+
+def _child_subreaper(on: bool) -> None:
+    """Make this process the one orphans of its descendants are re-parented to (not init), so a
+    counting worker whose distributor was killed with SIGKILL is still found among them."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def _ids(pid: int) -> Optional[tuple[int, int]]:
+    """(session id, process group id) of ``pid``, or None once it is gone."""
+    try:
+        return os.getsid(pid), os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+class ProcessLedger:
+    """The processes a test starts, found by session and process group.
+
+    While a ledger is open this process is a child subreaper, so every process the test starts
+    stays a descendant of it, even an orphan whose parent was killed (a counting worker of a
+    distributor killed with SIGKILL, the services of a killed ``detstream run``). A process the
+    test started is a descendant that was not there when the ledger opened; every service runs
+    in its own session, so the sessions and process groups of those are the test's too, and any
+    process in one of them (wherever its parent is) is the test's. Not counted: processes that
+    outlive tests on purpose (``SESSION_HELPERS``, multiprocessing's resource tracker, which
+    serves this process), and zombies (dead, waiting for this process to reap them)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        global _subreaper_users
+        if _subreaper_users == 0:
+            _child_subreaper(True)
+        _subreaper_users += 1
+        self.me = psutil.Process()
+        self.own_ids = _ids(os.getpid())
+        self.before = {self._key(p) for p in self._descendants()}
+        self.sessions: set[int] = set()  # sessions and groups seen among the test's processes
+        self.groups: set[int] = set()
+        self.closed = False
+
+    @staticmethod
+    def _key(p) -> tuple:
+        try:
+            return p.pid, p.create_time()
+        except Exception:  # gone
+            return p.pid, None
+
+    def _descendants(self) -> list:
+        import psutil
+
+        try:
+            return self.me.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def _exempt(self) -> set[int]:
+        from multiprocessing import resource_tracker
+
+        tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+        return set(SESSION_HELPERS) | ({tracker} if tracker else set())
+
+    def started(self) -> list:
+        """The live processes this test started and that are still running."""
+        import psutil
+
+        exempt = self._exempt()
+        found = {}
+        for p in self._descendants():
+            if p.pid in exempt or self._key(p) in self.before:
+                continue
+            ids = _ids(p.pid)
+            if ids:
+                found[p.pid] = p
+                self.sessions.add(ids[0])
+                self.groups.add(ids[1])
+        # Members of those sessions and groups wherever they are (not this process's own).
+        theirs = (self.sessions | self.groups) - set(self.own_ids)
+        if theirs:
+            for p in psutil.process_iter():
+                ids = _ids(p.pid)
+                if ids and p.pid not in found and p.pid not in exempt and p.pid != self.me.pid \
+                        and (ids[0] in theirs or ids[1] in theirs) and self._key(p) not in self.before:
+                    found[p.pid] = p
+        live = []
+        for p in found.values():
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    live.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return live
+
+    @staticmethod
+    def describe(procs) -> list[str]:
+        """pid, session, group, parent and command line of each, for a failure message."""
+        import psutil
+
+        out = []
+        for p in procs:
+            try:
+                sid, pgid = _ids(p.pid) or (None, None)
+                out.append(f"{p.pid} (session {sid}, group {pgid}, parent {p.ppid()}): {' '.join(p.cmdline())[:200]}")
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def leaks(self, grace_s: float = 10.0) -> list[str]:
+        """What the test left running once ``grace_s`` has passed for it to stop (a process still
+        shutting down when the test returns is given that long): killed, and described."""
+        try:
+            _wait_until(lambda: not self.started(), grace_s, 0.1, "the test's processes to exit")
+            return []
+        except TimeoutError:
+            left = self.started()
+            described = self.describe(left)
+            for p in left:
+                try:
+                    p.kill()
+                except Exception:  # already gone
+                    pass
+            return described
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        global _subreaper_users
+        if not self.closed:
+            self.closed = True
+            _subreaper_users -= 1
+            if _subreaper_users == 0:
+                _child_subreaper(False)
+
+
 @pytest.fixture
-def no_stray_services():
-    """Every service process a session starts is gone when the session returns (killed if not)."""
+def process_ledger():
+    """The test's processes (ProcessLedger); any still running at its end fails the test."""
+    ledger = ProcessLedger()
+    yield ledger
+    left = ledger.leaks()
+    assert not left, f"processes the test started are still running (killed now): {left}"
+
+
+@pytest.fixture
+def no_stray_services(process_ledger):
+    """Every process a session starts (services, their counting workers, orphans of a killed
+    one, helpers) is gone when the test ends; a leak is killed and fails the test."""
     yield
-    left = detstream_children()
-    for p in left:
-        p.kill()
-    assert not left, f"processes left running: {[p.cmdline() for p in left]}"
 
 
 # --- a real Prefect server with detstream's deployments (tests/prefect_server.py) ---------------

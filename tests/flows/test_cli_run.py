@@ -90,17 +90,26 @@ class _Run:
 
 @pytest.fixture
 def run(tmp_path, etcd_server):
+    """Start `detstream run`s; ``run.ledger`` finds every process they start (ProcessLedger, in
+    conftest). At the end none may be left: a leak is killed and fails the test."""
+    from conftest import ProcessLedger
+
     runs = []
+    ledger = ProcessLedger()
 
     def start(*args):
         runs.append(_Run(tmp_path, etcd_server, *args))
         return runs[-1]
-    yield start
-    for r in runs:
-        r.close()
-        for p in _session_processes(r.sid):
-            p.kill()
-        remove_session_sockets(r.sid)
+    start.ledger = ledger
+    try:
+        yield start
+    finally:
+        for r in runs:
+            r.close()
+        left = ledger.leaks()
+        for r in runs:
+            remove_session_sockets(r.sid)
+    assert not left, f"processes of the run still running after the test (killed now): {left}"
 
 
 def _session_processes(sid: str) -> list[psutil.Process]:
@@ -124,18 +133,6 @@ def _described(procs: list[psutil.Process]) -> list[str]:
         except psutil.NoSuchProcess:
             pass
     return out
-
-
-def _orphan_prefect_servers(since: float) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline", "create_time"]):
-        try:
-            if "prefect.server.api.server:create_app" in " ".join(p.info["cmdline"] or []) \
-                    and p.info["create_time"] >= since and p.ppid() != os.getpid():
-                found.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return found
 
 
 @pytest.mark.chaos
@@ -166,14 +163,18 @@ def test_ctrl_c_says_the_session_was_cancelled(run):
 def test_nothing_outlives_a_killed_orchestrator_and_salvage_accounts_for_every_frame(run, etcd_server, wait_until):
     r = run("--scan", "48x48")
     r.wait_frames(256)
+    # The ledger finds the run's services, each in a session of its own, among the run's processes.
+    services = {v["pid"] for v in r.prefix_coord.services(r.sid, "producer").values()}
+    assert len(services) == 4 and services <= {p.pid for p in run.ledger.started()}
     killed_at = time.monotonic()
     r.proc.kill()
     r.proc.wait()
-    left = lambda: _session_processes(r.sid) + _orphan_prefect_servers(r.started)  # noqa: E731
+    # Every process the run started (its services, Prefect's temporary server, the reaper), found
+    # by session and process group; orphans re-parented after the kill included.
     try:
-        wait_until(lambda: not left(), timeout_s=30, what="every process of the killed run to stop")
+        wait_until(lambda: not run.ledger.started(), timeout_s=30, what="every process of the killed run to stop")
     except BaseException:
-        pytest.fail(f"still running 30 s after the kill: {_described(left())}")
+        pytest.fail(f"still running 30 s after the kill: {run.ledger.describe(run.ledger.started())}")
     assert time.monotonic() - killed_at < 30
     wait_until(lambda: r.prefix_coord.lock_holder("4dcamera") is None, timeout_s=15, what="the lock lease to expire")
 
