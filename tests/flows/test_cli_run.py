@@ -53,6 +53,14 @@ def test_a_busy_detector_is_refused_before_prefect_starts(etcd_server):
     assert "temporary server" not in result.output
 
 
+# Ctrl-C reaches `detstream run` as at a terminal, however pytest was started: a shell starts a
+# background job with SIGINT ignored, children inherit that across exec, and Python then never
+# raises KeyboardInterrupt (the Ctrl-C test failed so under `pytest ... &`). The same process
+# (pid) then becomes `python -m detstream.flows.cli ...`.
+AS_AT_A_TERMINAL = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
 class _Run:
     """`detstream run` in its own process, on the test etcd, with a known session id."""
 
@@ -64,7 +72,7 @@ class _Run:
         env.pop("PREFECT_API_URL", None)
         self.log = open(tmp_path / f"{self.sid}.log", "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "detstream.flows.cli", "run", "--etcd", etcd_server.endpoint,
+            [sys.executable, "-c", AS_AT_A_TERMINAL, "-m", "detstream.flows.cli", "run", "--etcd", etcd_server.endpoint,
              "--session-id", self.sid, "--output", str(self.out), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         self.started = time.time()
