@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -221,7 +222,7 @@ def test_a_stalled_stream_ends_with_what_arrived(pipelines):
 
 
 @pytest.mark.e2e  # a whole multi-process pipeline: not in make test-fast
-def test_backpressure_blocks_the_producer_and_memory_stays_bounded():
+def test_backpressure_blocks_the_producer_and_memory_stays_bounded(wait_until):
     """A node that does not read holds the producer back after a bounded number of blocks."""
     prof = SMALL_TEST_CAMERA
     ctx = zmq.Context()
@@ -230,13 +231,25 @@ def test_backpressure_blocks_the_producer_and_memory_stays_bounded():
         sink.setsockopt(zmq.RCVHWM, 4)
         port = sink.bind_to_random_port("tcp://127.0.0.1")
         sim = Simulator(prof, 64, 64, pool_size=2)
-        sent = []
+        sent, taken, held = [], [], threading.Event()
+
+        class Taken:  # the producer's tee: sees every block the producer takes from the source
+            def write(self, meta, block):
+                taken.append(meta.frame_number)
+
+        def should_stop() -> bool:
+            # The producer asks this between blocks, and while a send is held back (in _send,
+            # after waiting a whole SNDTIMEO slice): the latter is the event this test waits for.
+            if sys._getframe(1).f_code.co_name == "_send":
+                held.set()
+            return False
         t = threading.Thread(target=lambda: sent.append(run_producer(
-            sim, 0, f"tcp://127.0.0.1:{port}", hwm=4, ctx=ctx)), daemon=True)
+            sim, 0, f"tcp://127.0.0.1:{port}", hwm=4, ctx=ctx, tee=Taken(), should_stop=should_stop)),
+            daemon=True)
         t.start()
-        # The producer must stop making progress well before the scan's 4096 blocks.
-        t.join(3.0)
-        assert t.is_alive(), "producer sent the whole scan into a node that never reads"
+        # The producer is held back well before the scan's 4096 blocks.
+        wait_until(held.is_set, timeout_s=30, what="the producer to be held back")
+        assert len(taken) < 64 * 64, "producer took the whole scan for a node that never reads"
         got = 0
         deadline = time.monotonic() + 30
         while got < 64 * 64 + 1 and time.monotonic() < deadline:  # now drain: everything arrives

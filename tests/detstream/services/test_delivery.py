@@ -177,24 +177,73 @@ def _end(c):
 
 
 def test_a_full_window_holds_back_the_producers_until_acks_free_it(fake_cluster, wait_until):
-    c = fake_cluster(nodes=1, w=8, h=1, window=4)
+    """The producers are held back (their sends would block) while the window is full, and the
+    node has then been sent exactly the window: a condition on events, not a quiet interval."""
+    w = 256  # about 3x the blocks per sector that the sockets and kernel buffers between hold
+    c = fake_cluster(nodes=1, w=w, h=1, window=4)
     node = c["fakes"][0]
-    for pos in range(8):
-        _send(c, pos, range(4))
-    wait_until(node.has(16), what="4 whole positions forwarded")
-    assert node.read(300) == [] and len(node.got) == 16      # window full: nothing more is read
-    node.ack([0, 1])
-    wait_until(node.has(24), what="2 more positions once 2 are acknowledged")
-    assert sorted({h.position for h in node.got}) == list(range(6))
-    node.ack(range(2, 6))
-    _end(c)
-    wait_until(node.has(4, Kind.END), what="the rest and the END markers")
-    assert len(node.got) == 36
-    node.ack([6, 7])
-    wait_until(node.has(1, Kind.FIN), what="FIN once everything is acknowledged")
-    wait_until(lambda: c["stats"], what="the aggregator to finish")
-    assert c["stats"]["lost_positions"] == [] and c["stats"]["fin_sent_to"] == [0]
-    assert c["stats"]["window_peak"] == 4
+    ctx = zmq.Context.instance()
+    senders = []
+    for ep in c["agg"].sector_endpoints:  # producers' sockets with the smallest queues
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 1)
+        sock.setsockopt(zmq.SNDBUF, 4096)
+        sock.connect(ep)
+        senders.append(sock)
+    pending = [(pos, sector) for pos in range(w) for sector in range(4)]
+    pending.reverse()
+
+    def held_back() -> bool:
+        """Send, in scan order, until a send would block (True) or everything is sent (False)."""
+        while pending:
+            pos, sector = pending[-1]
+            try:
+                senders[sector].send_multipart([wire.data_header(sector, 1, pos + 1, w, 1, pos, 0, pos), BLOCK],
+                                               zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            pending.pop()
+        return False
+
+    try:
+        # Sends block now and then while connections start; once the node has 4 positions, the
+        # window is full until an ack, and the producers are held back for good.
+        wait_until(lambda: all([held_back(), node.has(16)()]), timeout_s=30,
+                   what="4 whole positions forwarded and the producers held back")
+        # Held back with the window full: the node has exactly the window's 4 positions.
+        assert len(node.got) == 16 and sorted({h.position for h in node.got}) == list(range(4))
+        node.ack([0, 1])
+        wait_until(lambda: all([held_back(), node.has(24)()]), what="2 more positions once 2 are acknowledged")
+        assert len(node.got) == 24 and sorted({h.position for h in node.got}) == list(range(6))
+        acked = 6
+        node.ack(range(2, 6))
+
+        def whole() -> int:  # positions the node has every sector of, from the first
+            held = np.bincount([h.position for h in node.got if h.kind is Kind.DATA], minlength=w)
+            return int(np.argmin(held == 4)) if (held < 4).any() else w
+
+        def the_rest_flows() -> bool:
+            """Acknowledge whole positions as they come, while anything comes."""
+            nonlocal acked
+            while node.read(50):
+                done = whole()
+                if done > acked:
+                    node.ack(range(acked, done))
+                    acked = done
+                held_back()
+            return not held_back() and acked == w
+        wait_until(the_rest_flows, timeout_s=120, what="the whole scan through the window")
+        for sector in range(4):
+            senders[sector].send_multipart([wire.end_header(sector, 1, w, 1, 0), b""])
+        wait_until(node.has(1, Kind.FIN), what="FIN once everything is acknowledged")
+        wait_until(lambda: c["stats"], what="the aggregator to finish")
+        assert sum(h.kind is Kind.DATA for h in node.got) == 4 * w and sum(h.kind is Kind.END for h in node.got) == 4
+        assert c["stats"]["lost_positions"] == [] and c["stats"]["fin_sent_to"] == [0]
+        assert c["stats"]["window_peak"] == 4
+    finally:
+        for sock in senders:
+            sock.close(0)
 
 
 def test_a_lost_node_s_positions_go_to_the_next_node_partial_ones_included(fake_cluster, wait_until):
