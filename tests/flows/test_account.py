@@ -11,8 +11,6 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 
 from account_check import check_account

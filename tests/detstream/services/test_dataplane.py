@@ -131,7 +131,8 @@ def _produce(src, endpoint, ctx, sectors, batch=1, nodes=1, sources=None):
 def test_every_frame_reaches_its_node_and_is_counted(pipelines):
     sim = Simulator(NCEM_4D_CAMERA, 6, 5, seed=2, pool_size=8)
     dark = sim.dark_reference()
-    import tempfile, os
+    import os
+    import tempfile
     path = os.path.join(tempfile.mkdtemp(), "dark.npy")
     np.save(path, dark)
     p = pipelines(NCEM_4D_CAMERA, 6, 5, 3, counting=CountingParams(dark_reference=path))
@@ -162,7 +163,8 @@ def test_malformed_messages_are_counted_and_the_rest_survive(pipelines, caplog):
     p = pipelines(prof, w, h, 1)
     s = _Sock(p.ctx, p.agg.endpoint)
     good = np.zeros(prof.sector_shape, np.uint16).tobytes()
-    hdr = lambda sector=0, x=0, y=0, sw=w, sh=h: wire.data_header(sector, 1, 1, sw, sh, x, y, 0)
+    def hdr(sector=0, x=0, y=0, sw=w, sh=h):
+        return wire.data_header(sector, 1, 1, sw, sh, x, y, 0)
     s.send(hdr())                                             # wrong number of parts
     s.send(hdr()[:10], good)                                  # short header
     s.send(hdr(), good[:-2])                                  # payload size
@@ -412,8 +414,9 @@ def test_a_bad_block_inside_a_batch_is_rejected_alone(pipelines):
         s.connect(ep)
         senders.append(s)
     good = np.zeros(prof.sector_shape, np.uint16).tobytes()
-    hdr = lambda s, pos, x=None, sector=None: wire.data_header(
-        s if sector is None else sector, 1, pos + 1, w, h, pos % w if x is None else x, pos // w, pos)
+    def hdr(s, pos, x=None, sector=None):
+        return wire.data_header(s if sector is None else sector, 1, pos + 1, w, h,
+                                pos % w if x is None else x, pos // w, pos)
     # Sector 0's batch: position 2's block names sector 9, the 4th block lies outside the scan.
     senders[0].send_multipart(wire.batch_message([hdr(0, 0), hdr(0, 1), hdr(0, 2, sector=9), hdr(0, 3, x=9)],
                                                  [good] * 4))

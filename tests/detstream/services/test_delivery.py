@@ -20,7 +20,6 @@ import zmq
 
 from detstream import wire
 from detstream.config import CountingParams, SessionSpec
-from detstream.counting import count_frame
 from detstream.output import PartWriter, merge_parts, read_part
 from detstream.processes import ManagedProcess, detstream_argv
 from detstream.profile import SMALL_TEST_CAMERA

@@ -212,7 +212,7 @@ def test_serve_file_counter_registers_reports_and_feeds_collect(session, etcd_se
             assert node in names
         assert coord.services(spec.session_id, ROLE) == {}
 
-    for i, report in enumerate(reports):
+    for i in range(len(reports)):
         path = spec.session_dir / "services" / f"distributor-node-{i}.json"
         on_disk = json.loads(path.read_text())
         assert on_disk["node_index"] == i and on_disk["workflow"] == "file"
