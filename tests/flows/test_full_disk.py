@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import pytest
@@ -286,14 +287,18 @@ def test_a_full_disk_ends_the_session_naming_the_file_and_crashes_nothing(when, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(LOOPS * 90)  # a session here takes 20-40 s on 2 shared cores
 @pytest.mark.parametrize("when", list(SCENARIOS))
 def test_a_full_disk_twenty_times_crashes_nothing(when, tmp_path_factory, etcd_server, processes):
     """The same, 20 sessions in a row on a fresh tmpfs each: the crash this guards against was
     a use-after-free in HDF5 that struck about one run in nine."""
-    outcomes = []
+    outcomes, seconds = [], []
     for i in range(LOOPS):
-        tmp = tmp_path_factory.mktemp(f"loop{i}")
+        tmp = tmp_path_factory.mktemp(f"loop{i}-")
         processes.clear()
+        t0 = time.monotonic()
         with _tmpfs(tmp) as disk:
             outcomes.append(SCENARIOS[when](tmp, etcd_server, disk, processes) or "failed")
-    print(f"{when}: {LOOPS} sessions, outcomes {dict(collections.Counter(outcomes))}")
+        seconds.append(time.monotonic() - t0)
+    print(f"\n{when}: {LOOPS} sessions in {sum(seconds):.0f} s (each {min(seconds):.1f}-{max(seconds):.1f} s, "
+          f"median {sorted(seconds)[LOOPS // 2]:.1f} s), outcomes {dict(collections.Counter(outcomes))}")
