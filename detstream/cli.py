@@ -52,7 +52,7 @@ def _serve(role: str, fn) -> None:
         fn()
     except Exception as err:
         logging.getLogger("detstream").error("%s failed: %s", role, err, exc_info=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 _session_opt = typer.Option(..., "--session", help="Session id.")
@@ -169,7 +169,7 @@ def salvage(session_dir: Path = typer.Argument(..., help="The session's folder (
         summary = salvage_session(session_dir, coord)
     except (FileNotFoundError, ValueError, OSError) as err:
         typer.echo(f"cannot salvage {session_dir}: {err}", err=True)
-        raise typer.Exit(EXIT_CODES[SessionState.FAILED])
+        raise typer.Exit(EXIT_CODES[SessionState.FAILED]) from None
     typer.echo(f"session {summary['session_id']} {summary['state']}: {summary['frames_counted']}/"
                f"{summary['frames_expected']} frames counted into {summary['outputs']['hdf5']}; "
                f"{summary['frames_missing']} missing, listed in {summary['outputs']['summary']}")

@@ -19,8 +19,8 @@ import typer
 warnings.filterwarnings("ignore", message=r"The httpx module is deprecated")
 os.environ.setdefault("PYTHONWARNINGS", "ignore:The httpx module is deprecated")
 
-from detstream.cli import _parse_scan, _prefix_opt
-from detstream.cli import app as core_app
+from detstream.cli import _parse_scan, _prefix_opt  # noqa: E402 (after the warning filter)
+from detstream.cli import app as core_app  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Stream detector frames into compute-node memory and count electrons on the fly.")
