@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -c 'import detstream.counting as c; c.compile_kernels()'
+	$(PY) -c 'import detstream.sources.simulator as s; s.compile_kernels()'
 	touch $(STAMP)
 
 run: install

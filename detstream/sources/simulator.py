@@ -542,3 +542,13 @@ class Simulator:
     def __repr__(self) -> str:
         return (f"Simulator({self._profile.name!r}, {self._width}x{self._height}, seed={self.seed}, "
                 f"scan_number={self._scan_number}, pool_size={self.pool_size})")
+
+
+def compile_kernels() -> None:
+    """Compile the simulator's kernels into numba's on-disk cache (``make install`` runs this), so
+    that no producer pays the ~5 s first-call compilation on its first frame."""
+    from ..profile import SMALL_TEST_CAMERA
+
+    sim = Simulator(SMALL_TEST_CAMERA, 1, 1, pool_size=1)
+    sim.frame(0)
+    sim.true_events(0)
