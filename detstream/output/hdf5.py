@@ -187,8 +187,11 @@ def counts_bound(n_positions: int, frame_shape: Sequence[int], event_counts: np.
         heap += -(-int(small.sum()) // room) * _HEAP_COLLECTION + _HEAP_COLLECTION
     pixels = int(frame_shape[0]) * int(frame_shape[1])
     n = int(n_positions)
-    # frames (references), scan_positions (int64), stem/images (2 x uint64), summed pattern (uint64)
-    return (heap + n * _VLEN_REFERENCE + n * 8 + 2 * n * 8 + pixels * 8
+    from .virtual import IMAGE_NAMES
+
+    # frames (references), scan_positions (int64), stem/images (one float64 image per name: BF,
+    # ADF, centre of mass x and y), summed pattern (uint64)
+    return (heap + n * _VLEN_REFERENCE + n * 8 + len(IMAGE_NAMES) * n * 8 + pixels * 8
             + COUNTS_METADATA + 2 * int(attrs_bytes))
 
 

@@ -170,3 +170,21 @@ def test_a_redrawn_figure_equals_one_drawn_anew():
                                   matplotlib.image.imread(io.BytesIO(fresh)))
     with pytest.raises(ValueError, match="redraw with shape"):
         drawing.redraw([later[:4], later], "t2")
+
+
+def test_the_merges_room_bound_covers_the_four_float64_images(tmp_path):
+    """counted.h5's room is reserved before HDF5 writes (output.hdf5.counts_bound): it must count
+    stem/images as four float64 images, not the two uint64 ones of before, or a long scan of
+    sparse frames outgrows its reservation (512x512 here: by about 3 MB)."""
+    from detstream.output.hdf5 import counts_bound
+
+    side, shape = 512, (16, 16)
+    n = side * side
+    counts = np.random.default_rng(0).poisson(0.3, n)
+    with PartWriter(tmp_path / "p.h5", shape) as w:
+        for p in range(n):
+            w.add(p, np.arange(counts[p], dtype=np.uint32))
+    merge_parts([tmp_path / "p.h5"], tmp_path / "counted.h5", side, side, shape)
+    with h5py.File(tmp_path / "counted.h5", "r") as f:
+        assert f["stem/images"].shape == (len(IMAGE_NAMES), side, side) and f["stem/images"].dtype == np.float64
+    assert (tmp_path / "counted.h5").stat().st_size <= counts_bound(n, shape, counts)
