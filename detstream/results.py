@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from .config import SessionSpec
+from .errors import DetstreamError
 from .output.hdf5 import DiskFull, disk_full
 from .states import SessionState
 
@@ -31,7 +32,7 @@ _SUMMARY_RESERVE = ".summary.json.reserve"
 _SUMMARY_RESERVE_BYTES = 1 << 20
 
 
-class MergeFailed(RuntimeError):
+class MergeFailed(DetstreamError, RuntimeError):
     """The merge's own process (``detstream merge``) ended without a result: killed or crashed.
     counted.h5 was not written (or not whole); the parts are kept for ``detstream salvage``."""
 
@@ -369,7 +370,16 @@ def merge_session(session_dir: Path, spec_file: Optional[Path] = None, *, overwr
                          center=v.center, radius=v.bf_radius, adf_inner=v.adf_inner,
                          adf_outer=v.adf_outer, exclude=conflicted)
     hdf5_closed = time.time()
-    figures = write_figures(spec, report)
+    try:
+        figures = write_figures(spec, report)
+    except BaseException:
+        # counted.h5 without its figures is not the session's output (the account will say it
+        # failed, with no HDF5): nothing of this merge is left; the parts are, for salvage.
+        for path in (spec.paths.counts, spec.paths.image, spec.paths.dark_field_image,
+                     spec.paths.pattern_image):
+            with suppress(OSError):
+                path.unlink()
+        raise
     return {"ok": True, "hdf5": str(spec.paths.counts), "hdf5_closed": hdf5_closed,
             "total_events": int(report.total_events), "missing": [int(p) for p in report.missing],
             "duplicates": int(report.duplicates), "conflicted": [int(p) for p in report.conflicted],
