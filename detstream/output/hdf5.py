@@ -42,6 +42,7 @@ import h5py
 import numpy as np
 
 from ..atomic import AtomicFile, atomic_output, io_error
+from ..errors import DetstreamError
 
 log = logging.getLogger("detstream.output.hdf5")
 
@@ -51,7 +52,7 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 RESERVE_STEP = 1 << 20
 
 
-class DiskFull(OSError):
+class DiskFull(DetstreamError, OSError):
     """A file's disk has less room than the write needs; nothing was written to it (its parts,
     for a merge, are kept)."""
 
@@ -148,6 +149,9 @@ class Reservation:
         try:
             if self._native and self.reserved:
                 size = os.fstat(fd).st_size
+                if size > self.reserved:  # a bound that is wrong: on a full disk HDF5 would have failed
+                    log.warning("%s outgrew the room reserved for it: %d bytes, %d reserved", self.path,
+                                size, self.reserved)
                 if self.reserved > size:
                     # tmpfs and xfs give blocks past the end back to a punched hole; ext4 ignores a
                     # hole past the end but frees them on any truncate, even to the same size.
