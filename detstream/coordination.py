@@ -10,6 +10,7 @@ import time
 from typing import Any, Mapping, Optional, Union
 
 from .config import DEFAULT_PREFIX, check_prefix
+from .errors import DetstreamError
 from .etcd import (
     AuthenticationError,
     CoordinationError,
@@ -50,7 +51,7 @@ _SEQ_DIGITS = 10
 _LIVE_TXN_OPS, _LIVE_TXN_BYTES = 64, 1 << 20
 
 
-class DetectorBusy(RuntimeError):
+class DetectorBusy(DetstreamError, RuntimeError):
     """The detector's lock is held by another session (a normal outcome, so not a CoordinationError)."""
 
     def __init__(self, detector: str, holder: str) -> None:

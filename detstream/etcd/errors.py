@@ -7,8 +7,10 @@ import json
 import requests
 from etcd3gw import exceptions as etcd_exc
 
+from ..errors import DetstreamError
 
-class CoordinationError(RuntimeError):
+
+class CoordinationError(DetstreamError, RuntimeError):
     """etcd could not be reached or refused a request; the message names the endpoint."""
 
 

@@ -26,6 +26,7 @@ from ..secretfiles import write_env_file
 from ..services import security
 from ..services.endpoints import remove_session_sockets, session_socket_dir
 from ..services.serve import SERVICE_LEASE_TTL_S
+from ..errors import DetstreamError
 from ..progress import report as report_progress
 from ..states import TERMINAL_STATES, SessionState
 from .lock import LOCK_LEASE_TTL_S, OrchestratorMark, orphaned_sessions, wait_out_dead_holder
@@ -35,7 +36,7 @@ log = logging.getLogger("detstream.session")
 
 
 
-class SessionError(RuntimeError):
+class SessionError(DetstreamError, RuntimeError):
     """A session step failed; ``fallback_reason`` is set when a file-transfer fallback makes sense."""
 
     def __init__(self, message: str, fallback_reason: Optional[str] = None):
@@ -43,7 +44,7 @@ class SessionError(RuntimeError):
         self.fallback_reason = fallback_reason
 
 
-class SessionCancelled(RuntimeError):
+class SessionCancelled(DetstreamError, RuntimeError):
     """The user cancelled the session."""
 
 

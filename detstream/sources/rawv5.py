@@ -19,6 +19,7 @@ from typing import Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 
+from ..errors import DetstreamError
 from ..profile import DetectorProfile
 from ..storage import fsync_dir
 
@@ -58,7 +59,7 @@ class SectorMeta(NamedTuple):
         return cls._make(RAW_HEADER.unpack_from(buf, offset))
 
 
-class ReplayError(ValueError):
+class ReplayError(DetstreamError, ValueError):
     """A recorded scan that cannot be replayed; the message names the directory or file and why."""
 
 

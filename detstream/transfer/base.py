@@ -12,10 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+from ..errors import DetstreamError
+
 PathLike = Union[str, os.PathLike]
 
 
-class TransferError(Exception):
+class TransferError(DetstreamError):
     """A transfer that did not complete; the message names the file or directory and why.
 
     ``path`` is the file or directory at fault, ``attempts`` how many copies were tried (0 when

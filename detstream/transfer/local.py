@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from ..atomic import AtomicFile
+from ..errors import DetstreamError
 from ..pagecache import evict, storage_read_bytes
 from ..storage import fsync_dir
 from .base import (FileTransfer, PathLike, ProgressCallback, RetriedFile, Transfer, TransferError,
@@ -30,7 +31,7 @@ def _why(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-class _VerifyFailed(Exception):
+class _VerifyFailed(DetstreamError):
     """A copy whose size or checksum did not match its source (retried)."""
 
 
