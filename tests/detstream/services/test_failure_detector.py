@@ -216,7 +216,7 @@ def test_a_slow_node_that_heartbeats_is_not_lost_however_long_it_takes(cluster, 
     wait_until(c["fakes"][1].has(4), what="node 1 to get position 1")
     c["fakes"][0].ack([0])
     agg = c["agg"]
-    _beat_while(c, 1, lambda: time.monotonic() - agg._node[1].last_ack > 3 * agg.node_timeout_s,
+    _beat_while(c, 1, lambda: time.monotonic() - agg.delivery.node[1].last_ack > 3 * agg.node_timeout_s,
                 timeout_s=20, what="node 1 silent on acks for 3 node timeouts", wait_until=wait_until)
     st = _finish(c, wait_until, {1: [1]})
     assert st["nodes_lost"] == [] and st["lost_positions"] == [] and st["fin_sent_to"] == [0, 1]
@@ -258,7 +258,7 @@ def test_the_last_live_node_is_never_fenced_for_being_slow(cluster, wait_until):
     (n0,) = c["fakes"]
     _send(c, 0)
     wait_until(n0.has(4), what="node 0 to get position 0")
-    wait_until(lambda: c["agg"]._node[0].stall_noted, timeout_s=20, what="the aggregator to note the stall")
+    wait_until(lambda: c["agg"].delivery.node[0].stall_noted, timeout_s=20, what="the aggregator to note the stall")
     _send(c, 1)
     wait_until(n0.has(8), what="node 0 to get position 1")
     st = _finish(c, wait_until, {0: [0, 1]})
