@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The test doubles (the SFAPI emulator) are a distribution of their own, emulator/, outside the wheel.
+$(STAMP): pyproject.toml emulator/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' -e ./emulator
 	$(PY) -c 'import detstream.counting as c; c.compile_kernels()'
 	$(PY) -c 'import detstream.sources.simulator as s; s.compile_kernels()'
 	touch $(STAMP)
@@ -21,7 +22,7 @@ run: install
 
 # ruff's rules (pyproject.toml) and the import-linter contracts that declare the layers.
 lint: install
-	$(VENV)/bin/ruff check detstream flows tasks blocks deployments benchmarks tests
+	$(VENV)/bin/ruff check detstream flows tasks blocks deployments benchmarks tests emulator
 	$(VENV)/bin/lint-imports --no-cache
 
 # Everything but the loops, soaks and namespace faults (make test-slow): about 15 minutes on 2 cores.

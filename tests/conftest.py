@@ -341,7 +341,7 @@ def deployment_runs(prefect_deployments, tmp_path_factory):
 @pytest.fixture
 def emu(tmp_path):
     """A Superfacility API emulator on loopback; its job processes are checked gone after the test."""
-    from detstream.sfapi_emulator import EmulatorServer
+    from detstream_testing.sfapi_emulator import EmulatorServer
 
     with EmulatorServer(workdir=tmp_path / "emu", kill_grace=1.0) as server:
         yield server

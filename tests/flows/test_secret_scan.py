@@ -16,7 +16,7 @@ from pydantic import SecretStr
 from detstream.coordination import Coordinator
 from detstream.etcd.client import EtcdClient, add_user
 from detstream.etcd_server import EmbeddedEtcd
-from detstream.sfapi_emulator import EmulatorServer
+from detstream_testing.sfapi_emulator import EmulatorServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "no_stray_services")
 

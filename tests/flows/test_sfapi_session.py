@@ -11,7 +11,7 @@ import stempy.io
 
 from detstream.coordination import Coordinator
 from detstream.session import SessionCancelled, SessionError
-from detstream.sfapi_emulator import EmulatorServer, generate_client_credentials
+from detstream_testing.sfapi_emulator import EmulatorServer, generate_client_credentials
 
 from conftest import cancel_on_first_progress
 

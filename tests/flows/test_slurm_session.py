@@ -116,7 +116,7 @@ def test_a_four_node_session_through_the_sfapi_emulator_on_slurm(slurm, tmp_path
     from detstream.backends.jobscript import NerscJobSettings
     from detstream.blocks import NerscCompute, SfapiCredentials
     from detstream.flows import streaming_session
-    from detstream.sfapi_emulator import EmulatorServer
+    from detstream_testing.sfapi_emulator import EmulatorServer
 
     with EmulatorServer(workdir=tmp_path / "emu", slurm=SlurmSettings(slurm_conf=str(slurm.conf))) as emu:
         key = emu.credentials.write_key_file(tmp_path / "key.pem")

@@ -18,7 +18,7 @@ from detstream.backends.base import NodeLaunch, JobState, Reservation, Reservati
 from detstream.backends.jobscript import NerscJobSettings, render_for_cli, render_job_script
 from detstream.backends.sfapi import (SfapiAuthError, SfapiBackend, SfapiSettings, SfapiUnavailableError,
                                       cancel_sfapi_job, expand_nodelist)
-from detstream.sfapi_emulator import generate_client_credentials
+from detstream_testing.sfapi_emulator import generate_client_credentials
 from conftest import wait_until
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no internet here; blocks import Prefect

@@ -1,4 +1,4 @@
-"""``python -m detstream.sfapi_emulator --port P (--new-client KEY_FILE | --client-id ID --public-key FILE)``."""
+"""``python -m detstream_testing.sfapi_emulator --port P (--new-client KEY_FILE | --client-id ID --public-key FILE)``."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import API_PREFIX, TOKEN_PATH, EmulatorState, create_app, import_extra
+import uvicorn
 
-uvicorn = import_extra("uvicorn")
+from . import API_PREFIX, TOKEN_PATH, EmulatorState, create_app
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m detstream.sfapi_emulator",
+    parser = argparse.ArgumentParser(prog="python -m detstream_testing.sfapi_emulator",
                                      description="Superfacility API emulator on loopback (offline runs).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8008)
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     slurm = None
     if args.slurm_conf:
-        from ..backends.slurm import SlurmSettings
+        from .slurm import SlurmSettings
 
         slurm = SlurmSettings(slurm_conf=str(args.slurm_conf))
     state = EmulatorState(args.workdir, token_lifetime=args.token_lifetime, kill_grace=args.kill_grace,

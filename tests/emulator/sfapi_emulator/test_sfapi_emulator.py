@@ -19,10 +19,10 @@ from sfapi_client import Client, SfApiError
 from sfapi_client.compute import Machine
 from sfapi_client.jobs import JobState
 
-from detstream.sfapi_emulator import generate_client_credentials
-from detstream.sfapi_emulator.jobs import format_duration
-from detstream.sfapi_emulator.sbatch import parse_sbatch_options, parse_time_limit
-from detstream.sfapi_emulator.srun import expand_nodelist, parse_args, plan_tasks
+from detstream_testing.sfapi_emulator import generate_client_credentials
+from detstream_testing.sfapi_emulator.jobs import format_duration
+from detstream_testing.sfapi_emulator.sbatch import parse_sbatch_options, parse_time_limit
+from detstream_testing.sfapi_emulator.srun import expand_nodelist, parse_args, plan_tasks
 from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -385,7 +385,7 @@ def test_cli_serves_the_emulator(tmp_path):
     pub = creds.write_public_key(tmp_path / "pub.pem")
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "detstream.sfapi_emulator", "--port", str(port), "--client-id",
+        [sys.executable, "-m", "detstream_testing.sfapi_emulator", "--port", str(port), "--client-id",
          creds.client_id, "--public-key", str(pub), "--workdir", str(tmp_path / "w"),
          "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

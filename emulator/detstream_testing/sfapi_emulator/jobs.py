@@ -25,8 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import psutil
 
 from .sbatch import BatchOptions, SbatchError, _check_perlmutter, parse_sbatch_options
-from .srun import _compress as compress_nodelist
-from .srun import expand_nodelist
+from .srun import compress_nodelist, expand_nodelist
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,10 @@ from joserfc.jwk import RSAKey
 
 from .jobs import PENDING, RUNNING, JobRunner
 
-if TYPE_CHECKING:
-    from ..backends.slurm import SlurmSettings
 from .sbatch import SbatchError
+
+if TYPE_CHECKING:
+    from .slurm import SlurmSettings
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class EmulatorState:
                  check_perlmutter_options: bool = True, request_log_size: int = 2000,
                  slurm: Optional["SlurmSettings"] = None):
         """``slurm``: run jobs on that real Slurm cluster (sbatch/scontrol/scancel), else as local
-        process groups with the ``srun`` stand-in."""
+        process groups with the ``srun`` stand-in. Any object with ``slurm_conf`` (and optionally
+        ``bin_dir``) will do, e.g. ``slurm.SlurmSettings`` or detstream's own."""
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="sfapi-emulator-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         if slurm is not None:

@@ -10,18 +10,105 @@ count). ``never_start`` submits held (``scontrol release`` starts it), ``start_d
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shlex
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import psutil
 
-from ..backends.sfapi import expand_nodelist
-from ..backends.slurm import SlurmClient, SlurmError, SlurmRefused, SlurmSettings, _epoch
 from .jobs import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, TERMINAL_STATES, TIMEOUT, Job, JobRunner
 from .sbatch import SbatchError, parse_sbatch_options
+from .srun import expand_nodelist
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlurmSettings:
+    """Which Slurm cluster: its slurm.conf (None: the site's default) and the folder of its commands
+    (None: PATH). detstream's own ``SlurmSettings`` has the same two fields and does as well."""
+
+    slurm_conf: Optional[str] = None
+    bin_dir: Optional[str] = None
+
+
+class SlurmError(RuntimeError):
+    """A Slurm command failed or is missing; the message has what Slurm said."""
+
+
+class SlurmRefused(SlurmError):
+    """sbatch refused the job: nothing was queued."""
+
+
+def _fields(text: str) -> Dict[str, str]:
+    """``Key=Value`` pairs of ``scontrol show job -o`` (values may hold '=' but not ' Key=')."""
+    return dict(m.groups() for m in re.finditer(r"(\w[\w/:]*)=(.*?)(?= \w[\w/:]*=|$)", text.strip()))
+
+
+def _epoch(text: Optional[str]) -> Optional[float]:
+    try:
+        return time.mktime(time.strptime(text or "", "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+class SlurmCommands:
+    """sbatch, scontrol, squeue and scancel of one cluster. The emulator's own, written apart from
+    detstream's Slurm backend so that the double does not share the code it stands in for."""
+
+    def __init__(self, settings, timeout_s: float = 30.0):
+        self.settings = settings
+        self.timeout_s = timeout_s
+
+    def run(self, *argv: str) -> subprocess.CompletedProcess:
+        bin_dir = getattr(self.settings, "bin_dir", None)
+        cmd = [str(Path(bin_dir) / argv[0]) if bin_dir else argv[0], *argv[1:]]
+        env = dict(os.environ)
+        if self.settings.slurm_conf:
+            env["SLURM_CONF"] = str(self.settings.slurm_conf)
+        try:
+            return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=self.timeout_s,
+                                  stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise SlurmError(f"{cmd[0]} not found: is Slurm's client installed?") from None
+        except subprocess.TimeoutExpired:
+            raise SlurmError(f"{shlex.join(cmd)} did not answer within {self.timeout_s:g} s") from None
+
+    def submit(self, script_path: Path, work_dir: Path, output: Optional[str] = None,
+               options: Sequence[str] = (), args: Sequence[str] = ()) -> str:
+        """sbatch the script from ``work_dir``; the job id, or SlurmRefused with sbatch's words."""
+        cmd = ["sbatch", "--parsable", f"--chdir={work_dir}", *options]
+        if output:
+            cmd.append(f"--output={output}")
+        r = self.run(*cmd, str(script_path), *args)
+        if r.returncode != 0:
+            said = "; ".join(line.removeprefix("sbatch: error: ").strip()
+                             for line in r.stderr.splitlines() if line.strip()) or f"exit {r.returncode}"
+            raise SlurmRefused(said)
+        return r.stdout.strip().split(";")[0]
+
+    def show(self, jobid: str) -> Optional[Dict[str, str]]:
+        """``scontrol show job`` as a dict; None once Slurm no longer knows the job."""
+        r = self.run("scontrol", "show", "job", "-o", str(jobid))
+        if r.returncode != 0:
+            if "Invalid job id" in r.stderr:
+                return None
+            raise SlurmError(f"scontrol show job {jobid}: {r.stderr.strip() or r.returncode}")
+        return _fields(r.stdout.splitlines()[0]) if r.stdout.strip() else None
+
+    def in_queue(self, jobid: str) -> bool:
+        r = self.run("squeue", "-h", "-j", str(jobid), "-o", "%T")
+        return r.returncode == 0 and bool(r.stdout.strip())
+
+    def cancel(self, jobid: str) -> None:
+        r = self.run("scancel", str(jobid))
+        if r.returncode != 0 and "Invalid job id" not in r.stderr and "already completing" not in r.stderr:
+            raise SlurmError(f"scancel {jobid}: {r.stderr.strip() or r.returncode}")
 
 _STATES = {"PENDING": PENDING, "CONFIGURING": PENDING, "REQUEUED": PENDING, "SUSPENDED": PENDING,
            "RUNNING": RUNNING, "COMPLETING": RUNNING, "COMPLETED": COMPLETED, "CANCELLED": CANCELLED,
@@ -32,9 +119,10 @@ _STATES = {"PENDING": PENDING, "CONFIGURING": PENDING, "REQUEUED": PENDING, "SUS
 class SlurmJobRunner(JobRunner):
     """Emulated SFAPI jobs as real Slurm jobs of the cluster ``settings`` points at."""
 
-    def __init__(self, workdir: Path, settings: SlurmSettings, kill_grace: float = 2.0, user: Optional[str] = None):
+    def __init__(self, workdir: Path, settings, kill_grace: float = 2.0, user: Optional[str] = None):
+        """``settings``: a ``SlurmSettings``, or any object with ``slurm_conf`` (and ``bin_dir``)."""
         super().__init__(workdir, kill_grace=kill_grace, user=user)
-        self.slurm = SlurmClient(settings)
+        self.slurm = SlurmCommands(settings)
 
     def submit(self, script: str, *, machine: str = "perlmutter", args: Sequence[str] = (),
                start_delay: float = 0.0, never_start: bool = False, hidden_polls: int = 0,

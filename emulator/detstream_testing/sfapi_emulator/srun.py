@@ -1,7 +1,8 @@
 """Stand-in for Slurm's ``srun`` inside an emulated batch job: start one local process per task.
 
-It runs as a plain script (standard library only) because the emulator puts a tiny ``srun``
-wrapper that execs this file first on the job's PATH. Tasks are laid out over the job's fake
+It runs as a plain script (the standard library and python-hostlist only, no relative import)
+because the emulator puts a tiny ``srun`` wrapper that execs this file, with the emulator's own
+interpreter, first on the job's PATH. Tasks are laid out over the job's fake
 nodes in block order, each gets SLURM_PROCID / SLURM_NODEID / SLURM_LOCALID etc.; srun waits
 for all of them and exits non-zero if any task failed, as the real one does.
 """
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+import hostlist
 
 # srun options that take a value when written as "-x VALUE" / "--opt VALUE".
 _VALUE_SHORT = set("AcCdDeiJmnNopqtwxWGSTL")
@@ -40,23 +42,18 @@ class SrunUsageError(Exception):
     """Bad srun command line or a request the allocation cannot satisfy."""
 
 
-def expand_nodelist(text: str) -> List[str]:
-    """Expand a Slurm hostlist such as ``nid[001000-001002,001007]`` into node names."""
-    names: List[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", text or ""):
-        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
-        if not m:
-            if part:
-                names.append(part)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for rng in ranges.split(","):
-            lo, _, hi = rng.partition("-")
-            hi = hi or lo
-            width = len(lo)
-            for n in range(int(lo), int(hi) + 1):
-                names.append(f"{prefix}{n:0{width}d}{suffix}")
-    return names
+def expand_nodelist(text: Optional[str]) -> List[str]:
+    """Node names of a Slurm hostlist such as ``nid[001000-001002,001007],login01`` (python-hostlist's
+    reading); none for Slurm's placeholders (``(null)``, ``None assigned``)."""
+    text = (text or "").strip()
+    if not text or text.startswith("(") or text in ("None assigned", "n/a"):
+        return []
+    return hostlist.expand_hostlist(text, allow_duplicates=True)
+
+
+def compress_nodelist(names: List[str]) -> str:
+    """The Slurm hostlist of ``names`` (the inverse of expand_nodelist): ``nid[001000-001002]``."""
+    return hostlist.collect_hostlist(list(names))
 
 
 def parse_args(argv: List[str]) -> Tuple[Dict[str, str], List[str]]:
@@ -152,25 +149,6 @@ def _next_step_id(env: Dict[str, str]) -> int:
     return step
 
 
-def _compress(names: List[str]) -> str:
-    """Inverse of expand_nodelist for the contiguous ``nidNNNNNN`` names the emulator hands out."""
-    m = [re.fullmatch(r"(\D*)(\d+)", n) for n in names]
-    if len(names) == 1 or not all(m):
-        return ",".join(names)
-    prefix = m[0].group(1)
-    width = len(m[0].group(2))
-    nums = [int(x.group(2)) for x in m]
-    parts, start, prev = [], nums[0], nums[0]
-    for n in nums[1:] + [None]:
-        if n is not None and n == prev + 1:
-            prev = n
-            continue
-        parts.append(f"{start:0{width}d}" if start == prev else f"{start:0{width}d}-{prev:0{width}d}")
-        if n is not None:
-            start = prev = n
-    return f"{prefix}[{','.join(parts)}]"
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the step; returns srun's exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -193,9 +171,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "SLURM_NPROCS": str(len(layout)),
         "SLURM_STEP_NUM_TASKS": str(len(layout)),
         "SLURM_STEP_NUM_NODES": str(len(step_nodes)),
-        "SLURM_STEP_NODELIST": _compress(step_nodes),
+        "SLURM_STEP_NODELIST": compress_nodelist(step_nodes),
         "SLURM_NNODES": str(len(step_nodes)),
-        "SLURM_NODELIST": _compress(step_nodes),
+        "SLURM_NODELIST": compress_nodelist(step_nodes),
     }
     procs: List[subprocess.Popen] = []
 
