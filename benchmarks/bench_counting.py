@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -157,5 +156,4 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

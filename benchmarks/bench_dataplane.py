@@ -23,7 +23,6 @@ import multiprocessing as mp
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,6 @@ from typing import Optional
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CAMERA_FRAMES_PER_S = 87_000
 TINY = dict(name="tiny", frame_rows=4, frame_cols=2, sectors=4)

@@ -3,7 +3,7 @@
 "On" is the default (each node sums bright and dark field from its counted events and publishes
 them through etcd; the session redraws live.png every ``live_interval_s``); "off" is
 SessionSpec(virtual={"live": False}). Runs alternate on/off so machine noise hits both alike;
-each is a real session (bench_delivery.one_run: private etcd, 4 producers, the aggregator, N
+each is a real session (harness.one_run: private etcd, 4 producers, the aggregator, N
 distributors with their counting workers). Figures: the data plane's CPU seconds per GB (every
 service, first block sent until every service exited) and GB/s; the orchestrator's own CPU for
 the drawing, which runs where the flow runs (not on the nodes), is given apart.
@@ -17,16 +17,12 @@ import argparse
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_delivery import one_run  # noqa: E402
-from bench_pipeline import _parse_scan, save_json  # noqa: E402
+from harness import one_run, parse_scan, save_json
 
 TARGET_COST = 0.02  # live images may cost at most 2% of the data plane's throughput (CPU per GB)
 
@@ -106,7 +102,7 @@ def node_cost(scan: tuple[int, int], nodes: int, passes: int = 3) -> dict:
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run the comparison; print a table and return the figures."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scan", type=_parse_scan, default=(64, 64), help="scan WxH (default 64x64)")
+    p.add_argument("--scan", type=parse_scan, default=(64, 64), help="scan WxH (default 64x64)")
     p.add_argument("--nodes", type=int, default=2, help="distributors (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="on/off pairs; medians kept")
     p.add_argument("--interval", type=float, default=2.0, help="live_interval_s: seconds between redraws")
@@ -197,5 +193,4 @@ def _summarise(runs: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import ProcessSampler, _classify, _parse_scan, save_json  # noqa: E402
+from harness import ProcessSampler, parse_scan, run_session, save_json, service_role
 
 TARGET_RATIO = 1.05  # issue #10: flat within +-5 % from 32x32 to 256x256
 ORCHESTRATOR_FLAG = "--orchestrate"
@@ -105,7 +104,6 @@ def _reset_hwm() -> bool:
 # --------------------------------------------------------------------------- the orchestrator
 def orchestrate(job_path: Path) -> None:
     """Child process: run one session (this process is its orchestrator) and write what it saw."""
-    from bench_pipeline import run_session
     from detstream.session import coordination
 
     job = json.loads(job_path.read_text())
@@ -138,7 +136,7 @@ def _classify_with_orchestrator(cmdline: list[str], parent_role: Optional[str]) 
         return None  # a service forked by the orchestrator, not yet exec'd: asked again later
     if _is_orchestrator(cmdline):
         return "orchestrator"
-    return _classify(cmdline, parent_role)
+    return service_role(cmdline, parent_role)
 
 
 def _is_orchestrator(cmdline: list[str]) -> bool:
@@ -330,7 +328,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.quick:
         args.scans = "8x8,16x16"
 
-    scans = [_parse_scan(x) for x in args.scans.split(",") if x]
+    scans = [parse_scan(x) for x in args.scans.split(",") if x]
     if len(scans) < 2:
         p.error("give at least two scan sizes")
     labels = [f"{w}x{h}" for w, h in scans]
@@ -414,7 +412,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if len(sys.argv) == 3 and sys.argv[1] == ORCHESTRATOR_FLAG:
         orchestrate(Path(sys.argv[2]))
     else:

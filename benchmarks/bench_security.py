@@ -1,6 +1,6 @@
 """What CURVE costs: the same streaming session with --security curve and --security none, in one run.
 
-Each is a real session (bench_pipeline.run_session: private TLS etcd, 4 producer processes, the
+Each is a real session (harness.run_session: private TLS etcd, 4 producer processes, the
 aggregator, N distributors and their counting workers); "curve" encrypts and authenticates every
 ZeroMQ hop (producer -> aggregator -> distributor, and the acks back), "none" does not. Runs
 alternate so that machine noise hits both alike. Figures: CPU seconds per GB moved (every
@@ -15,22 +15,18 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_delivery import _summarise, one_run  # noqa: E402
-from bench_pipeline import _parse_scan, save_json  # noqa: E402
+from harness import one_run, parse_scan, save_json, summarise_on_off
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run the curve/none pairs; print a table and return the figures."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scan", type=_parse_scan, default=(64, 64), help="scan WxH (default 64x64)")
+    p.add_argument("--scan", type=parse_scan, default=(64, 64), help="scan WxH (default 64x64)")
     p.add_argument("--nodes", type=int, default=2, help="distributors (default 2)")
     p.add_argument("--counting", choices=("on", "off"), default="off", help="count electrons (default off: "
                    "the data plane alone, where CURVE's share is largest)")
@@ -52,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         spec_fields={"security": "curve" if label == "on" else "none"}))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    summary = _summarise(runs)
+    summary = summarise_on_off(runs)
     result = {"benchmark": "security", "scan": f"{args.scan[0]}x{args.scan[1]}", "nodes": args.nodes,
               "counting": args.counting, "repeats": args.repeats, "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -73,5 +69,4 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

@@ -1,7 +1,7 @@
 """The simulated specimen and the centre of mass, in one run: the simulator's frames per second per
 core beside the pipeline's that consumes them, and what the nodes' centre of mass costs.
 
-* Pipeline: real counting sessions on the simulated scan (bench_delivery.one_run: private etcd, 4
+* Pipeline: real counting sessions on the simulated scan (harness.one_run: private etcd, 4
   producers, the aggregator, N distributors counting in threads, acks, live images on), CPU sampled
   from /proc for every service from the first block sent until every service exited. Frames per
   second per core = frames / CPU seconds, for the whole data plane (its producers render the
@@ -22,16 +22,12 @@ import argparse
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_delivery import one_run  # noqa: E402
-from bench_pipeline import _parse_scan, save_json  # noqa: E402
+from harness import one_run, parse_scan, save_json
 
 TARGET_SIM_RATIO = 3.0  # the simulator at least 3x the pipeline's frames/s per core
 TARGET_COM_COST = 0.01  # the nodes' centre of mass at most 1% of the nodes' CPU s per GB
@@ -100,7 +96,7 @@ def _nodes_cpu_s(run: dict) -> float:
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run the benchmark; print a summary and return the figures."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scan", type=_parse_scan, default=(64, 64), help="scan WxH (default 64x64)")
+    p.add_argument("--scan", type=parse_scan, default=(64, 64), help="scan WxH (default 64x64)")
     p.add_argument("--nodes", type=int, default=2, help="distributors (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="sessions (and simulator passes); medians kept")
     p.add_argument("--passes", type=int, default=5, help="passes of the node's live work; best kept")
@@ -169,5 +165,4 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()
