@@ -8,7 +8,6 @@ import pkgutil
 
 import pytest
 
-import detstream
 from detstream.errors import DetstreamError
 
 
