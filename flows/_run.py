@@ -34,7 +34,7 @@ def salvage(session: Session, state: SessionState, reason: str) -> dict | None:
     if session.etcd_unrecorded:
         extra["etcd_unrecorded"] = f"the end state is not in etcd: {session.etcd_unrecorded}"
     try:
-        summary = results.collect(session.spec, session.workflow, session.timings, overwrite=True,
+        summary = results.collect(session.spec_for_merge(), session.workflow, session.timings, overwrite=True,
                                   extra=extra, state=state, reason=reason)
         if state is SessionState.FAILED and 0 < summary["frames_counted"] < summary["frames_expected"]:
             # The scan ran but a service failed: what the nodes made durable is the result.

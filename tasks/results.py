@@ -119,7 +119,7 @@ def publish_images(sid: str, outputs: dict) -> None:
 @task(name="collect-results", cache_policy=NO_CACHE)
 def collect_results(session: StreamingSession, overwrite: bool = False, extra: dict | None = None) -> dict:
     """Merge the nodes' parts into the HDF5, write the image and summary, publish them."""
-    summary = results.collect(session.spec, session.workflow, session.timings, overwrite=overwrite,
+    summary = results.collect(session.spec_for_merge(), session.workflow, session.timings, overwrite=overwrite,
                               extra={"backend": session.backend.name,
                                      "job": session.reservation.model_dump(mode="json")
                                      if session.reservation else None, **(extra or {})})

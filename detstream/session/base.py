@@ -21,6 +21,7 @@ from .. import reaper
 from ..config import SessionSpec
 from ..coordination import Coordinator, DetectorBusy, KeepAliveLease
 from ..etcd import CoordinationError
+from ..output.virtual import VirtualDetectors
 from ..processes import ManagedProcess, detstream_argv
 from ..secretfiles import write_env_file
 from ..services import security
@@ -153,6 +154,25 @@ class Session:
         self.coord.put_alive(self.sid, self.lock_lease)
         self.coord.put_public_keys(self.sid, security.public_keys(self.service_env))
         self.opened = True
+
+    def spec_for_merge(self) -> SessionSpec:
+        """The spec the merge takes: with no disk given, the one the nodes agreed on in etcd for
+        the live images, so that the live images at the end equal ``stem/images`` (the merge
+        would otherwise find its own from the whole scan, a pixel or so away)."""
+        v = self.spec.virtual
+        if v.center is not None or not (v.live and self.spec.counting.enabled):
+            return self.spec
+        try:
+            record = self.coord.live_detectors(self.sid)
+            detectors = VirtualDetectors.from_dict(record) if record else None
+        except (CoordinationError, ValueError) as err:
+            log.warning("session %s: the live images' disk is unreadable (%s); the merge finds its own", self.sid, err)
+            return self.spec
+        if detectors is None:
+            return self.spec
+        virtual = v.model_copy(update={"center": detectors.center, "bf_radius": detectors.bf_radius,
+                                       "adf_inner": detectors.adf_inner, "adf_outer": detectors.adf_outer})
+        return self.spec.model_copy(update={"virtual": virtual})
 
     def _on_lock_regrant(self, lease, lost: dict) -> None:
         """etcd lost our lease in an outage; if another session took the detector meanwhile, we stop."""
