@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import psutil
 import pytest
 
 from account_check import check_account
@@ -21,9 +22,10 @@ def test_a_retry_within_a_second_of_a_kill_waits_out_the_lease_salvages_and_runs
     first.wait_frames(256)
     first.proc.kill()
     first.proc.wait()
-    killed_at = time.monotonic()
+    killed_at = time.time()
     retry = run("--scan", "16x16")
-    assert time.monotonic() - killed_at < 1.0
+    started_after = psutil.Process(retry.proc.pid).create_time() - killed_at
+    assert started_after < 1.0, f"the retry started {started_after:.2f} s after the kill"
     assert retry.proc.wait(timeout=240) == EXIT_CODES[SessionState.COMPLETED], retry.output()
     said = retry.output()
     assert f"held by session {first.sid}" in said and "ran out" in said, said
