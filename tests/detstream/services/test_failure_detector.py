@@ -25,6 +25,8 @@ from detstream.services.distributor import Distributor
 from detstream.services.serve import partial_frames_bound
 from detstream.wire import Control, Kind
 
+from test_delivery import FakeNode  # noqa: I001 (a sibling test module)
+
 PROFILE = SMALL_TEST_CAMERA
 BLOCK = np.zeros(PROFILE.sector_shape, np.uint16).tobytes()
 
@@ -101,36 +103,12 @@ def test_a_node_holds_partial_frames_from_every_shard_s_window(tmp_path, wait_un
 
 
 # --------------------------------------------------------------------------- the aggregator's side
-class Node:
-    """A node the test plays: its data socket (to read what it is sent) and its ACK socket."""
-
-    def __init__(self, ctx, index):
-        self.index = index
-        self.data = ctx.socket(zmq.PULL)
-        self.data.setsockopt(zmq.LINGER, 0)
-        self.data.bind("tcp://127.0.0.1:*")
-        self.acks = ctx.socket(zmq.PUSH)
-        self.acks.setsockopt(zmq.LINGER, 0)
-        self.acks.bind("tcp://127.0.0.1:*")
-        self.got: list[wire.Header] = []
-
-    def endpoints(self):
-        return (self.data.getsockopt_string(zmq.LAST_ENDPOINT), self.acks.getsockopt_string(zmq.LAST_ENDPOINT))
-
-    def read(self) -> None:
-        while self.data.poll(0):
-            self.got.append(wire.Header.unpack(self.data.recv_multipart()[0]))
-
-    def has(self, n: int, kind: Kind = Kind.DATA):
-        return lambda: (self.read(), sum(h.kind is kind for h in self.got) >= n)[1]
+class Node(FakeNode):
+    """A node the test plays (test_delivery's), which can also heartbeat."""
 
     def positions(self) -> set[int]:
-        self.read()
+        self.read(0)
         return {h.position for h in self.got if h.kind is Kind.DATA}
-
-    def ack(self, positions) -> None:
-        self.acks.send_multipart(wire.control_message(Control.ACK, self.index, 0, 0,
-                                                      np.asarray(list(positions), np.uint32)))
 
     def beat(self) -> None:
         """A heartbeat with the same counts every time: alive, and no visible progress."""
