@@ -47,8 +47,8 @@ def test_no_secret_leaks_anywhere(tmp_path):
             node_env_modes.add(node_env.stat().st_mode & 0o777)
         for p in psutil.process_iter(["cmdline"]):
             cmdlines.add(" ".join(p.info["cmdline"] or []))
-            try:
-                if "detstream" in " ".join(p.info["cmdline"] or []):
+            try:  # this session's services only: another suite on the machine has keys of its own
+                if sid in " ".join(p.info["cmdline"] or []):
                     curve.update(v for k, v in p.environ().items() if k.startswith("DETSTREAM_CURVE_SECRET_"))
             except (psutil.Error, OSError):
                 pass
