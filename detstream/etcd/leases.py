@@ -211,6 +211,15 @@ class KeepAliveLease:
             if "lease not found" not in str(exc):
                 raise
 
+    def stop(self) -> None:
+        """Stop refreshing without asking etcd (it is out of reach): etcd lets the lease expire
+        after its TTL, and nothing here grants it anew or puts its keys back when etcd returns."""
+        with self._lock:
+            self._revoked = True
+            self._stop.set()
+        with _LIVE_LEASES_LOCK:
+            _LIVE_LEASES.discard(self)
+
     def __enter__(self) -> "KeepAliveLease":
         return self
 

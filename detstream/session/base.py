@@ -464,8 +464,11 @@ class Session:
         if state == SessionState.COMPLETED:
             self._in_etcd(self.coord.set_state, self.sid, state, reason)
         self._in_etcd(self.coord.unlock_detector, self.spec.detector, self.sid)
-        if self.lock_lease is not None:
-            self._in_etcd(self.lock_lease.revoke)
+        if self.lock_lease is not None and not self._in_etcd(self.lock_lease.revoke):
+            # etcd is gone: stop refreshing all the same, or the lease's thread would go on for the
+            # life of this process and, once etcd returned, take the detector back for a session
+            # that has ended.
+            self.lock_lease.stop()
         self.mark.release()
 
     def _in_etcd(self, call, *args) -> bool:

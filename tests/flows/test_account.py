@@ -258,6 +258,7 @@ def test_an_etcd_restart_mid_scan_still_completes(tmp_path, own_etcd):
 
 def test_etcd_gone_for_good_the_scan_is_still_written_and_recorded_when_it_returns(tmp_path, own_etcd, wait_until):
     from detstream.blocks import EtcdCoordinator
+    from detstream.etcd.leases import _leases_at
     from detstream.flows import streaming_session
     from detstream.salvage import record_from_summary
 
@@ -266,10 +267,14 @@ def test_etcd_gone_for_good_the_scan_is_still_written_and_recorded_when_it_retur
     params["etcd"] = EtcdCoordinator(endpoints=[own_etcd.endpoint], prefix=params["etcd_prefix"],
                                      outage_budget_s=3)
     sid = params["session_id"]
+    endpoint = own_etcd.endpoint
 
     with _When(lambda p: p.frames_received >= 256, own_etcd.stop) as fault:
         summary = streaming_session(**params)
     assert fault.done and not own_etcd.running
+    # The session's lock lease is no longer refreshed (main's went on retrying for good, and would
+    # have taken the detector back once etcd returned).
+    assert _leases_at(endpoint) == []
     assert summary["state"] == "completed" and summary["frames_missing"] == 0
     assert "not in etcd" in summary["etcd_unrecorded"]
     on_disk = _assert_account(tmp_path / "runs" / sid / "summary.json", summary["outputs"]["hdf5"], 48 * 48)
