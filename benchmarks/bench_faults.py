@@ -133,6 +133,27 @@ def _etcd_gone(work: Path, scan: tuple[int, int], after: int, budget_s: float = 
             "note": f"outage budget {budget_s:g} s; summary: {summary.get('etcd_unrecorded', 'no note')[:60]}"}
 
 
+def _start_run(work: Path, etcd, sid: str, scan: tuple[int, int], out=subprocess.DEVNULL) -> subprocess.Popen:
+    """`detstream run --etcd` for session ``sid`` in a process of its own (its own Prefect server)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return subprocess.Popen([sys.executable, "-m", "detstream.flows.cli", "run", "--etcd", etcd.endpoint,
+                             "--session-id", sid, "--output", str(work), "--scan", f"{scan[0]}x{scan[1]}"],
+                            stdout=out, stderr=subprocess.STDOUT if out is subprocess.PIPE else subprocess.DEVNULL,
+                            env=env, text=True)
+
+
+def _kill_run_after(proc: subprocess.Popen, coord, sid: str, after: int) -> float | None:
+    """kill -9 of the run once ``after`` frames are received; the time of the kill (None: it ended first)."""
+    while sum(coord.received(sid, 1).values()) < after:
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.05)
+    fault_at = time.time()
+    proc.kill()
+    proc.wait()
+    return fault_at
+
+
 def _orchestrator_kill(work: Path, etcd, scan: tuple[int, int], after: int) -> dict:
     """kill -9 of `detstream run`: time until nothing of it runs, then `detstream salvage`."""
     import psutil
@@ -141,17 +162,9 @@ def _orchestrator_kill(work: Path, etcd, scan: tuple[int, int], after: int) -> d
 
     sid = "orch" + uuid.uuid4().hex[:8]
     coord = Coordinator(etcd.endpoint)
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    proc = subprocess.Popen([sys.executable, "-m", "detstream.flows.cli", "run", "--etcd", etcd.endpoint,
-                             "--session-id", sid, "--output", str(work), "--scan", f"{scan[0]}x{scan[1]}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    while sum(coord.received(sid, 1).values()) < after:
-        if proc.poll() is not None:
-            return {"error": "run ended before the fault"}
-        time.sleep(0.05)
-    fault_at = time.time()
-    proc.kill()
-    proc.wait()
+    fault_at = _kill_run_after(_start_run(work, etcd, sid, scan), coord, sid, after)
+    if fault_at is None:
+        return {"error": "run ended before the fault"}
 
     def leftovers():
         return [p for p in psutil.process_iter(["cmdline"]) if sid in " ".join(p.info["cmdline"] or [])]
@@ -175,21 +188,10 @@ def _orchestrator_retry(work: Path, etcd, scan: tuple[int, int], after: int) -> 
 
     dead, retry = "orch" + uuid.uuid4().hex[:8], "retry" + uuid.uuid4().hex[:8]
     coord = Coordinator(etcd.endpoint)
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-
-    def start(sid: str, log):
-        return subprocess.Popen([sys.executable, "-m", "detstream.flows.cli", "run", "--etcd", etcd.endpoint,
-                                 "--session-id", sid, "--output", str(work), "--scan", f"{scan[0]}x{scan[1]}"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
-    proc = start(dead, subprocess.DEVNULL)
-    while sum(coord.received(dead, 1).values()) < after:
-        if proc.poll() is not None:
-            return {"error": "run ended before the fault"}
-        time.sleep(0.05)
-    fault_at = time.time()
-    proc.kill()
-    proc.wait()
-    again = start(retry, subprocess.PIPE)
+    fault_at = _kill_run_after(_start_run(work, etcd, dead, scan), coord, dead, after)
+    if fault_at is None:
+        return {"error": "run ended before the fault"}
+    again = _start_run(work, etcd, retry, scan, subprocess.PIPE)
     waited_s = None
     for line in again.stdout:
         if "ran out" in line and waited_s is None:
