@@ -7,17 +7,16 @@ import errno
 import json
 import os
 import signal
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
 from account_check import check_account
-from detstream import progress
 from detstream.coordination import Coordinator
 from detstream.results import DiskFull
 from detstream.session import SessionIncomplete
+from disks import When, mounted_tmpfs
 
 pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("prefect_harness", "no_stray_services")]
 
@@ -29,25 +28,6 @@ def _params(tmp_path, etcd_server, **kw):
          "stall_timeout_s": 20.0}
     p.update(kw)
     return p
-
-
-class _When:
-    """Run ``action`` once, from the session's own progress reports, when ``ready(progress)``."""
-
-    def __init__(self, ready, action):
-        self.ready, self.action, self.done = ready, action, False
-
-    def __call__(self, p) -> None:
-        if not self.done and self.ready(p):
-            self.done = True
-            self.action()
-
-    def __enter__(self):
-        progress.LISTENERS.append(self)
-        return self
-
-    def __exit__(self, *exc):
-        progress.LISTENERS.remove(self)
 
 
 def _assert_account(summary_path, h5_path, expected: int) -> dict:
@@ -75,7 +55,7 @@ def test_a_producer_killed_mid_scan_ends_incomplete_with_what_was_counted(tmp_pa
         pid = coord.services(sid, "producer")["sector-1"]["pid"]
         os.kill(pid, signal.SIGKILL)
 
-    with _When(lambda p: p.frames_received >= 256, kill_a_producer) as fault:
+    with When(lambda p: p.frames_received >= 256, kill_a_producer) as fault:
         state = streaming_session(**params, return_state=True)
     assert fault.done
     assert state.is_failed() and state.name == "Incomplete"
@@ -105,7 +85,7 @@ def test_a_cancelled_session_still_leaves_its_account(tmp_path, etcd_server):
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(FlowRunContext.get().flow_run.id, Cancelling(), force=True)
 
-    with _When(lambda p: p.frames_received >= 64, cancel):
+    with When(lambda p: p.frames_received >= 64, cancel):
         with pytest.raises(SessionCancelled):
             streaming_session(**params)
     on_disk = json.loads((tmp_path / "runs" / params["session_id"] / "summary.json").read_text())
@@ -116,18 +96,8 @@ def test_a_cancelled_session_still_leaves_its_account(tmp_path, etcd_server):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 MiB tmpfs the test may fill; unmounted at the end, also on failure."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode:  # as root this is a broken test machine, not a reason to skip
-        pytest.fail(f"cannot mount a tmpfs as root: {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "64m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(mnt, leave_bytes: int) -> None:
@@ -150,7 +120,7 @@ def test_a_full_disk_at_the_merge_fails_naming_it_and_keeps_the_parts(tmp_path, 
     session_dir = small_disk / "runs" / sid
     nodes_done = lambda p: len(list((session_dir / "services").glob("distributor-*.json"))) == 2  # noqa: E731
 
-    with _When(nodes_done, lambda: _fill(small_disk, 64 << 10)):
+    with When(nodes_done, lambda: _fill(small_disk, 64 << 10)):
         with pytest.raises(DiskFull, match=rf"{session_dir / 'counted.h5'}.*needs about .* MiB .* free"):
             streaming_session(**params)
     assert coord.get_state(sid) == "failed"
@@ -167,7 +137,7 @@ def test_a_full_disk_while_a_part_is_written_names_the_part(tmp_path, etcd_serve
     from detstream.session import SessionError
 
     params = _params(tmp_path, etcd_server, detector="4dcamera", output_dir=str(small_disk / "runs"))
-    with _When(lambda p: p.frames_received >= 64, lambda: _fill(small_disk, 0)):
+    with When(lambda p: p.frames_received >= 64, lambda: _fill(small_disk, 0)):
         # The nodes reserve their parts' room before writing: whichever write meets the full
         # disk names it (a node's part, counted.h5, or the disk when a service could not log).
         with pytest.raises((SessionError, SessionIncomplete, DiskFull),
@@ -189,7 +159,7 @@ def test_a_node_killed_mid_scan_is_survived_with_every_frame(tmp_path, etcd_serv
     def kill_a_node():
         os.kill(coord.services(sid, "distributor")[victim]["pid"], signal.SIGKILL)
 
-    with _When(lambda p: p.frames_received >= 256, kill_a_node) as fault:
+    with When(lambda p: p.frames_received >= 256, kill_a_node) as fault:
         summary = streaming_session(**params)
     assert fault.done
     assert summary["state"] == "completed" and summary["frames_missing"] == 0
@@ -213,7 +183,7 @@ def test_an_aggregator_killed_mid_scan_salvages_what_was_counted(tmp_path, etcd_
     def kill_the_aggregator():
         os.kill(coord.services(sid, "aggregator")["0"]["pid"], signal.SIGKILL)
 
-    with _When(lambda p: p.frames_received >= 256, kill_the_aggregator):
+    with When(lambda p: p.frames_received >= 256, kill_the_aggregator):
         with pytest.raises(SessionError, match="aggregator"):
             streaming_session(**params)
     on_disk = json.loads((tmp_path / "runs" / sid / "summary.json").read_text())
@@ -246,7 +216,7 @@ def test_an_etcd_restart_mid_scan_still_completes(tmp_path, own_etcd):
         own_etcd.stop()
         threading.Timer(5.0, lambda: (own_etcd.start(), restarted.set())).start()
 
-    with _When(lambda p: p.frames_received >= 256, restart_in_5_s) as fault:
+    with When(lambda p: p.frames_received >= 256, restart_in_5_s) as fault:
         summary = streaming_session(**params)
     assert fault.done and restarted.is_set()
     assert summary["state"] == "completed" and summary["frames_missing"] == 0
@@ -269,7 +239,7 @@ def test_etcd_gone_for_good_the_scan_is_still_written_and_recorded_when_it_retur
     sid = params["session_id"]
     endpoint = own_etcd.endpoint
 
-    with _When(lambda p: p.frames_received >= 256, own_etcd.stop) as fault:
+    with When(lambda p: p.frames_received >= 256, own_etcd.stop) as fault:
         summary = streaming_session(**params)
     assert fault.done and not own_etcd.running
     # The session's lock lease is no longer refreshed (main's went on retrying for good, and would

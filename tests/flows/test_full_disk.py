@@ -6,7 +6,6 @@ the parts are kept, and `detstream salvage` merges them once there is room."""
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import json
 import os
@@ -20,11 +19,11 @@ import uuid
 
 import pytest
 
-from detstream import progress
 from detstream.coordination import Coordinator
 from detstream.processes import ManagedProcess
 from detstream.session import SessionError, SessionIncomplete
 from detstream.states import EXIT_CODES, SessionState
+from disks import When, mounted_tmpfs
 
 pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("prefect_harness", "no_stray_services")]
 
@@ -36,29 +35,9 @@ CRASHES = {-s for s in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SI
 LOOPS = 20
 
 
-@contextlib.contextmanager
-def _tmpfs(tmp_path):
-    """A 64 MiB tmpfs the test fills; unmounted at the end, also on failure. As root (CI) a
-    tmpfs that cannot be mounted fails the test: a full-disk test that skips proves nothing."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.fail(f"cannot mount a tmpfs as root: {done.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-        assert not os.path.ismount(mnt)
-
-
 @pytest.fixture
 def small_disk(tmp_path):
-    with _tmpfs(tmp_path) as mnt:
+    with mounted_tmpfs(tmp_path / "disk", "64m") as mnt:
         yield mnt
 
 
@@ -110,25 +89,6 @@ def _fill(mnt, leave_bytes: int = 0) -> None:
             if err.errno != errno.ENOSPC:
                 raise
     assert _free(mnt) <= max(leave_bytes, 0) + 4096
-
-
-class _When:
-    """Run ``action`` once, from the session's own progress reports, when ``ready(progress)``."""
-
-    def __init__(self, ready, action):
-        self.ready, self.action, self.done = ready, action, False
-
-    def __call__(self, p) -> None:
-        if not self.done and self.ready(p):
-            self.done = True
-            self.action()
-
-    def __enter__(self):
-        progress.LISTENERS.append(self)
-        return self
-
-    def __exit__(self, *exc):
-        progress.LISTENERS.remove(self)
 
 
 class _WhenMergeWrites:
@@ -193,7 +153,7 @@ def _disk_full_before_the_merge(tmp_path, etcd_server, disk, started):
     coord = Coordinator(etcd_server.endpoint, prefix=params["etcd_prefix"])
     nodes_done = lambda p: len(list((session_dir / "services").glob("distributor-*.json"))) == 2  # noqa: E731
 
-    with _When(nodes_done, lambda: _fill(disk, 64 << 10)) as fault:
+    with When(nodes_done, lambda: _fill(disk, 64 << 10)) as fault:
         with pytest.raises(DiskFull) as info:
             streaming_session(**params)
     assert fault.done
@@ -264,7 +224,7 @@ def _disk_full_while_parts_are_written(tmp_path, etcd_server, disk, started):
     session_dir = disk / "runs" / sid
     coord = Coordinator(etcd_server.endpoint, prefix=params["etcd_prefix"])
 
-    with _When(lambda p: p.frames_received >= 256, lambda: _fill(disk, 0)) as fault:
+    with When(lambda p: p.frames_received >= 256, lambda: _fill(disk, 0)) as fault:
         with pytest.raises((SessionError, SessionIncomplete, DiskFull)) as info:
             streaming_session(**params)
     assert fault.done
@@ -307,7 +267,7 @@ def test_a_full_disk_twenty_times_crashes_nothing(when, tmp_path_factory, etcd_s
         tmp = tmp_path_factory.mktemp(f"loop{i}-")
         processes.clear()
         t0 = time.monotonic()
-        with _tmpfs(tmp) as disk:
+        with mounted_tmpfs(tmp / "disk", "64m") as disk:
             outcomes.append(SCENARIOS[when](tmp, etcd_server, disk, processes) or "failed")
         seconds.append(time.monotonic() - t0)
     print(f"\n{when}: {LOOPS} sessions in {sum(seconds):.0f} s (each {min(seconds):.1f}-{max(seconds):.1f} s, "

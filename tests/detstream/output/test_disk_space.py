@@ -20,6 +20,7 @@ import pytest
 from detstream.output.hdf5 import DiskFull, counts_bound
 from detstream.output.merge import merge_parts
 from detstream.output.parts import PartWriter, part_bound, read_part
+from disks import mounted_tmpfs
 
 NAMED = re.compile(r"not enough space to write (\S+): .* needs about [\d.]+ MiB \(([\d,]+) bytes\) "
                    r"and [\d.]+ MiB \(([\d,]+) bytes\) are free")
@@ -28,19 +29,8 @@ NAMED = re.compile(r"not enough space to write (\S+): .* needs about [\d.]+ MiB 
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 4 MiB tmpfs; unmounted at the end, also on failure. As root a mount failure fails."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.fail(f"cannot mount a tmpfs as root: {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "4m") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _free(path) -> int:
